@@ -1,0 +1,1 @@
+"""ioattn: exact, IO-aware FlashAttention as Triton kernels behind a FlashAttention-2 API."""
