@@ -1,0 +1,374 @@
+"""Backward kernels: recompute the scores block by block instead of storing them.
+
+Three launches, no atomics (so the gradients are bit-identical run to run):
+
+1. ``_attn_bwd_preprocess``: delta_i = sum_d dO_id * O_id  (the rowsum that the
+   softmax gradient needs: dS = P ∘ (dP − delta)).
+2. ``_attn_bwd_dkdv``: one program owns BLOCK_N keys of one KV head, keeps
+   K, V, dK, dV on chip and streams the query blocks (of every query head of
+   the GQA group) that can see them.
+3. ``_attn_bwd_dq``: one program owns BLOCK_M queries, streams the key blocks.
+
+P is recomputed from Q, K and the saved log-sum-exp: P = exp2(S·log2e − lse·log2e).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .forward import _dense_or_varlen_strides, dot_precision
+from .masks import dropout_keep, key_range, query_range, scores_log2, visible
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DELTA, LSE,
+                         stride_ob, stride_os, stride_oh,
+                         stride_db, stride_ds, stride_dh,
+                         stride_lb, stride_lh,
+                         CU_SEQLENS_Q, seqlen_q_dense, nheads,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         IS_VARLEN: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b)
+        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        seqlen_q = seqlen_q_dense
+    if start_m >= seqlen_q:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    b64 = b.to(tl.int64)
+    rows = q_start.to(tl.int64) + offs_m
+    o = tl.load(O + b64 * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_db + rows[:, None] * stride_ds + h * stride_dh + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _load_lse_log2(LSE_ROW, offs, seqlen_q):
+    """Saved lse in log2 units; a row that saw no key (lse = -inf) gets +inf so P = 0."""
+    lse = tl.load(LSE_ROW + offs, mask=offs < seqlen_q, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+                         stride_qs, stride_dos, start, end, offs_n, offs_d,
+                         seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                         window_left, window_right, seed, salt, dropout_p,
+                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in tl.range(start, end, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BM, D]
+        do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :]  # [BM, D]
+        if MASKED:
+            io_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=io_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        lse = _load_lse_log2(lse_row, offs_m, seqlen_q)  # [BM]
+        delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)  # [BM]
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BN, BM]
+        sT, tT = scores_log2(qkT, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
+                             sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            ok = visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
+                         window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+            pT = tl.where(ok, pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+        if HAS_DROPOUT:
+            keepT = dropout_keep(seed, salt, offs_m[None, :], offs_n[:, None], dropout_p)
+            scale_keep = 1.0 / (1.0 - dropout_p)
+            pT_kept = tl.where(keepT, pT * scale_keep, 0.0)
+            dpT = tl.where(keepT, dpT * scale_keep, 0.0)
+        else:
+            pT_kept = pT
+        dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # [BN, D]
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # [BN, D]
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+                   stride_qb, stride_qs, stride_qh,
+                   stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh,
+                   stride_dob, stride_dos, stride_doh,
+                   stride_dkb, stride_dks, stride_dkh,
+                   stride_dvb, stride_dvs, stride_dvh,
+                   stride_lb, stride_lh, stride_ab,
+                   seqlen_q_dense, seqlen_k_dense, nheads, nheads_k, group,
+                   sm_scale, softcap, window_left, window_right, dropout_p,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b)
+        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + b)
+        seqlen_k = tl.load(CU_SEQLENS_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = seqlen_q_dense
+        k_start = 0
+        seqlen_k = seqlen_k_dense
+    if start_n >= seqlen_k:
+        return
+    b64 = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k_rows = k_start.to(tl.int64) + offs_n
+    k = tl.load(K + b64 * stride_kb + k_rows[:, None] * stride_ks + hk * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # [BN, D]
+    v = tl.load(V + b64 * stride_vb + k_rows[:, None] * stride_vs + hk * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # [BN, D]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG) + tl.load(RNG + 1)
+
+    lo, full_lo, full_hi, hi = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # dK, dV of a KV head sum over the query heads of its GQA group
+    for g in range(0, group):
+        h = hk * group + g
+        q_base = Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+        do_base = DO + b64 * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh
+        lse_row = LSE + b64 * stride_lb + h * stride_lh + q_start
+        delta_row = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
+        salt = b * nheads + h
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+                                      stride_qs, stride_dos, lo, full_lo, offs_n, offs_d,
+                                      seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                                      window_left, window_right, seed, salt, dropout_p,
+                                      BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+                                      stride_qs, stride_dos, full_lo, full_hi, offs_n, offs_d,
+                                      seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                                      window_left, window_right, seed, salt, dropout_p,
+                                      BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+                                      stride_qs, stride_dos, full_hi, hi, offs_n, offs_d,
+                                      seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                                      window_left, window_right, seed, salt, dropout_p,
+                                      BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+    dk = dk * sm_scale  # d(q·k·scale)/dk
+    tl.store(DK + b64 * stride_dkb + k_rows[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + k_rows[:, None] * stride_dvs + hk * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
+                       start, end, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                       window_left, window_right, seed, salt, dropout_p,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BN]
+        vT_ptrs = v_base + offs_n[None, :] * stride_vs + offs_d[:, None]  # [D, BN]
+        if MASKED:
+            io_mask = (offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM)
+            kT = tl.load(kT_ptrs, mask=io_mask, other=0.0)
+            vT = tl.load(vT_ptrs, mask=io_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vT = tl.load(vT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # [BM, BN]
+        s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                           sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                         window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # [BM, BN]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, salt, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)  # [BM, D]
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+                 stride_qb, stride_qs, stride_qh,
+                 stride_kb, stride_ks, stride_kh,
+                 stride_vb, stride_vs, stride_vh,
+                 stride_dob, stride_dos, stride_doh,
+                 stride_dqb, stride_dqs, stride_dqh,
+                 stride_lb, stride_lh, stride_ab,
+                 seqlen_q_dense, seqlen_k_dense, nheads, group,
+                 sm_scale, softcap, window_left, window_right, dropout_p,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b)
+        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + b)
+        seqlen_k = tl.load(CU_SEQLENS_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = seqlen_q_dense
+        k_start = 0
+        seqlen_k = seqlen_k_dense
+    if start_m >= seqlen_q:
+        return
+    hk = h // group
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q_rows = q_start.to(tl.int64) + offs_m
+    q = tl.load(Q + b64 * stride_qb + q_rows[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+                mask=io_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + q_rows[:, None] * stride_dos + h * stride_doh + offs_d[None, :],
+                 mask=io_mask, other=0.0)
+    lse = _load_lse_log2(LSE + b64 * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q)
+    delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+    v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG) + tl.load(RNG + 1)
+    salt = bh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, full_lo, full_hi, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
+                            lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                            window_left, window_right, seed, salt, dropout_p,
+                            BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
+                            full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                            window_left, window_right, seed, salt, dropout_p,
+                            BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
+                            full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                            window_left, window_right, seed, salt, dropout_p,
+                            BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + q_rows[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=io_mask)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
+                       max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
+                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
+    """Launch the three backward kernels. Returns (dq, dk, dv) in the inputs' dtype."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.shape[0] - 1
+        _, nheads, head_dim = q.shape
+        nheads_k = k.shape[1]
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        batch, _, nheads, head_dim = q.shape
+        nheads_k = k.shape[2]
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    assert lse.stride(-1) == 1
+    delta = torch.empty_like(lse)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    block_d = configs.block_d(head_dim)
+    cfg = configs.backward_config(head_dim, q.dtype, q.device)
+    stride_ab = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        stride_ab = alibi_slopes.stride(0)
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
+                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                 HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                 HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype))
+    pre_block = 64
+    _attn_bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_block), batch * nheads)](
+        out, dout, delta, lse,
+        *_dense_or_varlen_strides(out, varlen), *_dense_or_varlen_strides(dout, varlen),
+        stride_lb, stride_lh, cu_seqlens_q, max_seqlen_q, nheads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
+    )
+    strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
+                  *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(dout, varlen))
+    _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), batch * nheads_k)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+        *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
+        stride_lb, stride_lh, stride_ab,
+        max_seqlen_q, max_seqlen_k, nheads, nheads_k, nheads // nheads_k,
+        softmax_scale, softcap, window_left, window_right, dropout_p,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    # the dQ program is the transpose of the dK/dV one: many queries on chip, keys stream
+    _attn_bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_N"]), batch * nheads)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+        *strides_in, *_dense_or_varlen_strides(dq, varlen),
+        stride_lb, stride_lh, stride_ab,
+        max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k,
+        softmax_scale, softcap, window_left, window_right, dropout_p,
+        BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_M"], **flags,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dq, dk, dv

@@ -1,0 +1,59 @@
+"""Tile sizes per head dim and device.
+
+Chosen once per (head dim, dtype, device) from a small table, so a new sequence
+length never triggers autotuning. Under the Triton interpreter (CPU) the tiles
+are small so that tests exercise many blocks, ragged edges and masks quickly.
+"""
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two (>= 16, what tl.dot needs)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _cuda_capability(device):
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def forward_config(head_dim, dtype, device):
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    d = block_d(head_dim)
+    big = dtype == torch.float32
+    if d <= 64:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    elif d <= 128:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64 if big else 128, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64 if big else 128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
+    if _cuda_capability(device)[0] < 9:  # Ampere/Ada: less shared memory per SM
+        cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
+    return cfg
+
+
+def backward_config(head_dim, dtype, device):
+    """dK/dV program: BLOCK_N keys on chip, BLOCK_M queries stream; dQ: the transpose."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    d = block_d(head_dim)
+    big = dtype == torch.float32
+    if d <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
+    elif d <= 128:
+        cfg = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=16 if big else 32, BLOCK_N=64, num_warps=8, num_stages=1)
+    if _cuda_capability(device)[0] < 9:
+        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32), BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=1)
+    return cfg

@@ -1,0 +1,206 @@
+"""Forward kernel: tiles of Q stay on chip while tiles of K and V stream through.
+
+One program computes BLOCK_M query rows of one (batch, head): it walks the key
+blocks the rows can see, keeps a running row maximum ``m_i`` and sum ``l_i``
+(online softmax, FlashAttention-2 style: the output is rescaled lazily and
+divided by ``l_i`` once at the end), and writes only O and the log-sum-exp.
+The N×N scores never leave registers.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .masks import dropout_keep, key_range, scores_log2, visible
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                    start, end, offs_m, offs_d, seqlen_q, seqlen_k,
+                    sm_scale, softcap, slope, window_left, window_right,
+                    seed, salt, dropout_p,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BN]
+        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]  # [BN, D]
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # [BM, BN]
+        s, _ = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                           sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                         window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new[:, None])  # [BM, BN]
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:  # l_i keeps the undropped sum; 1/(1-p) is applied at the end
+            keep = dropout_keep(seed, salt, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+              stride_qb, stride_qs, stride_qh,
+              stride_kb, stride_ks, stride_kh,
+              stride_vb, stride_vs, stride_vh,
+              stride_ob, stride_os, stride_oh,
+              stride_lb, stride_lh, stride_ab,
+              seqlen_q_dense, seqlen_k_dense, nheads, group,
+              sm_scale, softcap, window_left, window_right, dropout_p,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b)
+        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + b)
+        seqlen_k = tl.load(CU_SEQLENS_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = seqlen_q_dense
+        k_start = 0
+        seqlen_k = seqlen_k_dense
+    if start_m >= seqlen_q:
+        return
+    hk = h // group
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+    v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    o_base = O + b64 * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh
+    lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BM, D]
+
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
+    seed = 0
+    salt = bh  # the dropout stream of this (batch, head)
+    if HAS_DROPOUT:
+        seed = tl.load(RNG) + tl.load(RNG + 1)  # rng_state = (seed, offset)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo, full_lo, full_hi, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # 1) masked blocks at the left edge of a window
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                    lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    sm_scale, softcap, slope, window_left, window_right,
+                                    seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                    HAS_DROPOUT, DOT_PRECISION)
+    # 2) blocks every row sees in full: no mask arithmetic
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                    full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    sm_scale, softcap, slope, window_left, window_right,
+                                    seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                    HAS_DROPOUT, DOT_PRECISION)
+    # 3) masked blocks on the causal diagonal / right window edge / ragged end
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                    full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    sm_scale, softcap, slope, window_left, window_right,
+                                    seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                    HAS_DROPOUT, DOT_PRECISION)
+
+    # epilogue: rows that saw no key get out = 0 and lse = -inf
+    empty = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    acc = acc * inv_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+def _dense_or_varlen_strides(x, varlen):
+    """(batch, seq, head) strides; varlen tensors (total, head, dim) have no batch stride."""
+    if varlen:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def dot_precision(dtype):
+    # fp32 inputs get true fp32 products (no silent TF32 rounding)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q, max_seqlen_k,
+                      softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
+                      alibi_slopes=None, dropout_p=0.0, rng_state=None):
+    """Launch the forward kernel. See docs/ARCHITECTURE.md for the contract."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.shape[0] - 1
+        _, nheads, head_dim = q.shape
+        nheads_k = k.shape[1]
+        lse = torch.empty(nheads, q.shape[0], device=q.device, dtype=torch.float32)
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        batch, _, nheads, head_dim = q.shape
+        nheads_k = k.shape[2]
+        lse = torch.empty(batch, nheads, max_seqlen_q, device=q.device, dtype=torch.float32)
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+    cfg = configs.forward_config(head_dim, q.dtype, q.device)
+    block_d = configs.block_d(head_dim)
+    stride_ab = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        stride_ab = alibi_slopes.stride(0)
+    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
+    _attn_fwd[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+        *_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
+        *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(out, varlen),
+        stride_lb, stride_lh, stride_ab,
+        max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k,
+        softmax_scale, softcap, window_left, window_right, dropout_p,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse

@@ -1,0 +1,145 @@
+"""Triton helpers shared by the forward and backward kernels.
+
+Scores are kept in log2 units inside the kernels (``exp2`` is one instruction,
+``exp`` is ``exp2`` plus a multiply), so the softmax scale is folded together
+with ``log2(e)`` before the first multiply.
+
+Every helper takes the tile's row indices ``offs_m`` (queries) and column
+indices ``offs_n`` (keys) as 2-D broadcastable tensors, so the same code serves
+``[BM, BN]`` tiles (forward, dQ) and transposed ``[BN, BM]`` tiles (dK/dV).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln(2)
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def scores_log2(qk, rows, cols, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Raw ``q·k`` -> scores in log2 units, plus tanh(.) for the softcap gradient.
+
+    softcap:  s = softcap * tanh(q·k * scale / softcap)
+    ALiBi:    s += -slope * |i + seqlen_k - seqlen_q - j|   (after softcap, as FA2)
+    """
+    if HAS_SOFTCAP:
+        x = qk * (sm_scale / softcap)
+        t = 2.0 * tl.sigmoid(2.0 * x) - 1.0  # tanh(x), overflow-safe
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk  # unused
+        s = qk * (sm_scale * 1.4426950408889634)
+    if HAS_ALIBI:
+        dist = rows + (seqlen_k - seqlen_q) - cols
+        dist = tl.where(dist < 0, -dist, dist)
+        s = s - (slope * 1.4426950408889634) * dist.to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
+            CHECK_COLS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Which (query row, key col) pairs are visible, bottom-right aligned.
+
+    Query i sees key j when  i + sk - sq - left <= j <= i + sk - sq + right.
+    """
+    ok = cols < seqlen_k
+    if not CHECK_COLS:
+        ok = cols >= 0  # all true, right shape
+    diag = rows + (seqlen_k - seqlen_q)
+    if HAS_RIGHT:
+        ok = ok & (cols <= diag + window_right)
+    if HAS_LEFT:
+        ok = ok & (cols >= diag - window_left)
+    return ok
+
+
+@triton.jit
+def dropout_keep(seed, salt, rows, cols, dropout_p):
+    """Counter-based dropout mask: True where a probability is kept.
+
+    Philox is keyed by the seed; its four 32-bit counters are (key position,
+    query position, batch*nheads + head, call salt), so every element of every
+    head of every call draws its own number and the backward can redraw it.
+    """
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    c0 = (cols + zero).to(tl.uint32)
+    c1 = (rows + zero).to(tl.uint32)
+    c2 = zero + salt.to(tl.uint32)
+    c3 = zero
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key blocks a query block [start_m, start_m + BLOCK_M) must visit.
+
+    Returns (lo, full_lo, full_hi, hi): blocks in [full_lo, full_hi) are fully
+    visible to every row of the query block (no mask needed); blocks in
+    [lo, full_lo) and [full_hi, hi) need the mask. All but hi are multiples of
+    BLOCK_N; blocks wholly outside the window are never visited.
+    """
+    diag = seqlen_k - seqlen_q
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    hi = seqlen_k
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m_last + diag + window_right + 1)
+    lo = 0
+    if HAS_LEFT:
+        lo = tl.maximum(lo, start_m + diag - window_left)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = lo
+    if HAS_LEFT:
+        # every row r <= start_m + BLOCK_M - 1 sees j >= r + diag - left
+        first = start_m + BLOCK_M - 1 + diag - window_left
+        full_lo = tl.maximum(full_lo, ((first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    end = seqlen_k
+    if HAS_RIGHT:
+        # every row r >= start_m sees j <= r + diag + right
+        end = tl.minimum(end, start_m + diag + window_right + 1)
+    full_hi = lo + tl.maximum(end - lo, 0) // BLOCK_N * BLOCK_N
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query blocks that see any key of [start_n, start_n + BLOCK_N) (for dK/dV).
+
+    Returns (lo, full_lo, full_hi, hi) in query positions, like key_range.
+    Query i sees key j iff j - diag - right <= i <= j - diag + left.
+    """
+    diag = seqlen_k - seqlen_q
+    n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    lo = 0
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, start_n - diag - window_right)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = seqlen_q
+    if HAS_LEFT:
+        hi = tl.minimum(hi, n_last - diag + window_left + 1)
+    hi = tl.maximum(hi, lo)
+    full_lo = lo
+    if HAS_RIGHT:
+        # every key c <= start_n + BLOCK_N - 1 seen by rows i >= c - diag - right
+        first = start_n + BLOCK_N - 1 - diag - window_right
+        full_lo = tl.maximum(full_lo, ((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+    if start_n + BLOCK_N > seqlen_k:  # ragged key block: every query block needs the mask
+        full_lo = hi
+    full_lo = tl.minimum(full_lo, hi)
+    end = seqlen_q
+    if HAS_LEFT:
+        # every key c >= start_n seen by rows i <= c - diag + left
+        end = tl.minimum(end, start_n - diag + window_left + 1)
+    full_hi = lo + tl.maximum(end - lo, 0) // BLOCK_M * BLOCK_M
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
