@@ -204,3 +204,25 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, RNG, nheads, seqlen_q, seqlen_k, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # writes the keep mask that _attn_fwd / the backward draw for (batch, head) = program_id(2)
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed = tl.load(RNG) + tl.load(RNG + 1)
+    keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    ptrs = MASK + bh.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+
+
+def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state):
+    """Boolean (batch, nheads, seqlen_q, seqlen_k): True where the kernels keep a probability."""
+    mask = torch.empty(batch, nheads, seqlen_q, seqlen_k, dtype=torch.int8, device=rng_state.device)
+    grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * nheads)
+    _dropout_mask_kernel[grid](mask, rng_state, nheads, seqlen_q, seqlen_k, dropout_p,
+                               BLOCK_M=32, BLOCK_N=32)
+    return mask.bool()

@@ -1,0 +1,425 @@
+"""Public attention functions with FlashAttention-2's arguments and semantics.
+
+Layers, from the user down:
+
+* ``flash_attn_func`` & friends: argument checks with clear messages, layout
+  handling (packed → separate views), dropout RNG state, ``return_attn_probs``.
+* ``torch.ops.ioattn.fwd`` / ``torch.ops.ioattn.bwd``: ``torch.library`` custom
+  ops with fake (meta) implementations, so ``torch.compile(fullgraph=True)``
+  traces through them; the autograd formula is registered on ``fwd``.
+* The compute paths, picked by device: the Triton kernels (CUDA, or any device
+  under ``TRITON_INTERPRET=1``) or the plain-PyTorch blockwise path (CPU).
+
+Semantics (as FlashAttention-2): tensors are ``(batch, seqlen, nheads, headdim)``
+(varlen: ``(total_tokens, nheads, headdim)`` with int32 ``cu_seqlens``); the
+causal mask and windows are aligned to the bottom-right corner when
+``seqlen_q != seqlen_k``::
+
+    causal, seqlen_q = 2, seqlen_k = 5:      causal, seqlen_q = 5, seqlen_k = 2:
+        1 1 1 1 0                                0 0
+        1 1 1 1 1                                0 0
+                                                 0 0
+                                                 1 0
+                                                 1 1
+
+Query ``i`` sees key ``j`` when ``i + sk - sq - left <= j <= i + sk - sq + right``
+(``window_size = (left, right)``, -1 = unlimited; ``causal`` sets ``right = 0``).
+A query row that sees no key outputs 0, has log-sum-exp ``-inf`` and gets zero
+gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import reference
+from .kernels import configs
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADDIM = 256
+
+
+# --------------------------------------------------------------------------- compute paths
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or configs.interpreting()
+
+
+def _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                  window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
+    kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+              max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, window_left=window_left,
+              window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+              dropout_p=dropout_p, rng_state=rng_state)
+    if _use_triton(q):
+        from .kernels.forward import attention_forward
+    else:
+        from .blockwise import attention_forward
+    return attention_forward(q, k, v, **kw)
+
+
+def _backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                   rng_state):
+    kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+              max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, window_left=window_left,
+              window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+              dropout_p=dropout_p, rng_state=rng_state)
+    if _use_triton(q):
+        from .kernels.backward import attention_backward
+    else:
+        from .blockwise import attention_backward
+    return attention_backward(dout, q, k, v, out, lse, **kw)
+
+
+# --------------------------------------------------------------------------- torch.library ops
+
+@torch.library.custom_op("ioattn::fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+            window_left: int, window_right: int, softcap: float,
+            alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+            rng_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                         dropout_p, rng_state)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("ioattn::bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor,
+            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+            max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+            window_left: int, window_right: int, softcap: float,
+            alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+            rng_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    return _backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                          alibi_slopes, dropout_p, rng_state)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+             "softmax_scale", "window_left", "window_right", "softcap", "alibi_slopes",
+             "dropout_p", "rng_state")
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARGS, inputs))
+    out, lse = output
+    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["cu_seqlens_q"],
+                          args["cu_seqlens_k"], args["alibi_slopes"], args["rng_state"])
+    ctx.params = [args[n] for n in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left",
+                                    "window_right", "softcap")]
+    ctx.dropout_p = args["dropout_p"]
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
+    dq, dk, dv = torch.ops.ioattn.bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi,
+                                      ctx.dropout_p, rng)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _fail(msg):
+    raise ValueError(msg)
+
+
+def _check_tensor(name, t, rank):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        layout = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total_tokens, nheads, headdim)"
+        _fail(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _last_dim_contiguous(t):
+    # the kernels read a head vector as one contiguous run; any other stride is fine
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi_slopes, batch):
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        _fail(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type not in ("cuda", "cpu"):
+        _fail(f"ioattn runs on CUDA GPUs (Triton) and on the CPU, got device {q.device}")
+    nheads, head_dim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    if k.shape[-1] != head_dim:
+        _fail(f"k must have the head dim of q ({head_dim}), got {k.shape[-1]}")
+    if v.shape[-1] != head_dim:
+        _fail(f"v must have the head dim of q ({head_dim}); a different value head dim is not "
+              f"supported, got {v.shape[-1]}")
+    if v.shape[-2] != nheads_k:
+        _fail(f"k and v must have the same number of heads, got {nheads_k} and {v.shape[-2]}")
+    if not 1 <= head_dim <= MAX_HEADDIM:
+        _fail(f"head dim must be between 1 and {MAX_HEADDIM}, got {head_dim}")
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        _fail(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) (GQA/MQA)")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        _fail(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        _fail(f"window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size!r}")
+    if not isinstance(softcap, (int, float)) or softcap < 0 or not math.isfinite(softcap):
+        _fail(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        _fail(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a tensor, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if alibi_slopes.device != q.device:
+            _fail(f"alibi_slopes must be on {q.device}, got {alibi_slopes.device}")
+        if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+            _fail(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+                  f"got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.stride(-1) != 1:
+            alibi_slopes = alibi_slopes.contiguous()
+    return float(softmax_scale), alibi_slopes
+
+
+def _window(causal, window_size):
+    left, right = window_size
+    if causal:
+        right = 0
+    return int(left), int(right)
+
+
+def _rng_state(dropout_p, device):
+    if dropout_p == 0.0:
+        return None
+    # (seed, offset) drawn from torch's generator of the device: follows torch.manual_seed
+    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
+
+
+def _attn_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                window, softcap, alibi_slopes, dropout_p, rng_state):
+    """Attention probabilities for testing (materialized, O(N²)): (batch, nheads, sq, sk) float32.
+
+    With dropout, dropped entries are returned negated (as FlashAttention-2 does),
+    so ``probs >= 0`` is the keep mask.
+    """
+    if cu_seqlens_q is None:
+        seqs = [(q[i], k[i], lse[i], i) for i in range(q.shape[0])]
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        seqs = [(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], lse[:, cq[i]:cq[i + 1]], i)
+                for i in range(len(cq) - 1)]
+    nheads = q.shape[-2]
+    probs = torch.zeros(len(seqs), nheads, max_seqlen_q, max_seqlen_k, device=q.device, dtype=torch.float32)
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_keep_mask(len(seqs), nheads, max_seqlen_q, max_seqlen_k, dropout_p, rng_state,
+                                 q.device)
+    for qi, ki, lsei, b in seqs:
+        sq, sk = qi.shape[0], ki.shape[0]
+        kr = reference._repeat_kv(ki.unsqueeze(0), nheads)[0]
+        s = torch.einsum("qhd,khd->hqk", qi.float(), kr.float()) * softmax_scale
+        if softcap > 0:
+            s = torch.tanh(s / softcap) * softcap
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            s = s + reference.alibi_bias(slopes, 1, nheads, sq, sk, dtype=torch.float32)[0]
+        mask = reference.visible_mask(sq, sk, False, window, device=q.device)
+        p = torch.exp(s - lsei.float().unsqueeze(-1)).masked_fill(~mask, 0.0)
+        if keep is not None:
+            p = torch.where(keep[b, :, :sq, :sk], p, -p)
+        probs[b, :, :sq, :sk] = p
+    return probs
+
+
+def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, device):
+    """The keep mask (batch, nheads, seqlen_q, seqlen_k) that a call with this rng_state used."""
+    if _use_triton(rng_state):
+        from .kernels.forward import dropout_keep_mask as kernel_mask
+        return kernel_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state)
+    from .blockwise import dropout_keep_mask as cpu_mask
+    return torch.stack([cpu_mask(b, nheads, seqlen_q, seqlen_k, rng_state, dropout_p, device)
+                        .expand(nheads, seqlen_q, seqlen_k) for b in range(batch)])
+
+
+# --------------------------------------------------------------------------- public API
+
+def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+         causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    window = _window(causal, window_size)
+    rng_state = _rng_state(dropout_p, q.device)
+    out, lse = torch.ops.ioattn.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
+                                    float(dropout_p), rng_state)
+    if not return_attn_probs:
+        return out
+    with torch.no_grad():
+        probs = _attn_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
+    return out, lse, probs
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Exact attention, FlashAttention-2 compatible.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``; k, v: ``(batch, seqlen_k, nheads_k, headdim)``,
+            ``nheads % nheads_k == 0`` (GQA/MQA). fp16, bf16 or fp32; headdim 1..256.
+        dropout_p: dropout on the attention probabilities (use 0.0 at evaluation).
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        causal: bottom-right aligned causal mask (see the module docstring).
+        window_size: ``(left, right)`` sliding window, -1 = unlimited.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope * |i + sk - sq - j|``.
+        deterministic: accepted for compatibility; ioattn's backward uses no atomics and is
+            always deterministic.
+        return_attn_probs: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` and the
+            attention probabilities (materialized; for testing only; dropped entries negated).
+
+    Returns:
+        ``out`` ``(batch, seqlen_q, nheads, headdim)``, or ``(out, lse, probs)``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    batch, seqlen_q = q.shape[:2]
+    if k.shape[0] != batch or v.shape[0] != batch:
+        _fail(f"q, k, v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        _fail(f"k and v must have the same seqlen, got {k.shape[1]} and {v.shape[1]}")
+    softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
+                                                alibi_slopes, batch)
+    return _run(q, k, v, None, None, seqlen_q, k.shape[1], dropout_p, softmax_scale, causal,
+                window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)``."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        _fail(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
+              f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        _fail(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got "
+              f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def _check_cu_seqlens(name, cu, device, total):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        _fail(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        _fail(f"{name} must be on {device}, got {cu.device}")
+    if cu.device.type == "cpu":  # values can be checked without a device sync
+        c = cu.tolist()
+        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:
+            _fail(f"{name} must be non-decreasing prefix sums from 0 to at most {total}, got {c}")
+    return cu if cu.is_contiguous() else cu.contiguous()
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None):
+    """Variable-length attention over packed sequences (no padding).
+
+    Args:
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` prefix sums of the sequence lengths
+            (a sequence may have length 0).
+        max_seqlen_q, max_seqlen_k: the longest sequence (ints; no device sync is made).
+        Other arguments as :func:`flash_attn_func`; alibi_slopes ``(nheads,)`` or ``(batch, nheads)``.
+
+    Returns:
+        ``out`` ``(total_q, nheads, headdim)``, or ``(out, lse (nheads, total_q), probs)``.
+    """
+    if block_table is not None:
+        raise NotImplementedError("flash_attn_varlen_func: block_table (paged KV) is supported by "
+                                  "flash_attn_with_kvcache only")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 3)
+    if k.shape[0] != v.shape[0]:
+        _fail(f"k and v must have the same total_k, got {k.shape[0]} and {v.shape[0]}")
+    cu_seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+    cu_seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        _fail(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(m, int) or m < 0:
+            _fail(f"{name} must be an int >= 0, got {m!r}")
+    batch = cu_seqlens_q.shape[0] - 1
+    softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
+                                                alibi_slopes, batch)
+    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0,
+                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Varlen with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        _fail(f"qkv must have shape (total, 3, nheads, headdim), got "
+              f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen,
+                                  max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False):
+    """Varlen with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        _fail(f"kv must have shape (total_k, 2, nheads_k, headdim), got "
+              f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
