@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .forward import _dense_or_varlen_strides, dot_precision
-from .masks import dropout_keep, key_range, query_range, scores_log2, visible
+from .forward import _dense_or_varlen_strides, dot_precision, upcast_dot
+from .masks import mma, dropout_keep, key_range, query_range, scores_log2, visible
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
                          BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -88,7 +88,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
             do = tl.load(do_ptrs)
         lse = _load_lse_log2(lse_row, offs_m, seqlen_q)  # [BM]
         delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)  # [BM]
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BN, BM]
+        qkT = mma(k, tl.trans(q), None, DOT_PRECISION, UPCAST)  # [BN, BM]
         sT, tT = scores_log2(qkT, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
                              sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
         pT = tl.math.exp2(sT - lse[None, :])
@@ -96,7 +96,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
             ok = visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
                          window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
             pT = tl.where(ok, pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+        dpT = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # [BN, BM]
         if HAS_DROPOUT:
             keepT = dropout_keep(seed, salt, offs_m[None, :], offs_n[:, None], dropout_p)
             scale_keep = 1.0 / (1.0 - dropout_p)
@@ -104,11 +104,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
             dpT = tl.where(keepT, dpT * scale_keep, 0.0)
         else:
             pT_kept = pT
-        dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # [BN, D]
+        dv = mma(pT_kept.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # [BN, D]
+        dk = mma(dsT.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)  # [BN, D]
     return dk, dv
 
 
@@ -127,7 +127,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // nheads_k
@@ -177,19 +177,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, full_lo, full_hi, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, full_hi, hi, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dk = dk * sm_scale  # d(q·k·scale)/dk
     tl.store(DK + b64 * stride_dkb + k_rows[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -204,7 +204,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -220,7 +220,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
         else:
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # [BM, BN]
+        qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
         s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
                            sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
         p = tl.math.exp2(s - lse[:, None])
@@ -228,14 +228,14 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
             ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
                          window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # [BM, BN]
+        dp = mma(do, vT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, salt, offs_m[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)  # [BM, D]
+        dq = mma(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION, UPCAST)  # [BM, D]
     return dq
 
 
@@ -253,7 +253,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // nheads
@@ -299,17 +299,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
                             lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
                             BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
                             full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
                             BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
                             full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
                             BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION)
+                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + q_rows[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -342,7 +342,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-                 HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype))
+                 HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
+                 UPCAST=upcast_dot(q.dtype))
     pre_block = 64
     _attn_bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_block), batch * nheads)](
         out, dout, delta, lse,

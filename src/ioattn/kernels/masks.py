@@ -143,3 +143,13 @@ def query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
     full_hi = lo + tl.maximum(end - lo, 0) // BLOCK_M * BLOCK_M
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST works around the Triton interpreter's bf16 tl.dot (it
+    multiplies the raw bits); the operands are already rounded to bf16, so the
+    fp32 product is what the tensor cores compute."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
