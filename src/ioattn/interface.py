@@ -268,8 +268,8 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
         from .kernels.forward import dropout_keep_mask as kernel_mask
         return kernel_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state)
     from .blockwise import dropout_keep_mask as cpu_mask
-    return torch.stack([cpu_mask(b, nheads, seqlen_q, seqlen_k, rng_state, dropout_p, device)
-                        .expand(nheads, seqlen_q, seqlen_k) for b in range(batch)])
+    return torch.cat([cpu_mask(b, nheads, seqlen_q, seqlen_k, rng_state, dropout_p, device)
+                      for b in range(batch)])
 
 
 # --------------------------------------------------------------------------- public API

@@ -353,7 +353,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     )
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(dout, varlen))
-    _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), batch * nheads_k)](
+    configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), batch * nheads_k)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
         stride_lb, stride_lh, stride_ab,
@@ -363,7 +363,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # the dQ program is the transpose of the dK/dV one: many queries on chip, keys stream
-    _attn_bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_N"]), batch * nheads)](
+    configs.last_compiled["dq"] = _attn_bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_N"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dq, varlen),
         stride_lb, stride_lh, stride_ab,

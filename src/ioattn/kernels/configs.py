@@ -11,6 +11,10 @@ import torch
 import triton
 
 
+# the last compiled kernel of each launcher, for the compiler's-view report in benchmarks
+last_compiled = {}
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

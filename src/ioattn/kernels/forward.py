@@ -194,7 +194,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
-    _attn_fwd[grid](
+    configs.last_compiled["fwd"] = _attn_fwd[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
         *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(out, varlen),
