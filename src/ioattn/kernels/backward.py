@@ -330,10 +330,10 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         nheads_k = k.shape[2]
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     assert lse.stride(-1) == 1
-    delta = torch.empty_like(lse)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    delta = configs.new_empty(lse.shape, torch.float32, q.device)
+    dq = configs.new_empty(q.shape, q.dtype, q.device)
+    dk = configs.new_empty(k.shape, k.dtype, k.device)
+    dv = configs.new_empty(v.shape, v.dtype, v.device)
     block_d = configs.block_d(head_dim)
     cfg = configs.backward_config(head_dim, q.dtype, q.device)
     stride_ab = 0

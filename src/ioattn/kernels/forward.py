@@ -180,14 +180,14 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         batch = cu_seqlens_q.shape[0] - 1
         _, nheads, head_dim = q.shape
         nheads_k = k.shape[1]
-        lse = torch.empty(nheads, q.shape[0], device=q.device, dtype=torch.float32)
+        lse = configs.new_empty((nheads, q.shape[0]), torch.float32, q.device)
         stride_lb, stride_lh = 0, lse.stride(0)
     else:
         batch, _, nheads, head_dim = q.shape
         nheads_k = k.shape[2]
-        lse = torch.empty(batch, nheads, max_seqlen_q, device=q.device, dtype=torch.float32)
+        lse = configs.new_empty((batch, nheads, max_seqlen_q), torch.float32, q.device)
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+    out = configs.new_empty(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
     cfg = configs.forward_config(head_dim, q.dtype, q.device)
     block_d = configs.block_d(head_dim)
     stride_ab = 0

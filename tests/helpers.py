@@ -1,0 +1,47 @@
+"""Comparison with an error bound derived from the dtype.
+
+The kernel's error against the fp64 reference must be at most twice the error
+that plain PyTorch makes in the same dtype (the reference run with
+``upcast=False``), plus a floor of a few units in the last place.
+"""
+
+import torch
+
+from ioattn.reference import attention_ref
+
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_close(name, x, ref, low, dtype):
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: non-finite values (unwritten or NaN)"
+    scale = max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+    err, err_low = max_err(x, ref), max_err(low, ref)
+    bound = 2 * err_low + FLOOR[dtype] * scale
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (plain torch {err_low:.3e})"
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=True):
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def check_fwd_bwd(fn, q, k, v, ref_kwargs, grads=True):
+    """Run fn(q, k, v) -> out and compare out and dq, dk, dv with the fp64 reference."""
+    dtype = q.dtype
+    out = fn(q, k, v)
+    ref, _ = attention_ref(q, k, v, **ref_kwargs)
+    low, _ = attention_ref(q, k, v, upcast=False, **ref_kwargs)
+    assert_close("out", out, ref, low, dtype)
+    if not grads:
+        return out
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout.double())
+    lowg = torch.autograd.grad(low, (q, k, v), dout)
+    for name, g, r, lg in zip(("dq", "dk", "dv"), got, want, lowg):
+        assert_close(name, g, r, lg, dtype)
+    return out

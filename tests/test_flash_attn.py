@@ -1,0 +1,120 @@
+"""flash_attn_func and its packed forms against the fp64 reference (issue 2).
+
+Run with TRITON_INTERPRET=1 on a CPU to test the Triton kernels themselves
+(scripts/test.sh does); without it, CPU tensors take the blockwise path.
+"""
+
+import pytest
+import torch
+
+import ioattn
+from ioattn.reference import attention_ref
+
+from helpers import assert_close, check_fwd_bwd, randn
+
+# (batch, seqlen_q, seqlen_k, nheads_q, nheads_k, headdim)
+SHAPES = [
+    (1, 1, 1, 1, 1, 64),
+    (2, 17, 17, 2, 2, 40),
+    (1, 100, 37, 4, 1, 96),    # seqlen_q > seqlen_k, MQA
+    (1, 37, 100, 4, 2, 64),    # seqlen_q < seqlen_k, GQA
+    (1, 257, 257, 1, 1, 32),
+    (1, 33, 47, 2, 1, 256),
+    (2, 20, 24, 2, 2, 3),      # head dim that is no power of two and < 16
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp32_forward_backward(shape, causal, device):
+    b, sq, sk, hq, hk, d = shape
+    q, k, v = randn(b, sq, hq, d, device=device), randn(b, sk, hk, d, device=device), randn(b, sk, hk, d, device=device)
+    check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, causal=causal), q, k, v, dict(causal=causal))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 17, 33, 4, 2, 40), (1, 100, 60, 2, 1, 96)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision(shape, causal, dtype, device):
+    b, sq, sk, hq, hk, d = shape
+    q = randn(b, sq, hq, d, dtype=dtype, device=device)
+    k, v = randn(b, sk, hk, d, dtype=dtype, device=device), randn(b, sk, hk, d, dtype=dtype, device=device)
+    check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, causal=causal), q, k, v, dict(causal=causal))
+
+
+def test_softmax_scale(device):
+    q, k, v = (randn(1, 40, 2, 32, device=device) for _ in range(3))
+    check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, softmax_scale=0.37), q, k, v,
+                  dict(softmax_scale=0.37))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_contiguous_inputs(causal, device):
+    # (b, h, s, d) tensors seen as (b, s, h, d), and a last dim that is not contiguous
+    q = randn(2, 3, 50, 48, device=device, requires_grad=False).transpose(1, 2).requires_grad_()
+    k = randn(2, 3, 70, 48, device=device, requires_grad=False).transpose(1, 2).requires_grad_()
+    v = randn(2, 70, 3, 96, device=device, requires_grad=False)[..., ::2].requires_grad_()
+    assert not q.is_contiguous() and v.stride(-1) == 2
+    check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, causal=causal), q, k, v, dict(causal=causal))
+
+
+def test_rows_without_keys_are_zero(device):
+    # causal with seqlen_q > seqlen_k: the first sq - sk query rows see no key
+    q, k, v = randn(1, 30, 2, 16, device=device), randn(1, 10, 2, 16, device=device), randn(1, 10, 2, 16, device=device)
+    out, lse, _ = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert torch.equal(out[:, :20], torch.zeros_like(out[:, :20]))
+    assert torch.isneginf(lse[:, :, :20]).all() and torch.isfinite(lse[:, :, 20:]).all()
+    dq, = torch.autograd.grad(out.sum(), q)
+    assert torch.equal(dq[:, :20], torch.zeros_like(dq[:, :20]))
+    assert torch.isfinite(dq).all()
+
+
+def test_lse_and_probs(device):
+    q, k, v = (randn(2, 33, 2, 32, device=device, requires_grad=False) for _ in range(3))
+    out, lse, probs = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    ref, ref_lse = attention_ref(q, k, v, causal=True)
+    low, low_lse = attention_ref(q, k, v, causal=True, upcast=False)
+    assert lse.shape == (2, 2, 33) and lse.dtype == torch.float32
+    assert_close("lse", lse, ref_lse, low_lse, torch.float32)
+    assert probs.shape == (2, 2, 33, 33)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 33, device=device), atol=1e-5)
+
+
+def test_qkvpacked_and_kvpacked(device):
+    qkv = randn(2, 25, 3, 2, 40, device=device)
+    out = ioattn.flash_attn_qkvpacked_func(qkv, causal=True)
+    ref, _ = attention_ref(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True)
+    low, _ = attention_ref(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True, upcast=False)
+    assert_close("out", out, ref, low, torch.float32)
+    g, = torch.autograd.grad(out.sum(), qkv)
+    gr, = torch.autograd.grad(ref.sum(), qkv)
+    gl, = torch.autograd.grad(low.sum(), qkv)
+    assert_close("dqkv", g, gr, gl, torch.float32)
+
+    q, kv = randn(2, 19, 4, 32, device=device), randn(2, 31, 2, 2, 32, device=device)
+    out = ioattn.flash_attn_kvpacked_func(q, kv)
+    ref, _ = attention_ref(q, kv[:, :, 0], kv[:, :, 1])
+    low, _ = attention_ref(q, kv[:, :, 0], kv[:, :, 1], upcast=False)
+    assert_close("out", out, ref, low, torch.float32)
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v = (randn(1, 24, 2, 16, device=device) for _ in range(3))
+
+    def layer(q, k, v):
+        return ioattn.flash_attn_func(q * 2, k, v, causal=True).sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(layer(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(2, 10, 4, 64)
+        k = torch.empty(2, 12, 2, 64)
+        out, lse = torch.ops.ioattn.fwd(q, k, k, None, None, 10, 12, 0.125, -1, 0, 0.0, None, 0.0, None)
+        assert out.shape == (2, 10, 4, 64) and lse.shape == (2, 4, 10)
