@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the test suite. Without a GPU, the Triton kernels themselves run on the CPU
+# through Triton's interpreter (TRITON_INTERPRET=1), then the plain-PyTorch CPU path
+# is tested through the same public API.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  .venv/bin/python -m pytest tests -q "$@"
+else
+  echo "== Triton kernels under the interpreter =="
+  TRITON_INTERPRET=1 .venv/bin/python -m pytest tests -q "$@"
+  echo "== CPU (blockwise) path =="
+  .venv/bin/python -m pytest tests/test_flash_attn.py tests/test_features.py tests/test_blockwise.py -q "$@"
+fi
