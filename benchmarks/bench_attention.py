@@ -72,7 +72,8 @@ REL_TOL = {"bf16": 2e-2, "fp16": 4e-3}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 # Presets.  Flags given on the command line override the preset's value.
-FULL = dict(hdim=[64, 128, 256], seqlen=[512, 1024, 2048, 4096, 8192, 16384], causal=[False, True],
+# hdim 128 first: if a run is cut short, the most-quoted shapes are already measured.
+FULL = dict(hdim=[128, 64, 256], seqlen=[512, 1024, 2048, 4096, 8192, 16384], causal=[False, True],
             mode=list(MODES), dtype=["bf16"], tokens=16384, hidden=2048,
             memory_seqlen=[2048, 8192, 16384, 32768, 65536], memory_nheads=16, memory_hdim=128,
             warmup=25, rep=100, standard_max_seqlen=4096)
@@ -280,7 +281,7 @@ def reference_fp32(q, k, v, dout, causal: bool, nheads: int, need_grad: bool):
     names = ("out", "dq", "dk", "dv") if need_grad else ("out",)
     result = {name: [] for name in names}
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference, not TF32
     try:
         with torch.no_grad():
             for h in range(nheads):
@@ -687,7 +688,9 @@ def run(args, argv) -> dict:
     todo = [(c, p) for c in cases for p in args.providers
             if any(_timing_key(_row(p, m, c)) not in done for m in args.mode)]
     mem_case = lambda n: Case("bf16", args.memory_hdim, False, n, 1, args.memory_nheads)  # noqa: E731
-    mem_todo = [] if args.no_memory else [
+    if device != "cuda" and not args.no_memory:
+        print("memory: skipped (no CUDA allocator statistics on CPU)", file=sys.stderr)
+    mem_todo = [] if args.no_memory or device != "cuda" else [
         (n, p) for n in args.memory_seqlen for p in args.providers
         if _timing_key(_row(p, "memory", mem_case(n))) not in done]
     print(plan_text(args, cases, todo, mem_todo), file=sys.stderr, flush=True)
@@ -726,6 +729,7 @@ def run(args, argv) -> dict:
             progress.step(f"memory N={fmt_len(seqlen)} {prov}")
             save(result, args.out)
         result["complete"] = True
+        result["ioattn_kernels"] = ioattn_kernel_report()
     except ContextBroken as e:
         progress.write(f"\nFATAL: {e}\nThe CUDA context is unusable; results so far are in "
                        f"{args.out}. Rerun with --resume and without the culprit in --providers.")
@@ -739,16 +743,37 @@ def run(args, argv) -> dict:
     return result
 
 
+def ioattn_kernel_report() -> dict:
+    """The compiler's view of ioattn's last compiled kernels (registers, spills, shared memory)."""
+    try:
+        from ioattn.kernels import configs
+        report = {}
+        for name, ck in getattr(configs, "last_compiled", {}).items():
+            md = ck.metadata
+            report[name] = dict(n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None),
+                                shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None),
+                                num_stages=getattr(md, "num_stages", None),
+                                wgmma="wgmma" in ck.asm.get("ptx", "") if hasattr(ck, "asm") else None)
+        return report
+    except Exception as e:
+        return {"error": _short(e)}
+
+
 def plan_text(args, cases, todo, mem_todo) -> str:
     n_timings = len(todo) * len(args.mode)
-    # Per timing: warmup + rep + do_bench's estimate runs and Python overhead (~40 ms).
-    est = n_timings * (args.warmup + args.rep + 40) / 1e3
-    compiled = sum(1 for c, p in todo if p in ("ioattn", "flex"))
+    # Per timing: warmup + rep + do_bench's first and estimate runs + Python (~50 ms);
+    # per case and provider: the first call, the check and the memory pass (~0.2 s).
+    est = n_timings * (args.warmup + args.rep + 50) / 1e3 + len(todo) * 0.2
+    # torch.compile of flex: a few seconds per new shape (forward + backward), more for the first.
+    flex_shapes = {(c.dtype, c.headdim, c.causal, c.seqlen) for c, p in todo if p == "flex"}
+    flex_shapes |= {("mem", n) for n, p in mem_todo if p == "flex"}
+    est += 5 * len(flex_shapes) + (20 if flex_shapes else 0)
+    est += 2 * len(mem_todo)
     return (f"device: {args.device}; providers: {', '.join(args.providers)}\n"
             f"{len(cases)} cases x {len(args.providers)} providers x {len(args.mode)} modes "
-            f"= {n_timings} timings (~{est / 60:.1f} min of timing, plus first calls: "
-            f"{compiled} compile/autotune events for ioattn+flex) + {len(mem_todo)} memory runs\n"
-            f"results -> {args.out}")
+            f"= {n_timings} timings + {len(mem_todo)} memory runs; {len(flex_shapes)} flex "
+            f"compiles; rough estimate {est / 60:.1f} min\n"
+            f"results -> {args.out} (written after every case; --resume continues a cut-short run)")
 
 
 def save(result: dict, path: Path):
@@ -769,78 +794,111 @@ def _cell(r) -> str:
 
 
 def format_report(result: dict) -> str:
-    rows = [r for r in result["rows"] if r["mode"] != "memory"]
+    """The text report; the speed table comes last, where a truncated log still shows it."""
+    sections = [f"{result['device']} | torch {result['torch']} | triton {result['triton']} | "
+                f"CUDA {result['cuda']} | {result['date']}"]
+    for section in (_first_call_text, _memory_text, _not_ok_text, _speed_text):
+        text = section(result)
+        if text:
+            sections.append(text)
+    el = result.get("elapsed_s", {})
+    if el:
+        sections.append("Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in el.items()))
+    return "\n\n".join(sections)
+
+
+def _speed_text(result) -> str:
+    rows = [r for r in result["rows"] if r["mode"] in MODES]
+    if not rows:
+        return ""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    width = max(8, *(len(p) for p in providers))
+    head = f"{'mode':7s} {'dtype':5s} {'hdim':>4s} {'causal':6s} {'seqlen':>6s} | " + " ".join(
+        f"{p:>{width}s}" for p in providers)
+    lines = ["TFLOP/s (median; '!' = FAIL: output or gradients off the fp32 reference; "
+             "n/a, OOM: see 'Not ok')", head, "-" * len(head)]
+    table = {}
+    for r in rows:
+        key = (MODES.index(r["mode"]), r["dtype"], r["headdim"], r["causal"], r["seqlen"])
+        table.setdefault(key, {})[r["provider"]] = r
+    for key in sorted(table):
+        mode, dtype, hdim, causal, seqlen = key
+        cells = " ".join(f"{_cell(table[key][p]) if p in table[key] else '':>{width}s}"
+                         for p in providers)
+        lines.append(f"{MODES[mode]:7s} {dtype:5s} {hdim:4d} {'yes' if causal else 'no':6s} "
+                     f"{fmt_len(seqlen):>6s} | {cells}")
+    return "\n".join(lines)
+
+
+def _memory_text(result) -> str:
     mem = [r for r in result["rows"] if r["mode"] == "memory"]
-    providers = list(dict.fromkeys(r["provider"] for r in result["rows"]))
-    lines = [f"{result['device']} | torch {result['torch']} | triton {result['triton']} | "
-             f"CUDA {result['cuda']} | {result['date']}", ""]
-    if rows:
-        lines.append("TFLOP/s (median; '!' = FAIL: output or gradients off the fp32 reference, "
-                     "n/a / OOM: see reasons below)")
-        width = max(8, *(len(p) for p in providers))
-        head = f"{'mode':7s} {'dtype':5s} {'hdim':>4s} {'causal':6s} {'seqlen':>6s} | " + " ".join(
-            f"{p:>{width}s}" for p in providers)
-        lines += [head, "-" * len(head)]
-        table = {}
-        for r in rows:
-            key = (MODES.index(r["mode"]), r["dtype"], r["headdim"], r["causal"], r["seqlen"])
-            table.setdefault(key, {})[r["provider"]] = r
-        for key in sorted(table):
-            mode, dtype, hdim, causal, seqlen = key
-            cells = " ".join(f"{_cell(table[key][p]) if p in table[key] else '':>{width}s}"
-                             for p in providers)
-            lines.append(f"{MODES[mode]:7s} {dtype:5s} {hdim:4d} {'yes' if causal else 'no':6s} "
-                         f"{fmt_len(seqlen):>6s} | {cells}")
-        lines.append("")
-    if mem:
-        lines.append("Peak memory of one forward+backward beyond q, k, v, dout (MiB), "
-                     + "B=1, H={nheads}, D={headdim}, {dtype}".format(**mem[0]))
-        table = {}
-        for r in mem:
-            table.setdefault(r["seqlen"], {})[r["provider"]] = r
-        mproviders = list(dict.fromkeys(r["provider"] for r in mem))
-        width = max(8, *(len(p) for p in mproviders))
-        lines.append(f"{'seqlen':>6s} | " + " ".join(f"{p:>{width}s}" for p in mproviders))
-        for n in sorted(table):
-            cells = []
-            for p in mproviders:
-                r = table[n].get(p)
-                cells.append("" if r is None else f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None
-                             else ("OOM" if (r["reason"] or "").startswith("OOM") else "n/a"))
-            lines.append(f"{fmt_len(n):>6s} | " + " ".join(f"{c:>{width}s}" for c in cells))
-        lines.append("")
+    if not mem:
+        return ""
+    lines = ["Peak memory of one forward+backward beyond q, k, v, dout (MiB), "
+             + "B=1, H={nheads}, D={headdim}, {dtype}".format(**mem[0])]
+    table = {}
+    for r in mem:
+        table.setdefault(r["seqlen"], {})[r["provider"]] = r
+    providers = list(dict.fromkeys(r["provider"] for r in mem))
+    width = max(8, *(len(p) for p in providers))
+    lines.append(f"{'seqlen':>6s} | " + " ".join(f"{p:>{width}s}" for p in providers))
+    for n in sorted(table):
+        cells = []
+        for p in providers:
+            r = table[n].get(p)
+            cells.append("" if r is None else f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None
+                         else ("OOM" if (r["reason"] or "").startswith("OOM") else "n/a"))
+        lines.append(f"{fmt_len(n):>6s} | " + " ".join(f"{c:>{width}s}" for c in cells))
+    return "\n".join(lines)
+
+
+def _first_call_text(result) -> str:
     firsts = result.get("first_call", [])
-    if firsts:
-        lines.append("First call of a new shape (compile + autotune) vs steady state, ms:")
-        lines.append(f"{'provider':10s} {'dtype':5s} {'hdim':>4s} {'causal':6s} {'seqlen':>6s} | "
-                     f"{'1st fwd':>9s} {'fwd':>8s} | {'1st bwd':>9s} {'bwd':>8s}")
-        for f in firsts:
-            if f["provider"] not in ("ioattn", "flex"):
-                continue
-            lines.append(f"{f['provider']:10s} {f['dtype']:5s} {f['headdim']:4d} "
-                         f"{'yes' if f['causal'] else 'no':6s} {fmt_len(f['seqlen']):>6s} | "
+    mine = [f for f in firsts if f["provider"] == "ioattn"]
+    lines = []
+    if mine:
+        lines += ["ioattn: first call of a new shape (Triton compile + autotune) vs steady state, ms",
+                  f"{'dtype':5s} {'hdim':>4s} {'causal':6s} {'seqlen':>6s} | "
+                  f"{'1st fwd':>9s} {'fwd':>8s} | {'1st bwd':>9s} {'bwd':>8s}"]
+        for f in mine:
+            lines.append(f"{f['dtype']:5s} {f['headdim']:4d} {'yes' if f['causal'] else 'no':6s} "
+                         f"{fmt_len(f['seqlen']):>6s} | "
                          f"{_ms(f['first_fwd_ms']):>9s} {_ms(f['steady_fwd_ms']):>8s} | "
                          f"{_ms(f['first_bwd_ms']):>9s} {_ms(f['steady_bwd_ms']):>8s}")
-        lines.append("")
+    others = {}
+    for f in firsts:
+        if f["provider"] != "ioattn":
+            others.setdefault(f["provider"], []).append(f)
+    if others:
+        lines.append("first call per shape, median over shapes (fwd / bwd, ms): " + ", ".join(
+            f"{p} {_ms(_median(f['first_fwd_ms'] for f in fs))} / "
+            f"{_ms(_median(f['first_bwd_ms'] for f in fs))}" for p, fs in others.items()))
+    return "\n".join(lines)
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _not_ok_text(result) -> str:
     fails, reasons = {}, {}
     for r in result["rows"]:
         if r["status"] == "FAIL":
             fails.setdefault(r["provider"], []).append(r)
         elif r["status"] != "ok":
             reasons.setdefault((r["provider"], r.get("reason") or "?"), []).append(r)
-    if fails or reasons:
-        lines.append("Not ok:")
+    if not (fails or reasons):
+        return ""
+    lines = ["Not ok:"]
     for prov, rs in fails.items():
         worst = max(rs, key=lambda r: r["rel_err"] if r["rel_err"] is not None else math.inf)
-        lines.append(f"  {prov} FAIL x{len(rs)} [{_where(rs)}]; worst: "
+        lines.append(f"  {prov} FAIL x{len(rs)} [{_where(rs)}]; worst: {worst['mode']} "
                      f"d={worst['headdim']} N={fmt_len(worst['seqlen'])} {worst['reason']}")
     for (prov, reason), rs in reasons.items():
         lines.append(f"  {prov} n/a x{len(rs)} [{_where(rs)}]: {reason}")
-    if fails or reasons:
-        lines.append("")
-    el = result.get("elapsed_s", {})
-    if el:
-        lines.append("Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in el.items()))
+    if "fatal" in result:
+        lines.append(f"  FATAL (run stopped): {result['fatal']}")
     return "\n".join(lines)
 
 
@@ -957,8 +1015,9 @@ def main(argv=None) -> int:
     args.out.with_suffix(".txt").write_text(report + "\n")
     if not args.no_plot:
         try:
-            sys.path.insert(0, str(BENCH_DIR))
-            import plot
+            spec = importlib.util.spec_from_file_location("ioattn_bench_plot", BENCH_DIR / "plot.py")
+            plot = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(plot)
             written = plot.write_all(result, args.out)
             report += "\nplots/markdown: " + ", ".join(str(p) for p in written)
         except ImportError as e:

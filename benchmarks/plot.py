@@ -82,10 +82,10 @@ def plot_speed(result, dtype, mode, path):
                         linewidth=2.6 if prov == "ioattn" else 1.4,
                         zorder=3 if prov == "ioattn" else 2)
                 bad = [(p[0], p[1]) for p in pts if p[2] == "FAIL"]
-                if bad:  # a wrong result: crossed out in red
+                if bad:  # a wrong result: a big black cross over the point
                     failed_any = True
-                    ax.scatter(*zip(*bad), s=110, facecolors="none", edgecolors="red",
-                               linewidths=2, zorder=4)
+                    ax.scatter(*zip(*bad), s=120, marker="X", color="black",
+                               edgecolors="white", linewidths=0.8, zorder=4)
             ax.set_xscale("log", base=2)
             ax.set_xticks(seqlens)
             ax.set_xticklabels([fmt_len(n) for n in seqlens])
@@ -103,14 +103,14 @@ def plot_speed(result, dtype, mode, path):
             handles.setdefault(lab, h)
     if failed_any:
         from matplotlib.lines import Line2D
-        handles["FAIL (wrong result)"] = Line2D([], [], marker="o", linestyle="none",
-                                                markerfacecolor="none", markeredgecolor="red",
-                                                markersize=9, markeredgewidth=2)
+        handles["FAIL (wrong result)"] = Line2D([], [], marker="X", linestyle="none",
+                                                color="black", markersize=10)
+    ncol = len(handles) if len(handles) <= 8 else (len(handles) + 1) // 2
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
-               ncol=min(len(handles), 6), frameon=False)
+               ncol=ncol, frameon=False)
     fig.suptitle(f"Attention {MODE_TITLE.get(mode, mode)}, {dtype}\n{_subtitle(result)}",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.07 if len(handles) <= 6 else 0.11, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 if len(handles) <= 8 else 0.11, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -119,6 +119,7 @@ def plot_memory(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in result["rows"] if r["mode"] == "memory"]
     seqlens = sorted({r["seqlen"] for r in rows})
@@ -141,8 +142,8 @@ def plot_memory(result, path):
         # The floor: the outputs themselves (o, dq, dk, dv), 4 x B*N*H*D elements of 2 bytes.
         floor = [(n, 4 * r0["batch"] * n * r0["nheads"] * r0["headdim"] * 2 / 2**20) for n in seqlens]
         ax.plot(*zip(*floor), linestyle="--", color="#999999", label="floor: o, dq, dk, dv")
-        ax.set_title(f"Peak memory of one forward + backward beyond q, k, v, dO\n"
-                     f"B={r0['batch']}, H={r0['nheads']}, D={r0['headdim']}, {r0['dtype']} - "
+        ax.set_title(f"Peak memory of one forward + backward beyond q, k, v, dO "
+                     f"(B={r0['batch']}, H={r0['nheads']}, D={r0['headdim']}, {r0['dtype']})\n"
                      f"{_subtitle(result)}", fontsize=9)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -150,7 +151,13 @@ def plot_memory(result, path):
     ax.set_xticklabels([fmt_len(n) for n in seqlens])
     ax.minorticks_off()
     ax.set_xlabel("sequence length")
-    ax.set_ylabel("MiB (log scale)")
+    ax.set_ylabel("peak extra memory (log scale)")
+    # Ticks at powers of 4 MiB (..., 256 MiB, 1 GiB, 4 GiB, ...): round numbers in both units.
+    lo, hi = ax.get_ylim()
+    ticks = [4.0**k for k in range(-2, 12) if lo <= 4.0**k <= hi]
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v / 1024:g} GiB" if v >= 1024 else f"{v:g} MiB"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
