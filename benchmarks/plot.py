@@ -97,7 +97,7 @@ def plot_speed(result, dtype, mode, path):
                 ax.set_ylabel("TFLOP/s")
             if i == len(causals) - 1:
                 ax.set_xlabel("sequence length (batch = tokens / seqlen)")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
