@@ -72,15 +72,17 @@ MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 # Presets.  Flags given on the command line override the preset's value.
 # hdim 128 first: if a run is cut short, the most-quoted shapes are already measured.
+# flex_seqlen: torch.compile costs flex ~5 s per new shape; the full run compiles it at the
+# seqlens of ANCHORS.md only (None = every seqlen), which keeps the run near 5 minutes.
 FULL = dict(hdim=[128, 64, 256], seqlen=[512, 1024, 2048, 4096, 8192, 16384], causal=[False, True],
             mode=list(MODES), dtype=["bf16"], tokens=16384, hidden=2048,
             memory_seqlen=[2048, 8192, 16384, 32768, 65536], memory_nheads=16, memory_hdim=128,
-            warmup=25, rep=100, standard_max_seqlen=4096)
+            warmup=25, rep=100, standard_max_seqlen=4096, flex_seqlen=[1024, 4096, 16384])
 QUICK = dict(FULL, hdim=[128], seqlen=[1024, 4096, 16384], mode=["fwd", "bwd"],
-             memory_seqlen=[2048, 8192, 16384], warmup=10, rep=50)
+             memory_seqlen=[2048, 8192, 16384], warmup=10, rep=50, flex_seqlen=None)
 SMOKE = dict(FULL, hdim=[32, 64], seqlen=[64, 128], mode=list(MODES), dtype=["bf16", "fp16"],
              tokens=256, hidden=128, memory_seqlen=[128, 256], memory_nheads=2, memory_hdim=64,
-             warmup=2, rep=5, standard_max_seqlen=4096)
+             warmup=2, rep=5, standard_max_seqlen=4096, flex_seqlen=None)
 
 
 # --------------------------------------------------------------------------- cases
@@ -468,6 +470,10 @@ def _run_provider(name, case, tensors, ref, args, device):
         reason = (f"skipped: materializes N x N (raise --standard-max-seqlen above "
                   f"{args.standard_max_seqlen} to time it)")
         return [_row(name, m, case, reason=reason) for m in modes], None
+    if name == "flex" and args.flex_seqlen is not None and case.seqlen not in args.flex_seqlen:
+        reason = ("skipped: torch.compile per shape costs run time; --flex-seqlen all "
+                  "(or a list) to time it")
+        return [_row(name, m, case, reason=reason) for m in modes], None
     what = f"{name} on {case.label()}"
 
     # 1. Prepare; first forward (its wall time includes compilation and autotuning).
@@ -674,13 +680,17 @@ def run(args, argv) -> dict:
     result = dict(env, fake=False, config=dict(
         warmup_ms=args.warmup, rep_ms=args.rep, tokens=args.tokens, hidden=args.hidden,
         rel_tol=args.tol, providers=args.providers, standard_max_seqlen=args.standard_max_seqlen,
+        flex_seqlen=args.flex_seqlen,
         memory=dict(batch=1, nheads=args.memory_nheads, headdim=args.memory_hdim, dtype="bf16",
                     causal=False)),
         rows=[], first_call=[], elapsed_s={}, complete=False)
     done = set()
     if args.resume and args.out.exists():
         old = json.loads(args.out.read_text())
-        result["rows"] = old.get("rows", [])
+        # Rows skipped by a limit (--flex-seqlen, --standard-max-seqlen) are redone: the
+        # limits of this run may differ.
+        result["rows"] = [r for r in old.get("rows", [])
+                          if not (r.get("reason") or "").startswith("skipped:")]
         result["first_call"] = old.get("first_call", [])
         done = {_timing_key(r) for r in result["rows"]}
         print(f"resuming: {len(result['rows'])} rows already in {args.out}", file=sys.stderr)
@@ -761,19 +771,24 @@ def ioattn_kernel_report() -> dict:
 
 
 def plan_text(args, cases, todo, mem_todo) -> str:
-    n_timings = len(todo) * len(args.mode)
+    def skipped(c, p):
+        return ((p == "standard" and c.seqlen > args.standard_max_seqlen)
+                or (p == "flex" and args.flex_seqlen is not None and c.seqlen not in args.flex_seqlen))
+    timed = [(c, p) for c, p in todo if not skipped(c, p)]
+    n_timings = len(timed) * len(args.mode)
     # Per timing: warmup + rep + do_bench's first and estimate runs + Python (~50 ms);
-    # per case and provider: the first call, the check and the memory pass (~0.2 s).
-    est = n_timings * (args.warmup + args.rep + 50) / 1e3 + len(todo) * 0.2
-    # torch.compile of flex: a few seconds per new shape (forward + backward), more for the first.
-    flex_shapes = {(c.dtype, c.headdim, c.causal, c.seqlen) for c, p in todo if p == "flex"}
-    flex_shapes |= {("mem", n) for n, p in mem_todo if p == "flex"}
+    # per case and provider: the first call, the check and the memory pass (~0.1 s).
+    est = 15 + n_timings * (args.warmup + args.rep + 50) / 1e3 + len(timed) * 0.1
+    # torch.compile of flex: ~5 s per new shape (forward + backward), more for the first.
+    flex_shapes = {(c.dtype, c.headdim, c.causal, c.seqlen, c.batch) for c, p in timed if p == "flex"}
+    flex_shapes |= {("bf16", args.memory_hdim, False, n, 1) for n, p in mem_todo if p == "flex"}
     est += 5 * len(flex_shapes) + (20 if flex_shapes else 0)
-    est += 2 * len(mem_todo)
+    est += 0.5 * len(mem_todo)
     return (f"device: {args.device}; providers: {', '.join(args.providers)}\n"
-            f"{len(cases)} cases x {len(args.providers)} providers x {len(args.mode)} modes "
-            f"= {n_timings} timings + {len(mem_todo)} memory runs; {len(flex_shapes)} flex "
-            f"compiles; rough estimate {est / 60:.1f} min\n"
+            f"{len(cases)} cases x {len(args.providers)} providers x {len(args.mode)} modes: "
+            f"{n_timings} timings ({len(todo) * len(args.mode) - n_timings} skipped, see "
+            f"--standard-max-seqlen, --flex-seqlen) + {len(mem_todo)} memory runs; "
+            f"{len(flex_shapes)} flex compiles; rough estimate {est / 60:.1f} min\n"
             f"results -> {args.out} (written after every case; --resume continues a cut-short run)")
 
 
@@ -943,6 +958,9 @@ def parse_args(argv):
     ap.add_argument("--standard-max-seqlen", type=int,
                     help="time standard attention only up to this seqlen (default 4096; memory "
                          "runs are not limited)")
+    ap.add_argument("--flex-seqlen",
+                    help="seqlens at which flex is compiled and timed, or 'all' (default: "
+                         "1k,4k,16k in the full run, all in --quick/--smoke)")
     ap.add_argument("--rtol", type=float, help="override the FAIL bound on relative L2 error")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<device>.json)")
     ap.add_argument("--resume", action="store_true", help="keep rows already in --out, run the rest")
@@ -964,6 +982,12 @@ def parse_args(argv):
         args.causal, [False]) if args.causal else preset_values["causal"])
     args.memory_seqlen = ([parse_len(x) for x in split(args.memory_seqlen)] if args.memory_seqlen
                           else preset_values["memory_seqlen"])
+    if args.flex_seqlen is None:
+        args.flex_seqlen = preset_values["flex_seqlen"]
+    elif args.flex_seqlen.strip().lower() == "all":
+        args.flex_seqlen = None
+    else:
+        args.flex_seqlen = [parse_len(x) for x in split(args.flex_seqlen)]
     for name in ("tokens", "hidden", "warmup", "rep", "standard_max_seqlen"):
         if getattr(args, name) is None:
             setattr(args, name, preset_values[name])
