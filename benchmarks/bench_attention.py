@@ -828,9 +828,9 @@ def _speed_text(result) -> str:
     if not rows:
         return ""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    width = max(8, *(len(p) for p in providers))
+    width = {p: max(6, len(p)) for p in providers}
     head = f"{'mode':7s} {'dtype':5s} {'hdim':>4s} {'causal':6s} {'seqlen':>6s} | " + " ".join(
-        f"{p:>{width}s}" for p in providers)
+        f"{p:>{width[p]}s}" for p in providers)
     lines = ["TFLOP/s (median; '!' = FAIL: output or gradients off the fp32 reference; "
              "n/a, OOM: see 'Not ok')", head, "-" * len(head)]
     table = {}
@@ -839,7 +839,7 @@ def _speed_text(result) -> str:
         table.setdefault(key, {})[r["provider"]] = r
     for key in sorted(table):
         mode, dtype, hdim, causal, seqlen = key
-        cells = " ".join(f"{_cell(table[key][p]) if p in table[key] else '':>{width}s}"
+        cells = " ".join(f"{_cell(table[key][p]) if p in table[key] else '':>{width[p]}s}"
                          for p in providers)
         lines.append(f"{MODES[mode]:7s} {dtype:5s} {hdim:4d} {'yes' if causal else 'no':6s} "
                      f"{fmt_len(seqlen):>6s} | {cells}")

@@ -196,8 +196,11 @@ def markdown(result, modes=("fwd", "bwd")) -> str:
         out.append("| seqlen, hdim, causal | " + " | ".join(providers) + " |")
         out.append("|---|" + "---|" * len(providers))
         for hdim, causal, seqlen in shapes:
-            cells = [" / ".join(_md_cell(table.get((seqlen, hdim, causal, p, m))) for m in present)
-                     for p in providers]
+            cells = []
+            for p in providers:
+                rs = [table.get((seqlen, hdim, causal, p, m)) for m in present]
+                cells.append("" if all(r is None for r in rs) else
+                             " / ".join(_md_cell(r) or "–" for r in rs))
             out.append(f"| {fmt_len(seqlen)}, {hdim}, {'yes' if causal else 'no'} | "
                        + " | ".join(cells) + " |")
     mem = [r for r in result["rows"] if r["mode"] == "memory"]
@@ -216,18 +219,36 @@ def markdown(result, modes=("fwd", "bwd")) -> str:
                 cells.append("" if r is None else f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None
                              else "OOM" if (r.get("reason") or "").startswith("OOM") else "–")
             out.append(f"| {fmt_len(n)} | " + " | ".join(cells) + " |")
-    firsts = [f for f in result.get("first_call", []) if f["provider"] == "ioattn"]
-    if firsts:
-        out.append("\n**ioattn: first call of a new shape (Triton compile + autotune) vs steady "
-                   "state, ms**\n")
-        out.append("| dtype, hdim, causal, seqlen | first fwd | steady fwd | first bwd | steady bwd |")
-        out.append("|---|---|---|---|---|")
-        for f in firsts:
-            cells = [_md_ms(f.get(k)) for k in ("first_fwd_ms", "steady_fwd_ms", "first_bwd_ms",
-                                                 "steady_bwd_ms")]
-            out.append(f"| {f['dtype']}, {f['headdim']}, {'yes' if f['causal'] else 'no'}, "
-                       f"{fmt_len(f['seqlen'])} | " + " | ".join(cells) + " |")
+    summary = first_call_summary(result.get("first_call", []), "ioattn")
+    if summary:
+        out.append("\n**ioattn: first call of a new shape, ms, fwd / bwd (steady state of the same "
+                   "shapes)**: the first shape of each group includes Triton compilation; the "
+                   "other shapes are medians\n")
+        out.append("| dtype, hdim, causal | first shape | other new shapes |")
+        out.append("|---|---|---|")
+        for (dtype, hdim, causal), cols in summary.items():
+            out.append(f"| {dtype}, {hdim}, {'yes' if causal else 'no'} | " + " | ".join(
+                f"{_md_ms(c[0])} / {_md_ms(c[1])} ({_md_ms(c[2])} / {_md_ms(c[3])})" for c in cols)
+                + " |")
     return "\n".join(out) + "\n"
+
+
+def first_call_summary(firsts, provider):
+    """(dtype, hdim, causal) -> [first shape, other shapes (medians)], each as
+    (first fwd, first bwd, steady fwd, steady bwd) in ms."""
+    import statistics
+
+    def med(fs, key):
+        values = [f[key] for f in fs if f[key] is not None]
+        return statistics.median(values) if values else None
+
+    keys = ("first_fwd_ms", "first_bwd_ms", "steady_fwd_ms", "steady_bwd_ms")
+    groups = {}
+    for f in firsts:  # in run order: the first of a group is where compilation happened
+        if f["provider"] == provider:
+            groups.setdefault((f["dtype"], f["headdim"], f["causal"]), []).append(f)
+    return {group: [tuple(fs[0][k] for k in keys), tuple(med(fs[1:], k) for k in keys)]
+            for group, fs in groups.items()}
 
 
 def _md_ms(x) -> str:
