@@ -118,3 +118,13 @@ def test_fake_tensor_shapes():
         k = torch.empty(2, 12, 2, 64)
         out, lse = torch.ops.ioattn.fwd(q, k, k, None, None, 10, 12, 0.125, -1, 0, 0.0, None, 0.0, None)
         assert out.shape == (2, 10, 4, 64) and lse.shape == (2, 4, 10)
+
+
+@pytest.mark.parametrize("sq,sk", [(0, 5), (5, 0), (0, 0)])
+def test_empty_sequences(sq, sk, device):
+    q, k, v = randn(2, sq, 2, 16, device=device), randn(2, sk, 2, 16, device=device), randn(2, sk, 2, 16, device=device)
+    out = ioattn.flash_attn_func(q, k, v)
+    assert out.shape == (2, sq, 2, 16) and torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for g, x in zip(grads, (q, k, v)):
+        assert g.shape == x.shape and torch.equal(g, torch.zeros_like(g))

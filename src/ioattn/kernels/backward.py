@@ -344,6 +344,10 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
                  UPCAST=upcast_dot(q.dtype))
+    if q.numel() == 0 or max_seqlen_q == 0:  # no query rows: no gradient flows anywhere
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if k.numel() == 0 or max_seqlen_k == 0:  # no keys: every row is empty
+        return dq.zero_(), dk, dv
     pre_block = 64
     _attn_bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_block), batch * nheads)](
         out, dout, delta, lse,
@@ -353,23 +357,24 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     )
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(dout, varlen))
-    configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), batch * nheads_k)](
+    c = cfg["dkdv"]
+    configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
         stride_lb, stride_lh, stride_ab,
         max_seqlen_q, max_seqlen_k, nheads, nheads_k, nheads // nheads_k,
         softmax_scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **flags,
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    # the dQ program is the transpose of the dK/dV one: many queries on chip, keys stream
-    configs.last_compiled["dq"] = _attn_bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_N"]), batch * nheads)](
+    c = cfg["dq"]
+    configs.last_compiled["dq"] = _attn_bwd_dq[(triton.cdiv(max_seqlen_q, c["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dq, varlen),
         stride_lb, stride_lh, stride_ab,
         max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k,
         softmax_scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_M"], **flags,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **flags,
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return dq, dk, dv

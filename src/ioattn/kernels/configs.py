@@ -41,7 +41,14 @@ def _cuda_capability(device):
     return torch.cuda.get_device_capability(device)
 
 
+# benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
+forward_override = None
+backward_override = None
+
+
 def forward_config(head_dim, dtype, device):
+    if forward_override is not None:
+        return dict(forward_override)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     d = block_d(head_dim)
@@ -58,17 +65,28 @@ def forward_config(head_dim, dtype, device):
 
 
 def backward_config(head_dim, dtype, device):
-    """dK/dV program: BLOCK_N keys on chip, BLOCK_M queries stream; dQ: the transpose."""
+    """Tiles of the two backward programs.
+
+    dkdv: BLOCK_N keys (and their dK, dV accumulators) stay on chip, BLOCK_M queries stream.
+    dq:   BLOCK_M queries (and dQ) stay on chip, BLOCK_N keys stream.
+    """
+    if backward_override is not None:
+        return {k: dict(v) for k, v in backward_override.items()}
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return dict(dkdv=small, dq=dict(small))
     d = block_d(head_dim)
     big = dtype == torch.float32
     if d <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
+        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     elif d <= 128:
-        cfg = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
     else:
-        cfg = dict(BLOCK_M=16 if big else 32, BLOCK_N=64, num_warps=8, num_stages=1)
+        dkdv = dict(BLOCK_M=16 if big else 32, BLOCK_N=64, num_warps=8, num_stages=1)
+        dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=8, num_stages=1)
     if _cuda_capability(device)[0] < 9:
-        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32), BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=1)
-    return cfg
+        for c in (dkdv, dq):
+            c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)
+    return dict(dkdv=dkdv, dq=dq)

@@ -194,6 +194,8 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
+    if grid[0] * grid[1] == 0:  # no query rows at all
+        return out, lse
     configs.last_compiled["fwd"] = _attn_fwd[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),

@@ -1,0 +1,147 @@
+"""Time other tile configurations of ioattn's kernels (bf16, 16k tokens) on the GPU.
+
+The candidates compile in parallel worker processes first (Triton caches the
+binaries on disk), then the main process times them one by one with
+triton.testing.do_bench; SDPA cuDNN and flash are timed in the same run.
+
+    python benchmarks/sweep_configs.py [--hdim 64,128,256] [--out sweep.json]
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+
+import torch
+
+FWD = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3)],
+    128: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)],
+}
+DKDV = {
+    64: [(64, 128, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
+    128: [(64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)],
+    256: [(32, 64, 8, 1), (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 1), (32, 128, 8, 1)],
+}
+DQ = {
+    64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (128, 32, 8, 3)],
+    256: [(64, 32, 8, 1), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 1), (64, 64, 8, 1)],
+}
+SEQLEN = 4096
+
+
+def as_cfg(t):
+    return dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
+
+
+def inputs(d, causal):
+    h = 2048 // d
+    b = 16384 // SEQLEN
+    q, k, v = (torch.randn(b, SEQLEN, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    return q, k, v, torch.randn_like(q), b, h
+
+
+def run_one(job):
+    """Compile (and run once) one configuration; returns its error string or None."""
+    kind, d, causal, fwd_t, dkdv_t, dq_t = job
+    import ioattn
+    from ioattn.kernels import configs
+    configs.forward_override = as_cfg(fwd_t)
+    configs.backward_override = dict(dkdv=as_cfg(dkdv_t), dq=as_cfg(dq_t))
+    try:
+        q, k, v, dout, _, _ = inputs(d, causal)
+        out = ioattn.flash_attn_func(q, k, v, causal=causal)
+        if kind == "bwd":
+            torch.autograd.grad(out, (q, k, v), dout)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return repr(exc)[:200]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hdim", default="64,128,256")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=12)
+    args = ap.parse_args(argv)
+    dims = [int(x) for x in args.hdim.split(",")]
+    jobs = []
+    for d in dims:
+        for causal in (False, True):
+            for f in FWD[d]:
+                jobs.append(("fwd", d, causal, f, DKDV[d][0], DQ[d][0]))
+            for t in DKDV[d][1:]:
+                jobs.append(("bwd", d, causal, FWD[d][0], t, DQ[d][0]))
+            for t in DQ[d][1:]:
+                jobs.append(("bwd", d, causal, FWD[d][0], DKDV[d][0], t))
+            jobs.append(("bwd", d, causal, FWD[d][0], DKDV[d][0], DQ[d][0]))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers) as pool:
+        errors = pool.map(run_one, jobs)
+
+    import triton
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import ioattn
+    from ioattn.kernels import configs
+    rows = []
+    for job, err in zip(jobs, errors):
+        kind, d, causal, fwd_t, dkdv_t, dq_t = job
+        q, k, v, dout, b, h = inputs(d, causal)
+        fl = 4 * b * h * SEQLEN ** 2 * d / (2 if causal else 1) * (2.5 if kind == "bwd" else 1)
+        ms = float("nan")
+        if err is None:
+            configs.forward_override = as_cfg(fwd_t)
+            configs.backward_override = dict(dkdv=as_cfg(dkdv_t), dq=as_cfg(dq_t))
+            try:
+                if kind == "fwd":
+                    ms = triton.testing.do_bench(lambda: ioattn.flash_attn_func(q, k, v, causal=causal),
+                                                 warmup=10, rep=40, return_mode="median")
+                else:
+                    out = ioattn.flash_attn_func(q, k, v, causal=causal)
+                    ms = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                                                 warmup=10, rep=40, return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                err = repr(exc)[:200]
+        rows.append(dict(kind=kind, d=d, causal=causal, fwd=fwd_t, dkdv=dkdv_t, dq=dq_t, ms=ms,
+                         tflops=fl / ms * 1e-9, error=err))
+        regs = {n: (c.n_regs, c.n_spills) for n, c in configs.last_compiled.items()}
+        print(f"{kind} d={d} causal={causal} fwd={fwd_t} dkdv={dkdv_t} dq={dq_t}: "
+              f"{fl / ms * 1e-9:6.1f} TFLOP/s {err or ''} regs/spills={regs}", flush=True)
+    configs.forward_override = configs.backward_override = None
+    for d in dims:
+        for causal in (False, True):
+            q, k, v, dout, b, h = inputs(d, causal)
+            qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+            for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                fl = 4 * b * h * SEQLEN ** 2 * d / (2 if causal else 1)
+                try:
+                    with sdpa_kernel(be):
+                        ms_f = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+                                                       warmup=10, rep=40, return_mode="median")
+                        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                        ms_b = triton.testing.do_bench(lambda: torch.autograd.grad(out, (qt, kt, vt), dout.transpose(1, 2), retain_graph=True),
+                                                       warmup=10, rep=40, return_mode="median")
+                    print(f"sdpa_{name} d={d} causal={causal}: fwd {fl / ms_f * 1e-9:6.1f} bwd {2.5 * fl / ms_b * 1e-9:6.1f}")
+                    rows.append(dict(kind="peer", provider=name, d=d, causal=causal, fwd_tflops=fl / ms_f * 1e-9,
+                                     bwd_tflops=2.5 * fl / ms_b * 1e-9))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"sdpa_{name} d={d}: {exc!r}"[:200])
+    print("\nbest per (kind, d, causal):")
+    for d in dims:
+        for causal in (False, True):
+            for kind in ("fwd", "bwd"):
+                cands = [r for r in rows if r["kind"] == kind and r["d"] == d and r["causal"] == causal and r["error"] is None]
+                if cands:
+                    best = max(cands, key=lambda r: r["tflops"])
+                    print(f"{kind} d={d} causal={causal}: {best['tflops']:.1f} fwd={best['fwd']} dkdv={best['dkdv']} dq={best['dq']}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, seqlen=SEQLEN, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
