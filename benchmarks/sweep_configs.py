@@ -31,8 +31,32 @@ DQ = {
 SEQLEN = 4096
 
 
+# round 2: variants that change code paths (a 5th element holds extra constexpr flags)
+ROUND2 = []
+for _causal in (False, True):
+    ROUND2 += [
+        ("fwd", 128, _causal, (128, 128, 8, 3), DKDV[128][0], DQ[128][0]),
+        ("fwd", 128, _causal, (128, 128, 8, 3, {"WARP_SPEC": True}), DKDV[128][0], DQ[128][0]),
+        ("fwd", 64, _causal, (64, 64, 4, 3), DKDV[64][0], DQ[64][0]),
+        ("fwd", 64, _causal, (64, 64, 4, 3, {"WARP_SPEC": True}), DKDV[64][0], DQ[64][0]),
+        ("fwd", 256, _causal, (128, 64, 8, 2, {"WARP_SPEC": True}), DKDV[256][0], DQ[256][0]),
+        ("bwd", 128, _causal, FWD[128][0], (64, 128, 8, 3), (128, 64, 8, 3)),
+        ("bwd", 128, _causal, FWD[128][0], (64, 128, 8, 3, {"RELOAD_KV": True}), (128, 64, 8, 3)),
+        ("bwd", 64, _causal, FWD[64][0], (32, 128, 4, 3), (64, 64, 4, 3)),
+        ("bwd", 256, _causal, FWD[256][0], (32, 64, 8, 1), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (32, 64, 8, 1, {"RELOAD_KV": True}), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (64, 64, 8, 1, {"RELOAD_KV": True}), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (64, 64, 8, 2, {"RELOAD_KV": True}), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (32, 64, 4, 2, {"RELOAD_KV": True}), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (64, 128, 8, 1, {"RELOAD_KV": True}), (64, 32, 4, 2)),
+    ]
+
+
 def as_cfg(t):
-    return dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
+    cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
+    if len(t) > 4:
+        cfg.update(t[4])
+    return cfg
 
 
 def inputs(d, causal):
@@ -65,10 +89,13 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
-    for d in dims:
+    if args.plan == "round2":
+        jobs = [j for j in ROUND2 if j[1] in dims]
+    for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:
                 jobs.append(("fwd", d, causal, f, DKDV[d][0], DQ[d][0]))
@@ -111,7 +138,7 @@ def main(argv=None):
         print(f"{kind} d={d} causal={causal} fwd={fwd_t} dkdv={dkdv_t} dq={dq_t}: "
               f"{fl / ms * 1e-9:6.1f} TFLOP/s {err or ''} regs/spills={regs}", flush=True)
     configs.forward_override = configs.backward_override = None
-    for d in dims:
+    for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             q, k, v, dout, b, h = inputs(d, causal)
             qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))

@@ -63,17 +63,21 @@ def _load_lse_log2(LSE_ROW, offs, seqlen_q):
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                          stride_qs, stride_dos, start, end, offs_n, offs_d,
                          seqlen_q, seqlen_k, sm_scale, softcap, slope,
                          window_left, window_right, seed, salt, dropout_p,
                          BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                         HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         RELOAD_KV: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
+        if RELOAD_KV:  # large head dims: re-read K, V (L2 hits) instead of holding them in registers
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BM, D]
         do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :]  # [BM, D]
         if MASKED:
@@ -127,7 +131,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RELOAD_KV: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // nheads_k
@@ -149,10 +153,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     k_rows = k_start.to(tl.int64) + offs_n
-    k = tl.load(K + b64 * stride_kb + k_rows[:, None] * stride_ks + hk * stride_kh + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # [BN, D]
-    v = tl.load(V + b64 * stride_vb + k_rows[:, None] * stride_vs + hk * stride_vh + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # [BN, D]
+    k_ptrs = K + b64 * stride_kb + k_rows[:, None] * stride_ks + hk * stride_kh + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + k_rows[:, None] * stride_vs + hk * stride_vh + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BN, D]
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [BN, D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     seed = 0
@@ -172,24 +176,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
         if HAS_ALIBI:
             slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
         salt = b * nheads + h
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, lo, full_lo, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+                                      RELOAD_KV)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, full_lo, full_hi, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+                                      RELOAD_KV)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, full_hi, hi, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+                                      RELOAD_KV)
     dk = dk * sm_scale  # d(q·k·scale)/dk
     tl.store(DK + b64 * stride_dkb + k_rows[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -254,7 +261,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
                  IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
@@ -364,7 +371,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         stride_lb, stride_lh, stride_ab,
         max_seqlen_q, max_seqlen_k, nheads, nheads_k, nheads // nheads_k,
         softmax_scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **flags,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], RELOAD_KV=c.get("RELOAD_KV", False), **flags,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     c = cfg["dq"]

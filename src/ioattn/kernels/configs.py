@@ -53,8 +53,9 @@ def forward_config(head_dim, dtype, device):
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     d = block_d(head_dim)
     big = dtype == torch.float32
+    # H100 sweep (benchmarks/results/h100-sweep1): bf16, 16k tokens, seqlen 4k
     if d <= 64:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     elif d <= 128:
         cfg = dict(BLOCK_M=128, BLOCK_N=64 if big else 128, num_warps=8, num_stages=3)
     else:
@@ -78,14 +79,14 @@ def backward_config(head_dim, dtype, device):
     d = block_d(head_dim)
     big = dtype == torch.float32
     if d <= 64:
-        dkdv = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
-        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
+        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     elif d <= 128:
-        dkdv = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2)
-        dq = dict(BLOCK_M=128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2 if big else 3)
+        dq = dict(BLOCK_M=128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2 if big else 3)
     else:
         dkdv = dict(BLOCK_M=16 if big else 32, BLOCK_N=64, num_warps=8, num_stages=1)
-        dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=8, num_stages=1)
+        dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
     if _cuda_capability(device)[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)

@@ -23,9 +23,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    WARP_SPEC: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         offs_n = start_n + offs_n0
         kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BN]
         v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]  # [BN, D]
@@ -76,8 +77,9 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WARP_SPEC: tl.constexpr):
+    # the last query blocks have the most keys to visit under a causal mask: start them first
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
@@ -127,21 +129,21 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
     # 2) blocks every row sees in full: no mask arithmetic
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, WARP_SPEC)
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
 
     # epilogue: rows that saw no key get out = 0 and lse = -inf
     empty = l_i == 0.0
@@ -207,6 +209,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+        WARP_SPEC=cfg.get("WARP_SPEC", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
