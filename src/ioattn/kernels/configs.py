@@ -53,7 +53,7 @@ def forward_config(head_dim, dtype, device):
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     d = block_d(head_dim)
     big = dtype == torch.float32
-    # H100 sweep (benchmarks/results/h100-sweep1): bf16, 16k tokens, seqlen 4k
+    # H100 sweeps (benchmarks/results/h100-sweep1, -sweep2): bf16, 16k tokens, seqlen 4k
     if d <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     elif d <= 128:
@@ -85,7 +85,9 @@ def backward_config(head_dim, dtype, device):
         dkdv = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2 if big else 3)
         dq = dict(BLOCK_M=128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2 if big else 3)
     else:
-        dkdv = dict(BLOCK_M=16 if big else 32, BLOCK_N=64, num_warps=8, num_stages=1)
+        # K and V re-read from L2 each step instead of held in registers (sweep 2: 124 -> 205)
+        dkdv = dict(BLOCK_M=16 if big else 64, BLOCK_N=64, num_warps=8, num_stages=1 if big else 2,
+                    RELOAD_KV=not big)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
     if _cuda_capability(device)[0] < 9:
         for c in (dkdv, dq):
