@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Everything the GPU has to say in one device call: the correctness grid, then the benchmark.
-# Usage (on the device): bash scripts/gpu_suite.sh [quick|full]   (writes JSON/logs under $OUT)
+# Everything the GPU has to say, in as few device calls as possible. Writes JSON/logs under $OUT.
+# Usage (on the device):
+#   bash scripts/gpu_suite.sh check     correctness grid + feature costs + decode benchmark (~6 min)
+#   bash scripts/gpu_suite.sh bench     the full benchmark against the peers (~5 min)
+#   bash scripts/gpu_suite.sh quick     quick grid + quick side-by-side timing
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1
@@ -8,10 +11,18 @@ OUT=${OUT:-/tmp/ioattn-out}; mkdir -p "$OUT"
 mode=${1:-quick}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-if [ "$mode" = quick ]; then
-  python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" 2>&1 | tee "$OUT/check.log"
-  python3 benchmarks/quick_bench.py --hdim 128 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/bench.log"
-else
-  python3 benchmarks/gpu_check.py --out "$OUT/check.json" 2>&1 | tee "$OUT/check.log"
-  python3 benchmarks/quick_bench.py --hdim 64,128,256 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/bench.log"
-fi
+case "$mode" in
+  quick)
+    python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" 2>&1 | tee "$OUT/check.log"
+    python3 benchmarks/quick_bench.py --hdim 128 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/bench.log" ;;
+  check)
+    python3 benchmarks/gpu_check.py --out "$OUT/check.json" 2>&1 | tee "$OUT/check.log"
+    python3 benchmarks/bench_features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log"
+    if [ -f benchmarks/bench_decode.py ]; then
+      python3 benchmarks/bench_decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
+    fi ;;
+  bench)
+    mkdir -p /tmp/bench
+    python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
+    cp /tmp/bench/h100* "$OUT/" ;;
+esac

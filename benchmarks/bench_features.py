@@ -1,0 +1,107 @@
+"""Costs of the FlashAttention-2 feature set on the GPU (issue 4 targets), one run.
+
+- varlen: 64 sequences of random length summing to 64k tokens, causal, hdim 128,
+  vs dense causal with the same tokens (batch 64 x 1k): TFLOP/s ratio (target >= 0.9).
+- sliding window (1024, 0) vs full causal at 16k tokens (batch 1): speedup (target >= 5x).
+- dropout 0.1 vs none, forward + backward, 4k, hdim 128: overhead (target <= 25%).
+Also softcap and ALiBi overheads. bf16, 16 heads, triton.testing.do_bench medians.
+
+    python benchmarks/bench_features.py [--out features.json]
+"""
+
+import argparse
+import json
+
+import torch
+import triton
+
+import ioattn
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_bwd(call, inputs):
+    def run():
+        out = call()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev, dt, h, d = "cuda", torch.bfloat16, 16, 128
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def add(name, ms, flops=None, **extra):
+        row = dict(case=name, ms=ms, tflops=flops / ms * 1e-9 if flops else None, **extra)
+        rows.append(row)
+        tf = f"{row['tflops']:7.1f} TFLOP/s" if flops else ""
+        print(f"{name:45s} {ms:8.3f} ms {tf}", flush=True)
+
+    # ---- varlen vs dense, same tokens
+    total, nseq = 65536, 64
+    cuts = torch.sort(torch.randperm(total - 1, generator=gen)[:nseq - 1] + 1).values
+    lens = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([total])])).tolist()
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(total, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    fl = sum(4 * h * n * n * d / 2 for n in lens)
+    call = lambda: ioattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)  # noqa: E731
+    add("varlen fwd (64 seqs, 64k tokens, causal)", bench(call), fl, lens_max=max(lens), lens_min=min(lens))
+    add("varlen fwd+bwd", bench(fwd_bwd(call, (q, k, v))), 3.5 * fl)
+    qd, kd, vd = (x.detach().view(64, 1024, h, d).requires_grad_() for x in (q, k, v))
+    fl_d = 64 * 4 * h * 1024 * 1024 * d / 2
+    call = lambda: ioattn.flash_attn_func(qd, kd, vd, causal=True)  # noqa: E731
+    add("dense fwd (64 x 1k, causal)", bench(call), fl_d)
+    add("dense fwd+bwd", bench(fwd_bwd(call, (qd, kd, vd))), 3.5 * fl_d)
+    # equal-length varlen: isolates the cost of the varlen indexing itself
+    cu_eq = torch.arange(0, total + 1, 1024, dtype=torch.int32, device=dev)
+    call = lambda: ioattn.flash_attn_varlen_func(q, k, v, cu_eq, cu_eq, 1024, 1024, causal=True)  # noqa: E731
+    add("varlen fwd (64 x 1k equal lengths, causal)", bench(call), fl_d)
+
+    # ---- sliding window vs full causal, 16k
+    n = 16384
+    q, k, v = (torch.randn(1, n, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    full = lambda: ioattn.flash_attn_func(q, k, v, causal=True)  # noqa: E731
+    win = lambda: ioattn.flash_attn_func(q, k, v, causal=True, window_size=(1024, 0))  # noqa: E731
+    add("causal 16k fwd", bench(full), 4 * h * n * n * d / 2)
+    add("window (1024,0) 16k fwd", bench(win))
+    add("causal 16k fwd+bwd", bench(fwd_bwd(full, (q, k, v))))
+    add("window (1024,0) 16k fwd+bwd", bench(fwd_bwd(win, (q, k, v))))
+
+    # ---- dropout, softcap, alibi at 4k
+    n, b = 4096, 4
+    q, k, v = (torch.randn(b, n, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(h, device=dev) * 0.1
+    for name, kw in [("plain", {}), ("dropout 0.1", dict(dropout_p=0.1)), ("softcap 30", dict(softcap=30.0)),
+                     ("alibi", dict(alibi_slopes=slopes))]:
+        call = lambda kw=kw: ioattn.flash_attn_func(q, k, v, causal=True, **kw)  # noqa: E731
+        add(f"4k causal {name} fwd", bench(call), 4 * b * h * n * n * d / 2)
+        add(f"4k causal {name} fwd+bwd", bench(fwd_bwd(call, (q, k, v))), 3.5 * 4 * b * h * n * n * d / 2)
+
+    by = {r["case"]: r for r in rows}
+    summary = {
+        "varlen/dense TFLOP/s fwd": by["varlen fwd (64 seqs, 64k tokens, causal)"]["tflops"] / by["dense fwd (64 x 1k, causal)"]["tflops"],
+        "varlen/dense TFLOP/s fwd+bwd": by["varlen fwd+bwd"]["tflops"] / by["dense fwd+bwd"]["tflops"],
+        "window speedup fwd": by["causal 16k fwd"]["ms"] / by["window (1024,0) 16k fwd"]["ms"],
+        "window speedup fwd+bwd": by["causal 16k fwd+bwd"]["ms"] / by["window (1024,0) 16k fwd+bwd"]["ms"],
+        "dropout overhead fwd+bwd": by["4k causal dropout 0.1 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
+        "dropout overhead fwd": by["4k causal dropout 0.1 fwd"]["ms"] / by["4k causal plain fwd"]["ms"] - 1,
+        "softcap overhead fwd+bwd": by["4k causal softcap 30 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
+        "alibi overhead fwd+bwd": by["4k causal alibi fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
+    }
+    print()
+    for key, val in summary.items():
+        print(f"{key:32s} {val:6.3f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, rows=rows, summary=summary), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
