@@ -52,6 +52,26 @@ for _causal in (False, True):
     ]
 
 
+# round 3: Q·K of the next block issued before the softmax of the current one (PIPELINE)
+ROUND3 = []
+for _causal in (False, True):
+    P = {"PIPELINE": True}
+    ROUND3 += [
+        ("fwd", 128, _causal, (128, 128, 8, 3), DKDV[128][0], DQ[128][0]),
+        ("fwd", 128, _causal, (128, 128, 8, 3, P), DKDV[128][0], DQ[128][0]),
+        ("fwd", 128, _causal, (128, 64, 8, 3, P), DKDV[128][0], DQ[128][0]),
+        ("fwd", 128, _causal, (128, 64, 8, 4, P), DKDV[128][0], DQ[128][0]),
+        ("fwd", 128, _causal, (128, 128, 8, 2, P), DKDV[128][0], DQ[128][0]),
+        ("fwd", 64, _causal, (64, 64, 4, 3), DKDV[64][0], DQ[64][0]),
+        ("fwd", 64, _causal, (64, 64, 4, 3, P), DKDV[64][0], DQ[64][0]),
+        ("fwd", 64, _causal, (128, 64, 8, 3, P), DKDV[64][0], DQ[64][0]),
+        ("fwd", 64, _causal, (128, 128, 8, 3, P), DKDV[64][0], DQ[64][0]),
+        ("fwd", 256, _causal, (128, 64, 8, 2), DKDV[256][0], DQ[256][0]),
+        ("fwd", 256, _causal, (128, 64, 8, 2, P), DKDV[256][0], DQ[256][0]),
+        ("fwd", 256, _causal, (128, 32, 8, 2, P), DKDV[256][0], DQ[256][0]),
+    ]
+
+
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -89,12 +109,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round3"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
-    if args.plan == "round2":
-        jobs = [j for j in ROUND2 if j[1] in dims]
+    if args.plan != "round1":
+        jobs = [j for j in {"round2": ROUND2, "round3": ROUND3}[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:

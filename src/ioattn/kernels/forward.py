@@ -16,6 +16,53 @@ from .masks import mma, dropout_keep, key_range, scores_log2, visible
 
 
 @triton.jit
+def _load_rows(base, offs_n, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """A [BN, D] tile of K or V (or its [D, BN] transpose); masks only where needed."""
+    if TRANSPOSED:
+        ptrs = base + offs_n[None, :] * stride_s + offs_d[:, None]  # [D, BN]
+        row_ok = offs_n[None, :] < seqlen
+        col_ok = offs_d[:, None] < HEAD_DIM
+    else:
+        ptrs = base + offs_n[:, None] * stride_s + offs_d[None, :]  # [BN, D]
+        row_ok = offs_n[:, None] < seqlen
+        col_ok = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        return tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        return tl.load(ptrs, mask=col_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
+                  sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
+                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax: fold one [BM, BN] block of raw scores qk (and its V tile) into acc, l_i, m_i."""
+    s, _ = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                       sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+    if MASKED:
+        ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                     window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_new[:, None])  # [BM, BN]
+    alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:  # l_i keeps the undropped sum; 1/(1-p) is applied at the end
+        keep = dropout_keep(seed, salt, offs_m[:, None], offs_n[None, :], dropout_p)
+        p = tl.where(keep, p, 0.0)
+    acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                     start, end, offs_m, offs_d, seqlen_q, seqlen_k,
                     sm_scale, softcap, slope, window_left, window_right,
@@ -24,43 +71,41 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    WARP_SPEC: tl.constexpr):
+                    PIPELINE: tl.constexpr):
+    """Key blocks [start, end). With PIPELINE (unmasked phase only; end - start is a multiple of
+    BLOCK_N) the product Q·K of the next block is issued before the softmax of the current one,
+    so the tensor cores work while the exponentials are computed."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
-        offs_n = start_n + offs_n0
-        kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BN]
-        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]  # [BN, D]
-        if MASKED:
-            kT = tl.load(kT_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        else:
-            kT = tl.load(kT_ptrs)
-        qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
-        s, _ = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
-                           sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
-        if MASKED:
-            ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
-                         window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new[:, None])  # [BM, BN]
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:  # l_i keeps the undropped sum; 1/(1-p) is applied at the end
-            keep = dropout_keep(seed, salt, offs_m[:, None], offs_n[None, :], dropout_p)
-            p = tl.where(keep, p, 0.0)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
-        m_i = m_new
+    if PIPELINE:
+        if start < end:
+            kT = _load_rows(k_base, start + offs_n0, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, False, True)
+            qk = mma(q, kT, None, DOT_PRECISION, UPCAST)
+            for start_n in tl.range(start + BLOCK_N, end, BLOCK_N):
+                kT = _load_rows(k_base, start_n + offs_n0, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, False, True)
+                qk_next = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN], next block
+                offs_n = start_n - BLOCK_N + offs_n0
+                v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, False, False)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
+                                              sm_scale, softcap, slope, window_left, window_right,
+                                              seed, salt, dropout_p, False, HAS_LEFT, HAS_RIGHT,
+                                              HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                qk = qk_next
+            offs_n = end - BLOCK_N + offs_n0
+            v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, False, False)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
+                                          sm_scale, softcap, slope, window_left, window_right,
+                                          seed, salt, dropout_p, False, HAS_LEFT, HAS_RIGHT,
+                                          HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
+    else:
+        for start_n in tl.range(start, end, BLOCK_N):
+            offs_n = start_n + offs_n0
+            kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
+            qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
+            v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
+                                          sm_scale, softcap, slope, window_left, window_right,
+                                          seed, salt, dropout_p, MASKED, HAS_LEFT, HAS_RIGHT,
+                                          HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     return acc, l_i, m_i
 
 
@@ -77,7 +122,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WARP_SPEC: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PIPELINE: tl.constexpr):
     # the last query blocks have the most keys to visit under a causal mask: start them first
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -136,7 +181,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, WARP_SPEC)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, PIPELINE)
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k,
@@ -209,7 +254,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
-        WARP_SPEC=cfg.get("WARP_SPEC", False),
+        PIPELINE=cfg.get("PIPELINE", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
