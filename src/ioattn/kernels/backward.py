@@ -64,10 +64,11 @@ def _load_lse_log2(LSE_ROW, offs, seqlen_q):
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                         stride_qs, stride_dos, start, end, offs_n, offs_d,
+                         stride_qs, stride_dos, start, end, start_n, offs_n, offs_d,
                          seqlen_q, seqlen_k, sm_scale, softcap, slope,
                          window_left, window_right, seed, salt, dropout_p,
-                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -102,7 +103,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
             pT = tl.where(ok, pT, 0.0)
         dpT = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # [BN, BM]
         if HAS_DROPOUT:
-            keepT = dropout_keep(seed, salt, offs_m[None, :], offs_n[:, None], dropout_p)
+            keepT = tl.trans(dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
             scale_keep = 1.0 / (1.0 - dropout_p)
             pT_kept = tl.where(keepT, pT * scale_keep, 0.0)
             dpT = tl.where(keepT, dpT * scale_keep, 0.0)
@@ -177,24 +178,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
             slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
         salt = b * nheads + h
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      stride_qs, stride_dos, lo, full_lo, offs_n, offs_d,
+                                      stride_qs, stride_dos, lo, full_lo, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
-                                      BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
                                       RELOAD_KV)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      stride_qs, stride_dos, full_lo, full_hi, offs_n, offs_d,
+                                      stride_qs, stride_dos, full_lo, full_hi, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
-                                      BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
                                       RELOAD_KV)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      stride_qs, stride_dos, full_hi, hi, offs_n, offs_d,
+                                      stride_qs, stride_dos, full_hi, hi, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
-                                      BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
                                       RELOAD_KV)
     dk = dk * sm_scale  # d(q·k·scale)/dk
@@ -208,7 +209,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
                        start, end, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                        window_left, window_right, seed, salt, dropout_p,
-                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr,
                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -237,7 +239,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
             p = tl.where(ok, p, 0.0)
         dp = mma(do, vT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, salt, offs_m[:, None], offs_n[None, :], dropout_p)
+            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -305,17 +307,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
                             lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
-                            BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
                             full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
-                            BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
                             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
                             full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
-                            BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + q_rows[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :],

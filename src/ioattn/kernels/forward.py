@@ -36,8 +36,9 @@ def _load_rows(base, offs_n, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
+def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
                   sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -56,7 +57,7 @@ def _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:  # l_i keeps the undropped sum; 1/(1-p) is applied at the end
-        keep = dropout_keep(seed, salt, offs_m[:, None], offs_n[None, :], dropout_p)
+        keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
     acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
@@ -67,9 +68,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                     start, end, offs_m, offs_d, seqlen_q, seqlen_k,
                     sm_scale, softcap, slope, window_left, window_right,
                     seed, salt, dropout_p,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     PIPELINE: tl.constexpr):
     """Key blocks [start, end). With PIPELINE (unmasked phase only; end - start is a multiple of
@@ -85,16 +86,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                 qk_next = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN], next block
                 offs_n = start_n - BLOCK_N + offs_n0
                 v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, False, False)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
-                                              sm_scale, softcap, slope, window_left, window_right,
-                                              seed, salt, dropout_p, False, HAS_LEFT, HAS_RIGHT,
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n - BLOCK_N, offs_n,
+                                              seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
+                                              window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
                                               HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
                 qk = qk_next
             offs_n = end - BLOCK_N + offs_n0
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, False, False)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
-                                          sm_scale, softcap, slope, window_left, window_right,
-                                          seed, salt, dropout_p, False, HAS_LEFT, HAS_RIGHT,
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, end - BLOCK_N, offs_n,
+                                          seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
+                                          window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
                                           HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     else:
         for start_n in tl.range(start, end, BLOCK_N):
@@ -102,9 +103,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
             kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
             qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, offs_n, seqlen_q, seqlen_k,
-                                          sm_scale, softcap, slope, window_left, window_right,
-                                          seed, salt, dropout_p, MASKED, HAS_LEFT, HAS_RIGHT,
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n,
+                                          seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
+                                          window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
                                           HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     return acc, l_i, m_i
 
@@ -172,21 +173,21 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
-                                    seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                                     HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
     # 2) blocks every row sees in full: no mask arithmetic
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
-                                    seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                                     HAS_DROPOUT, DOT_PRECISION, UPCAST, PIPELINE)
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
-                                    seed, salt, dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                                     HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
 
@@ -268,7 +269,7 @@ def _dropout_mask_kernel(MASK, RNG, nheads, seqlen_q, seqlen_k, dropout_p,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     seed = tl.load(RNG) + tl.load(RNG + 1)
-    keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    keep = dropout_keep(seed, bh, offs_m, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = MASK + bh.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
