@@ -52,7 +52,8 @@ for _causal in (False, True):
     ]
 
 
-# round 3: Q·K of the next block issued before the softmax of the current one (PIPELINE)
+# round 3: Q·K of the next block issued before the softmax of the current one (PIPELINE, a
+# variant since removed from forward.py: it measured slower, see docs/PERF_NOTES.md)
 ROUND3 = []
 for _causal in (False, True):
     P = {"PIPELINE": True}

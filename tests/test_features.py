@@ -181,21 +181,3 @@ def test_deterministic_backward_bit_identical(dropout_p, device):
         again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(20, 5), softcap=2.0, alibi="heads"),
-                                  dict(dropout_p=0.2)], ids=["causal", "window_softcap_alibi", "dropout"])
-def test_pipelined_forward_loop(opts, device, monkeypatch):
-    # the software-pipelined unmasked loop (PIPELINE) must compute the same function
-    from ioattn.kernels import configs
-    monkeypatch.setattr(configs, "forward_override",
-                        dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, PIPELINE=True))
-    kw = _kwargs(opts, 1, 2, device)
-    q, k, v = randn(1, 70, 2, 32, device=device), randn(1, 90, 1, 32, device=device), randn(1, 90, 1, 32, device=device)
-    if kw.get("dropout_p"):
-        out, _, probs = ioattn.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
-        ref, _ = attention_ref(q, k, v, dropout_mask=probs >= 0, **kw)
-        low, _ = attention_ref(q, k, v, dropout_mask=probs >= 0, upcast=False, **kw)
-        assert_close("out", out, ref, low, torch.float32)
-    else:
-        check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, **kw), q, k, v, kw, grads=False)

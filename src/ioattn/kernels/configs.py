@@ -35,10 +35,13 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _cuda_capability(device):
-    if device.type != "cuda":
+def _capability(device_or_capability):
+    """(major, minor) of a CUDA device; a tuple passes through (ahead-of-time compiles)."""
+    if isinstance(device_or_capability, tuple):
+        return device_or_capability
+    if device_or_capability.type != "cuda":
         return (0, 0)
-    return torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_capability(device_or_capability)
 
 
 # benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
@@ -46,7 +49,7 @@ forward_override = None
 backward_override = None
 
 
-def forward_config(head_dim, dtype, device):
+def forward_config(head_dim, dtype, device, dropout=False):
     if forward_override is not None:
         return dict(forward_override)
     if interpreting():
@@ -60,12 +63,14 @@ def forward_config(head_dim, dtype, device):
         cfg = dict(BLOCK_M=128, BLOCK_N=64 if big else 128, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_M=64 if big else 128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
-    if _cuda_capability(device)[0] < 9:  # Ampere/Ada: less shared memory per SM
+    if dropout and d > 64:  # the random bits need their own shared-memory shuffle
+        cfg.update(num_stages=2)
+    if _capability(device)[0] < 9:  # Ampere/Ada: less shared memory per SM
         cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
     return cfg
 
 
-def backward_config(head_dim, dtype, device):
+def backward_config(head_dim, dtype, device, dropout=False):
     """Tiles of the two backward programs.
 
     dkdv: BLOCK_N keys (and their dK, dV accumulators) stay on chip, BLOCK_M queries stream.
@@ -89,7 +94,10 @@ def backward_config(head_dim, dtype, device):
         dkdv = dict(BLOCK_M=16 if big else 64, BLOCK_N=64, num_warps=8, num_stages=1 if big else 2,
                     RELOAD_KV=not big)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
-    if _cuda_capability(device)[0] < 9:
+    if dropout:
+        for c in (dkdv, dq):
+            c.update(num_stages=min(c["num_stages"], 2))
+    if _capability(device)[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)
     return dict(dkdv=dkdv, dq=dq)

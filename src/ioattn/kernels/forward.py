@@ -71,42 +71,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    PIPELINE: tl.constexpr):
-    """Key blocks [start, end). With PIPELINE (unmasked phase only; end - start is a multiple of
-    BLOCK_N) the product Q·K of the next block is issued before the softmax of the current one,
-    so the tensor cores work while the exponentials are computed."""
+                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold key blocks [start, end) into the running softmax state."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    if PIPELINE:
-        if start < end:
-            kT = _load_rows(k_base, start + offs_n0, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, False, True)
-            qk = mma(q, kT, None, DOT_PRECISION, UPCAST)
-            for start_n in tl.range(start + BLOCK_N, end, BLOCK_N):
-                kT = _load_rows(k_base, start_n + offs_n0, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, False, True)
-                qk_next = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN], next block
-                offs_n = start_n - BLOCK_N + offs_n0
-                v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, False, False)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n - BLOCK_N, offs_n,
-                                              seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
-                                              window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
-                                              HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
-                qk = qk_next
-            offs_n = end - BLOCK_N + offs_n0
-            v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, False, False)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, end - BLOCK_N, offs_n,
-                                          seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
-                                          window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
-                                          HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
-    else:
-        for start_n in tl.range(start, end, BLOCK_N):
-            offs_n = start_n + offs_n0
-            kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
-            qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
-            v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n,
-                                          seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
-                                          window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
-                                          HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
+        qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
+        v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
+                                      sm_scale, softcap, slope, window_left, window_right,
+                                      seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     return acc, l_i, m_i
 
 
@@ -123,7 +99,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PIPELINE: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ):
     # the last query blocks have the most keys to visit under a causal mask: start them first
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -175,21 +151,21 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
     # 2) blocks every row sees in full: no mask arithmetic
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, PIPELINE)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, False)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
 
     # epilogue: rows that saw no key get out = 0 and lse = -inf
     empty = l_i == 0.0
@@ -236,7 +212,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         lse = configs.new_empty((batch, nheads, max_seqlen_q), torch.float32, q.device)
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     out = configs.new_empty(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
-    cfg = configs.forward_config(head_dim, q.dtype, q.device)
+    cfg = configs.forward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0)
     block_d = configs.block_d(head_dim)
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
@@ -255,7 +231,6 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
-        PIPELINE=cfg.get("PIPELINE", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
