@@ -48,7 +48,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), seqlen_ro >= cache capacity.
                     Rotary is applied to k at positions cache_seqlens + j and to q at
                     cache_seqlens + i when causal or local, else at cache_seqlens for every
-                    query (FA2's convention). rotary_interleaved: GPT-J pairs (0,1),(2,3)...
+                    query (FA2's convention; positions past seqlen_ro use its last row,
+                    which happens only when seqlen_q > seqlen_new). rotary_interleaved: GPT-J pairs (0,1),(2,3)...
                     (True) or GPT-NeoX halves (False). Needs k and v.
         cache_seqlens: int or int32 (batch,): tokens already in the cache (needed with k/v).
                     None means the whole cache is valid.
@@ -300,9 +301,11 @@ def _validate_values(k_cache, capacity, batch_cache, seqlen_new, cache_seqlens, 
 def apply_rotary(x, cos, sin, positions, interleaved):
     """Rotary embedding of ``x (b, s, h, d)`` at integer ``positions (b, s)``, computed in fp32.
 
-    ``cos``/``sin``: ``(seqlen_ro, rotary_dim / 2)``; dims past rotary_dim pass through.
+    ``cos``/``sin``: ``(seqlen_ro, rotary_dim / 2)``; dims past rotary_dim pass through;
+    positions past the table use its last row (as the kernels do).
     """
     rotary_dim = 2 * cos.shape[1]
+    positions = positions.clamp(max=cos.shape[0] - 1)
     c = cos.float()[positions].unsqueeze(2)                          # (b, s, 1, r/2)
     s = sin.float()[positions].unsqueeze(2)
     xf = x.float()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -71,10 +72,11 @@ def _rotary_partner(offs_d, ROTARY_DIM_HALF, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _load_rotated(ptr_rows, pos, row_mask, offs_d, COS, SIN, stride_cos, ROTARY_DIM, HEAD_DIM,
-                  INTERLEAVED: tl.constexpr):
+def _load_rotated(ptr_rows, pos, row_mask, offs_d, COS, SIN, stride_cos, seqlen_ro, ROTARY_DIM,
+                  HEAD_DIM, INTERLEAVED: tl.constexpr):
     """Load rows ``ptr_rows[:, None] + offs_d`` (fp32) with rotary at positions ``pos`` applied
-    to the first ``ROTARY_DIM`` dims."""
+    to the first ``ROTARY_DIM`` dims. Positions past the table use its last row."""
+    pos = tl.minimum(pos, seqlen_ro - 1)
     d_mask = offs_d < HEAD_DIM
     x = tl.load(ptr_rows[:, None] + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
                 other=0.0).to(tl.float32)                                        # [R, BD]
@@ -117,7 +119,7 @@ def _append_kv(
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     stride_bt, stride_cos,
-    seqlen_new, nheads_k, ROTARY_DIM,
+    seqlen_new, nheads_k, seqlen_ro, ROTARY_DIM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -140,8 +142,8 @@ def _append_kv(
     p_k_new = K_NEW + b.to(tl.int64) * stride_knb + offs_n.to(tl.int64) * stride_kns + hk * stride_knh
     p_v_new = V_NEW + b.to(tl.int64) * stride_vnb + offs_n.to(tl.int64) * stride_vns + hk * stride_vnh
     if HAS_ROTARY:
-        k = _load_rotated(p_k_new, pos, n_mask, offs_d, COS, SIN, stride_cos, ROTARY_DIM, HEAD_DIM,
-                          INTERLEAVED)
+        k = _load_rotated(p_k_new, pos, n_mask, offs_d, COS, SIN, stride_cos, seqlen_ro, ROTARY_DIM,
+                          HEAD_DIM, INTERLEAVED)
     else:
         k = tl.load(p_k_new[:, None] + offs_d[None, :], mask=mask)
     v = tl.load(p_v_new[:, None] + offs_d[None, :], mask=mask)
@@ -169,7 +171,7 @@ def _decode_fwd(
     stride_ob, stride_os, stride_oh,
     stride_bt, stride_alibi_b, stride_cos,
     batch, nheads_k, seqlen_q, seqlen_new, seqlen_cache,
-    sm_scale, softcap, window_left, window_right, ROTARY_DIM,
+    sm_scale, softcap, window_left, window_right, seqlen_ro, ROTARY_DIM,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -177,7 +179,7 @@ def _decode_fwd(
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -217,11 +219,13 @@ def _decode_fwd(
             q_pos = cache_len + q_idx
         else:
             q_pos = cache_len + q_idx * 0
-        q = _load_rotated(p_q_rows, q_pos, row_valid, offs_d, COS, SIN, stride_cos, ROTARY_DIM,
-                          HEAD_DIM, INTERLEAVED).to(Q.dtype.element_ty)
+        q = _load_rotated(p_q_rows, q_pos, row_valid, offs_d, COS, SIN, stride_cos, seqlen_ro,
+                          ROTARY_DIM, HEAD_DIM, INTERLEAVED).to(Q.dtype.element_ty)
     else:
         q = tl.load(p_q_rows[:, None] + offs_d[None, :],
                     mask=row_valid[:, None] & d_mask[None, :], other=0.0)      # [BM, BD]
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
 
     # -- the key range the M block can see, split evenly into NUM_SPLITS runs of whole tiles
     lo = kv_start
@@ -257,6 +261,9 @@ def _decode_fwd(
         k = tl.load(K + o_k[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)   # [BN, BD]
         v = tl.load(V + o_v[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)   # [BN, BD]
 
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)             # [BM, BN] fp32
         if HAS_SOFTCAP:
             # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
@@ -281,7 +288,9 @@ def _decode_fwd(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        # P is rounded to the cache dtype as the tensor cores take it (a no-op for fp32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v,
+                                            input_precision=DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0                                                         # saw no key
@@ -428,6 +437,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
     has_rotary = rotary_cos is not None
     rotary_dim = 2 * rotary_cos.shape[1] if has_rotary else 0
     stride_cos = rotary_cos.stride(0) if has_rotary else 0
+    seqlen_ro = rotary_cos.shape[0] if has_rotary else 1
     seqlen_new = 0
 
     if k_new is not None:
@@ -441,7 +451,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
             rotary_cos if has_rotary else dummy, rotary_sin if has_rotary else dummy,
             *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
             block_table.stride(0) if paged else 0, stride_cos,
-            seqlen_new, nheads_k, rotary_dim,
+            seqlen_new, nheads_k, seqlen_ro, rotary_dim,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n_append,
             PAGED=paged, PAGE_SIZE=page_size, HAS_BATCH_IDX=cache_batch_idx is not None,
             HAS_ROTARY=has_rotary, INTERLEAVED=rotary_interleaved,
@@ -474,7 +484,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
         block_table.stride(0) if paged else 0,
         alibi_slopes.stride(0) if alibi_slopes is not None else 0, stride_cos,
         batch, nheads_k, seqlen_q, seqlen_new, seqlen_cache,
-        softmax_scale, softcap, window_left, window_right, rotary_dim,
+        softmax_scale, softcap, window_left, window_right, seqlen_ro, rotary_dim,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
         PAGED=paged, PAGE_SIZE=page_size,
@@ -484,6 +494,9 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
         HAS_SOFTCAP=softcap > 0.0, HAS_ALIBI=alibi_slopes is not None,
         HAS_ROTARY=has_rotary, INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits: upcast the operands there
+        # (exact: bf16 values are fp32 values, and products accumulate in fp32 either way).
+        DOT_IN_FP32=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
