@@ -40,11 +40,14 @@ def _to_out_layout(x: torch.Tensor) -> torch.Tensor:
 class _MergeAttentionStates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, outs, lses):
-        w, lse = _weights(lses.float())
+        ctype = torch.promote_types(torch.promote_types(outs.dtype, lses.dtype), torch.float32)
+        w, lse = _weights(lses.to(ctype))
         w_o = _to_out_layout(w)                              # (n, ..., seqlen, nheads, 1)
-        contrib = torch.where(w_o > 0, w_o * outs.float(), torch.zeros((), device=outs.device))
+        contrib = torch.where(w_o > 0, w_o * outs.to(ctype), torch.zeros((), dtype=ctype,
+                                                                          device=outs.device))
         out = contrib.sum(dim=0)
         ctx.save_for_backward(outs, w, out)
+        ctx.lses_dtype = lses.dtype
         return out.to(outs.dtype), lse.to(lses.dtype)
 
     @staticmethod
@@ -53,16 +56,18 @@ class _MergeAttentionStates(torch.autograd.Function):
         #   d o_i   = w_i * dout
         #   d lse_i = w_i * (dlse + <dout, o_i - out>)        (<,> over the head dim)
         outs, w, out = ctx.saved_tensors
+        lses_dtype = ctx.lses_dtype
         w_o = _to_out_layout(w)
         douts = dlses = None
-        dout = torch.zeros_like(out) if dout is None else dout.float()
+        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype)
         if ctx.needs_input_grad[0]:
             douts = (w_o * dout).to(outs.dtype)
         if ctx.needs_input_grad[1]:
-            diff = torch.where(w_o > 0, outs.float() - out, torch.zeros((), device=outs.device))
+            diff = torch.where(w_o > 0, outs.to(out.dtype) - out,
+                               torch.zeros((), dtype=out.dtype, device=outs.device))
             dot = (dout * diff).sum(-1).transpose(-1, -2)    # (n, ..., nheads, seqlen)
-            dlse = torch.zeros_like(w) if dlse is None else dlse.float()
-            dlses = w * (dlse + dot)
+            dlse = torch.zeros_like(w) if dlse is None else dlse.to(w.dtype)
+            dlses = (w * (dlse + dot)).to(lses_dtype)
         return douts, dlses
 
 
@@ -79,7 +84,7 @@ def merge_attention_states(outs, lses):
     Returns:
         ``(out, lse)``: out ``(..., seqlen, nheads, headdim)`` in the outs' dtype,
         lse ``(..., nheads, seqlen)`` in the lses' dtype. Differentiable with
-        respect to every ``out_i`` and ``lse_i``; computed in fp32.
+        respect to every ``out_i`` and ``lse_i``; computed in fp32 (fp64 for fp64 inputs).
     """
     if isinstance(outs, (list, tuple)):
         if len(outs) == 0:
