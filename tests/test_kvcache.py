@@ -2,7 +2,8 @@
 
 Run the Triton kernels on CPU with ``TRITON_INTERPRET=1`` set before Python
 starts; without it, the public function takes the plain-PyTorch path (the
-tests then check that path instead).
+tests then check that path instead). With a GPU, inputs go to CUDA and the
+compiled kernels are tested (the reference always runs on CPU).
 
 Every cache position that must never be read (past ``cache_seqlens + seqlen_new``,
 before ``cache_leftpad``, unused pages) holds NaN, and the kernels' output
@@ -21,6 +22,8 @@ from ioattn import kvcache
 from ioattn.kernels import decode
 from ioattn.kvcache import flash_attn_with_kvcache
 from ioattn.reference import attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # ----------------------------------------------------------------------------
 # Reference: logical cache -> fp64 rotary -> append -> attention_ref per batch row
@@ -171,14 +174,22 @@ def make_inputs(*, batch=3, seqlen_q=1, nheads=4, nheads_k=2, d=32, capacity=96,
     return inputs
 
 
-def clone_inputs(inputs):
-    return {name: x.clone() if isinstance(x, torch.Tensor) else x for name, x in inputs.items()}
+def clone_inputs(inputs, device=None):
+    return {name: x.clone().to(device or x.device) if isinstance(x, torch.Tensor) else x
+            for name, x in inputs.items()}
+
+
+def on_device(inputs):
+    return clone_inputs(inputs, DEVICE)
 
 
 def check(inputs, atol=1e-5, rtol=1e-5, **options):
     """Run kernel and reference on copies of ``inputs``; compare out, lse and the caches."""
-    ref_in = clone_inputs(inputs)
-    out, lse = flash_attn_with_kvcache(**inputs, **options, return_softmax_lse=True)
+    ref_in = clone_inputs(inputs, "cpu")
+    inputs = on_device(inputs)
+    options_dev = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    out, lse = flash_attn_with_kvcache(**inputs, **options_dev, return_softmax_lse=True)
+    out, lse = out.cpu(), lse.cpu()
     out_ref, lse_ref, k_ref, v_ref = kvcache_ref(**ref_in, **{k: v for k, v in options.items()
                                                              if k != "num_splits"})
     assert not out.isnan().any(), "NaN in output"
@@ -186,7 +197,7 @@ def check(inputs, atol=1e-5, rtol=1e-5, **options):
     torch.testing.assert_close(lse.double(), lse_ref, atol=atol, rtol=rtol)
     batch = inputs["q"].shape[0]
     for cache, expected in ((inputs["k_cache"], k_ref), (inputs["v_cache"], v_ref)):
-        got = logical_cache(cache, inputs.get("block_table"), inputs.get("cache_batch_idx"), batch)
+        got = logical_cache(cache.cpu(), ref_in.get("block_table"), ref_in.get("cache_batch_idx"), batch)
         torch.testing.assert_close(got.double(), expected.double(), atol=atol, rtol=rtol,
                                    equal_nan=True)
     return out, lse
@@ -280,7 +291,7 @@ def test_num_splits_agree(gen):
                          page_size=16, gen=gen)
     results = []
     for num_splits in range(1, 9):
-        out, lse = check(clone_inputs(inputs), num_splits=num_splits, causal=True)
+        out, lse = check(inputs, num_splits=num_splits, causal=True)
         results.append((out, lse))
     for out, lse in results[1:]:
         torch.testing.assert_close(out, results[0][0], atol=1e-6, rtol=1e-6)
@@ -316,7 +327,8 @@ def test_low_precision(dtype, page_size, gen):
                          lens=[30, 60, 94], page_size=page_size, dtype=dtype, gen=gen)
     options = dict(causal=True, softcap=3.0)
     ref_in = clone_inputs(inputs)
-    out = flash_attn_with_kvcache(**inputs, **options)
+    inputs = on_device(inputs)
+    out = flash_attn_with_kvcache(**inputs, **options).cpu()
     out_ref, _, k_log, v_log = kvcache_ref(**ref_in, **options)
     err_torch = 0.0
     lens = inputs["cache_seqlens"].long() + 2
@@ -327,7 +339,7 @@ def test_low_precision(dtype, page_size, gen):
     err_kernel = (out.double() - out_ref).abs().max().item()
     floor = 1e-3 if dtype == torch.float16 else 8e-3
     assert err_kernel <= 2 * err_torch + floor, (err_kernel, err_torch)
-    got = logical_cache(inputs["k_cache"], inputs.get("block_table"), None, 3)
+    got = logical_cache(inputs["k_cache"].cpu(), ref_in.get("block_table"), None, 3)
     torch.testing.assert_close(got, k_log, atol=0, rtol=0, equal_nan=True)
 
 
@@ -396,6 +408,18 @@ def test_errors():
     inputs["cache_batch_idx"] = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"cache_batch_idx: expected values in \[0, 4\)"):
         flash_attn_with_kvcache(**inputs)
+
+
+def test_validate_values():
+    """Value checks run on CPU tensors always, and on any device with validate_values=True."""
+    inputs = on_device(make_inputs(batch=2, lens=[10, 20], seqlen_new=1, page_size=16))
+    inputs["block_table"][0, 0] = -1
+    with pytest.raises(ValueError, match=r"got block_table\[0, 0\] = -1"):
+        flash_attn_with_kvcache(**inputs, validate_values=True)
+    inputs = on_device(make_inputs(batch=2, lens=[10, 20], seqlen_new=1))
+    inputs["cache_seqlens"][1] = 96
+    with pytest.raises(ValueError, match="cache_seqlens: expected 0 <= cache_seqlens <= 95"):
+        flash_attn_with_kvcache(**inputs, validate_values=True)
 
 
 # ----------------------------------------------------------------------------

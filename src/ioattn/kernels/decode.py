@@ -171,9 +171,9 @@ def _decode_fwd(
     stride_ob, stride_os, stride_oh,
     stride_bt, stride_alibi_b, stride_cos,
     batch, nheads_k, seqlen_q, seqlen_new, seqlen_cache,
-    sm_scale, softcap, window_left, window_right, seqlen_ro, ROTARY_DIM,
+    sm_scale, softcap, window_left, window_right, seqlen_ro, ROTARY_DIM, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
@@ -227,7 +227,7 @@ def _decode_fwd(
     if DOT_IN_FP32:
         q = q.to(tl.float32)
 
-    # -- the key range the M block can see, split evenly into NUM_SPLITS runs of whole tiles
+    # -- the key range the M block can see, split evenly into num_splits runs of whole tiles
     lo = kv_start
     hi = kv_end
     if HAS_WINDOW_RIGHT:
@@ -237,7 +237,7 @@ def _decode_fwd(
         first_q = (pid_m * BLOCK_M) // GROUP
         lo = tl.maximum(lo, first_q + kv_end - seqlen_q - window_left)
     n_tiles = tl.maximum(tl.cdiv(hi - lo, BLOCK_N), 0)
-    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(hi, start + tiles_per_split * BLOCK_N)
 
@@ -298,12 +298,12 @@ def _decode_fwd(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
 
     out_mask = row_valid[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         p_out = OUT + b.to(tl.int64) * stride_ob + q_idx * stride_os + head * stride_oh
         tl.store(p_out[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=out_mask)
         tl.store(LSE + (b * nheads + head).to(tl.int64) * seqlen_q + q_idx, lse, mask=row_valid)
     else:
-        # partials: (NUM_SPLITS, batch, nheads, seqlen_q) rows of HEAD_DIM fp32, contiguous
+        # partials: (num_splits, batch, nheads, seqlen_q) rows of HEAD_DIM fp32, contiguous
         row = ((split * batch + b) * nheads + head).to(tl.int64) * seqlen_q + q_idx
         tl.store(OUT_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
         tl.store(LSE_PART + row, lse, mask=row_valid)
@@ -484,9 +484,9 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
         block_table.stride(0) if paged else 0,
         alibi_slopes.stride(0) if alibi_slopes is not None else 0, stride_cos,
         batch, nheads_k, seqlen_q, seqlen_new, seqlen_cache,
-        softmax_scale, softcap, window_left, window_right, seqlen_ro, rotary_dim,
+        softmax_scale, softcap, window_left, window_right, seqlen_ro, rotary_dim, num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
         PAGED=paged, PAGE_SIZE=page_size,
         HAS_SEQLENS=cache_seqlens is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFTPAD=cache_leftpad is not None,
