@@ -219,11 +219,11 @@ def gen(request):
 @pytest.mark.parametrize("seqlen_new", [0, 3])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("seqlen_q", [1, 4])
-@pytest.mark.parametrize("page_size", [None, 16, 48], ids=["contiguous", "page16", "page48"])
+@pytest.mark.parametrize("page_size", [None, 16, 48, 64], ids=["contiguous", "page16", "page48", "page64"])
 def test_decode(page_size, seqlen_q, heads, seqlen_new, gen):
     nheads, nheads_k = heads
     inputs = make_inputs(seqlen_q=seqlen_q, nheads=nheads, nheads_k=nheads_k, seqlen_new=seqlen_new,
-                         page_size=page_size, gen=gen)
+                         page_size=page_size, capacity=192 if page_size == 64 else 96, gen=gen)
     out, lse = check(inputs, num_splits=3 if seqlen_q == 4 else 0)   # the default picks 1 split here
     if seqlen_new == 0:
         # batch row 0 has an empty cache: no key, out 0 and lse -inf
@@ -268,9 +268,9 @@ def test_long_query_block(gen):
     check(inputs, causal=True)
 
 
-@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("page_size", [None, 16, 64])
 def test_leftpad(page_size, gen):
-    inputs = make_inputs(seqlen_q=2, seqlen_new=2, capacity=96, lens=[10, 50, 94],
+    inputs = make_inputs(seqlen_q=2, seqlen_new=2, capacity=192, lens=[10, 50, 190],
                          leftpad=[0, 17, 60], page_size=page_size, rotary_dim=32, gen=gen)
     check(inputs, causal=True)
 
@@ -288,7 +288,7 @@ def test_cache_batch_idx(gen):
 def test_num_splits_agree(gen):
     """Forced splits 1..8 give the same result (some splits get no key tile at all)."""
     inputs = make_inputs(batch=2, seqlen_q=2, capacity=320, lens=[0, 300], seqlen_new=2,
-                         page_size=16, gen=gen)
+                         page_size=64, gen=gen)
     results = []
     for num_splits in range(1, 9):
         out, lse = check(inputs, num_splits=num_splits, causal=True)

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # 1/ln(2): scores go to base 2 so the kernel can use exp2
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2): scores go to base 2 so the kernels use exp2
+LN2 = tl.constexpr(0.6931471805599453)
 
 # The most splits one call uses (FA2 uses the same bound).
 MAX_SPLITS = 128
@@ -104,6 +104,26 @@ def _cache_row_offsets(pos, b, cache_b, BLOCK_TABLE, stride_bt, stride_cb, strid
         return page * stride_cb + (pos % PAGE_SIZE) * stride_cs
     else:
         return cache_b.to(tl.int64) * stride_cb + pos * stride_cs
+
+
+@triton.jit
+def _tile_pages(BLOCK_TABLE, b, stride_bt, n0, end, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Physical pages of the key tile at ``n0`` (int64): a scalar when a tile lies in one page
+    (``PAGE_SIZE % BLOCK_N == 0``, tiles aligned), else one per key.
+
+    The decode loop loads the next tile's pages one iteration ahead, so the K/V
+    loads depend on a loop-carried value rather than on a load of their own
+    iteration, and the software pipeliner keeps ``num_stages - 1`` K/V tiles in
+    flight. Positions are clamped into ``[0, end)``: every entry read is one the
+    sequence uses (nothing past the end is dereferenced).
+    """
+    p_row = BLOCK_TABLE + b.to(tl.int64) * stride_bt
+    last = tl.maximum(end - 1, 0)
+    if PAGE_SIZE % BLOCK_N == 0:
+        return tl.load(p_row + tl.minimum(n0, last) // PAGE_SIZE).to(tl.int64)
+    else:
+        pos = tl.minimum(n0 + tl.arange(0, BLOCK_N), last)
+        return tl.load(p_row + pos // PAGE_SIZE).to(tl.int64)
 
 
 # ----------------------------------------------------------------------------
@@ -236,10 +256,13 @@ def _decode_fwd(
     if HAS_WINDOW_LEFT:
         first_q = (pid_m * BLOCK_M) // GROUP
         lo = tl.maximum(lo, first_q + kv_end - seqlen_q - window_left)
-    n_tiles = tl.maximum(tl.cdiv(hi - lo, BLOCK_N), 0)
+    # tiles start at multiples of BLOCK_N: with PAGE_SIZE % BLOCK_N == 0 each lies in one page
+    lo_tile = (lo // BLOCK_N) * BLOCK_N
+    n_tiles = tl.maximum(tl.cdiv(hi - lo_tile, BLOCK_N), 0)
     tiles_per_split = tl.cdiv(n_tiles, num_splits)
-    start = lo + split * tiles_per_split * BLOCK_N
+    start = lo_tile + split * tiles_per_split * BLOCK_N
     end = tl.minimum(hi, start + tiles_per_split * BLOCK_N)
+    MASK_LO: tl.constexpr = HAS_LEFTPAD or HAS_WINDOW_LEFT                   # lo may not be aligned
 
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_alibi_b + head, mask=row_valid, other=0.0).to(tl.float32)
@@ -250,13 +273,22 @@ def _decode_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                                # running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    if PAGED:
+        pages = _tile_pages(BLOCK_TABLE, b, stride_bt, start, end, BLOCK_N, PAGE_SIZE)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                                    # cache positions
         n_mask = offs_n < end
-        o_k = _cache_row_offsets(offs_n, b, cache_b, BLOCK_TABLE, stride_bt, stride_kb, stride_ks,
-                                 n_mask, PAGED, PAGE_SIZE) + hk * stride_kh
-        o_v = _cache_row_offsets(offs_n, b, cache_b, BLOCK_TABLE, stride_bt, stride_vb, stride_vs,
-                                 n_mask, PAGED, PAGE_SIZE) + hk * stride_vh
+        if MASK_LO:
+            n_mask = n_mask & (offs_n >= lo)
+        if PAGED:
+            row = (offs_n % PAGE_SIZE).to(tl.int64)
+            o_k = pages * stride_kb + row * stride_ks + hk * stride_kh
+            o_v = pages * stride_vb + row * stride_vs + hk * stride_vh
+            pages = _tile_pages(BLOCK_TABLE, b, stride_bt, n0 + BLOCK_N, end, BLOCK_N, PAGE_SIZE)
+        else:
+            row = offs_n.to(tl.int64)
+            o_k = cache_b.to(tl.int64) * stride_kb + row * stride_ks + hk * stride_kh
+            o_v = cache_b.to(tl.int64) * stride_vb + row * stride_vs + hk * stride_vh
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(K + o_k[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)   # [BN, BD]
         v = tl.load(V + o_v[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)   # [BN, BD]
@@ -361,21 +393,20 @@ def _sm_count(device: torch.device) -> int:
     return FALLBACK_SM_COUNT
 
 
-def decode_config(head_dim: int, device: torch.device) -> dict:
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and launch parameters of ``_decode_fwd``.
 
-    Decoding is bound by reading K and V: wide tiles of keys per iteration and
-    several tiles in flight (num_stages) keep the memory system busy; the M tile
-    holds the packed query rows and is mostly padding at seqlen_q = 1.
+    Decoding is bound by reading K and V: a K+V tile of about 32 KB per
+    iteration (BLOCK_N = 64 keys at d = 128 in bf16) and num_stages - 1 tiles in
+    flight keep the memory system busy while leaving room for two programs per
+    SM. The M tile holds the packed query rows (mostly padding at seqlen_q = 1).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
-    if block_d <= 64:
-        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=4)
-    if block_d <= 128:
-        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=3)
+    elem = torch.finfo(dtype).bits // 8
+    block_n = max(16, min(128, 32768 // (2 * block_d * elem)))
+    return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=4)
 
 
 def num_splits_heuristic(batch: int, nheads_k: int, num_m_blocks: int, seqlen_cache: int,
@@ -430,7 +461,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
     seqlen_cache = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     device = q.device
     block_d = max(16, triton.next_power_of_2(head_dim))
-    cfg = dict(decode_config(head_dim, device))
+    cfg = dict(decode_config(head_dim, q.dtype, device))
     if config:
         cfg.update(config)
     dummy = q  # stands in for absent optional pointers; never read
