@@ -409,14 +409,16 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> di
     return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=4)
 
 
+@functools.lru_cache(maxsize=1024)
 def num_splits_heuristic(batch: int, nheads_k: int, num_m_blocks: int, seqlen_cache: int,
                          block_n: int, device: torch.device, ctas_per_sm: int = 2) -> int:
     """How many splits of the keys to run, from shapes only (no device values).
 
     Without splits there are ``batch * nheads_k * num_m_blocks`` programs; when
     they do not fill ``ctas_per_sm`` waves of the SMs, split the keys so that
-    they do, choosing the fewest splits within 85% of the best wave efficiency
-    (FA2's rule), with at least 4 key tiles per split. ``seqlen_cache`` is the
+    they do, choosing the fewest splits within 95% of the best wave efficiency
+    (FA2's rule, stricter), with at least 4 key tiles per split. Cached: it
+    runs on every decoding step. ``seqlen_cache`` is the
     cache capacity, not the filled length, so the choice is graph-safe.
     """
     slots = _sm_count(device) * ctas_per_sm
@@ -431,7 +433,7 @@ def num_splits_heuristic(batch: int, nheads_k: int, num_m_blocks: int, seqlen_ca
         effs.append(base * s / (n_waves * slots))
     best = max(effs)
     for s, eff in enumerate(effs, start=1):
-        if eff >= 0.85 * best:
+        if eff >= 0.95 * best:
             return s
     return 1
 
@@ -496,10 +498,14 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
     num_splits = max(1, min(num_splits, MAX_SPLITS))
 
     out = _new_buffer((batch, seqlen_q, nheads, head_dim), q.dtype, device)
-    lse = _new_buffer((batch, nheads, seqlen_q), torch.float32, device)
+    # one fp32 allocation for lse and the splits' partials (fewer host-side calls per step)
+    n_rows = batch * nheads * seqlen_q
+    n_part = n_rows * num_splits if num_splits > 1 else 0
+    workspace = _new_buffer((n_rows + n_part * (1 + head_dim),), torch.float32, device)
+    lse = workspace[:n_rows].view(batch, nheads, seqlen_q)
     if num_splits > 1:
-        out_part = _new_buffer((num_splits, batch, nheads, seqlen_q, head_dim), torch.float32, device)
-        lse_part = _new_buffer((num_splits, batch, nheads, seqlen_q), torch.float32, device)
+        lse_part = workspace[n_rows:n_rows + n_part]
+        out_part = workspace[n_rows + n_part:]
     else:
         out_part, lse_part = out, lse
     grid = (num_m_blocks, batch * nheads_k, num_splits)
@@ -531,7 +537,6 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
-        n_rows = batch * nheads * seqlen_q
         _decode_combine[(n_rows,)](
             out_part, lse_part, out, lse, *out.stride()[:3], n_rows, nheads, seqlen_q,
             NUM_SPLITS=num_splits, SPLITS_POW2=max(2, triton.next_power_of_2(num_splits)),
