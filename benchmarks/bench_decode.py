@@ -141,7 +141,11 @@ def bench_case(batch, seqlen, device):
     ref = reference_fp32(q, k, v)
     kv_bytes = 2 * k.numel() * k.element_size()
     rows = []
-    for name, fn in providers(q, k, v).items():
+    fns = providers(q, k, v)
+    # untimed first pass: compiles, and brings an idle GPU's clocks up before the first timing
+    fns["ioattn"]()
+    triton.testing.do_bench(fns["ioattn"], warmup=100, rep=300)
+    for name, fn in fns.items():
         note = ""
         try:
             if name.startswith("sdpa"):
