@@ -24,14 +24,19 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def run_case(b, sq, sk, hq, hk, d, causal, dtype, window=(-1, -1), softcap=0.0, alibi=False):
+def run_case(b, sq, sk, hq, hk, d, causal, dtype, window=(-1, -1), softcap=0.0, alibi=False, dropout=0.0):
     dev = "cuda"
     q = torch.randn(b, sq, hq, d, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(b, sk, hk, d, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(b, sk, hk, d, device=dev, dtype=dtype, requires_grad=True)
     slopes = torch.rand(hq, device=dev) * 0.3 if alibi else None
     kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes)
-    out = ioattn.flash_attn_func(q, k, v, **kw)
+    if dropout:
+        out, _, probs = ioattn.flash_attn_func(q, k, v, dropout_p=dropout, return_attn_probs=True, **kw)
+        kw.update(dropout_p=dropout, dropout_mask=probs >= 0)  # replay the kernel's mask
+        del probs
+    else:
+        out = ioattn.flash_attn_func(q, k, v, **kw)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref, _ = attention_ref(q, k, v, **kw)
@@ -58,7 +63,8 @@ def _warm(case):
     k, v = (torch.randn(1, sk, hk, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     slopes = torch.rand(hq, device="cuda") * 0.3 if f.get("alibi") else None
     out = ioattn.flash_attn_func(q, k, v, causal=causal, window_size=f.get("window", (-1, -1)),
-                                 softcap=f.get("softcap", 0.0), alibi_slopes=slopes)
+                                 softcap=f.get("softcap", 0.0), alibi_slopes=slopes,
+                                 dropout_p=f.get("dropout", 0.0))
     torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     torch.cuda.synchronize()
 
@@ -76,7 +82,7 @@ def main(argv=None):
     shapes = [(2, 1024, 1024, 8, 8, 128), (1, 4096, 4096, 4, 4, 128), (1, 8192, 8192, 2, 2, 64),
               (2, 1000, 1000, 6, 2, 96), (1, 777, 1500, 4, 1, 40), (1, 1500, 777, 4, 4, 80),
               (2, 2048, 2048, 4, 4, 256), (1, 513, 513, 4, 2, 160), (1, 300, 300, 2, 2, 32),
-              (3, 1, 1, 2, 1, 64), (1, 17, 4096, 8, 2, 128)]
+              (3, 1, 1, 2, 1, 64), (1, 17, 4096, 8, 2, 128), (1, 1024, 1024, 8, 2, 256)]
     if args.quick:
         shapes = shapes[:2] + shapes[3:5]
     for shape, causal, dtype in itertools.product(shapes, (False, True), (torch.bfloat16, torch.float16)):
@@ -85,7 +91,8 @@ def main(argv=None):
         for causal in (False, True):
             cases.append((shape, causal, torch.float32, {}))
     feats = [dict(window=(256, 0)), dict(window=(100, 50)), dict(softcap=30.0), dict(alibi=True),
-             dict(window=(128, 0), softcap=20.0, alibi=True)]
+             dict(window=(128, 0), softcap=20.0, alibi=True), dict(dropout=0.1),
+             dict(dropout=0.2, window=(200, 0), softcap=10.0)]
     for f in feats:
         cases.append(((2, 1500, 1500, 8, 2, 128), True, torch.bfloat16, f))
     t0 = time.time()

@@ -83,11 +83,14 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
                   HAS_DROPOUT=flags.get("dropout", False),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
     f = configs.forward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"])
-    b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"])
+    gqa = flags.get("gqa", False)
+    b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa)
+    # without GQA the launch passes group == 1, which Triton specializes as a constant
+    group = {} if gqa else {"group": 1}
     return [
         ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"]), f["num_warps"], f["num_stages"]),
         ("dkdv", _attn_bwd_dkdv, dict(common, BLOCK_M=b["dkdv"]["BLOCK_M"], BLOCK_N=b["dkdv"]["BLOCK_N"],
-                                      RELOAD_KV=b["dkdv"].get("RELOAD_KV", False)),
+                                      RELOAD_KV=b["dkdv"].get("RELOAD_KV", False), **group),
          b["dkdv"]["num_warps"], b["dkdv"]["num_stages"]),
         ("dq", _attn_bwd_dq, dict(common, BLOCK_M=b["dq"]["BLOCK_M"], BLOCK_N=b["dq"]["BLOCK_N"]),
          b["dq"]["num_warps"], b["dq"]["num_stages"]),
@@ -98,7 +101,8 @@ def main():
     print(f"{'kernel':5} {'dtype':5} {'hdim':>4} {'flags':24} {'smem':>7} {'regs':>4} {'spill B':>7} wgmma")
     for dtype in ("bf16", "fp32"):
         for d in (64, 128, 256):
-            for flags in ({}, {"dropout": True}, {"window": True, "softcap": True, "alibi": True}):
+            for flags in ({}, {"gqa": True}, {"dropout": True, "gqa": True},
+                          {"window": True, "softcap": True, "alibi": True, "varlen": True}):
                 for name, fn, consts, warps, stages in default_launches(d, dtype, **flags):
                     k = compile_kernel(fn, dtype, consts, warps, stages)
                     rep = ptxas_report(k)

@@ -344,7 +344,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     dk = configs.new_empty(k.shape, k.dtype, k.device)
     dv = configs.new_empty(v.shape, v.dtype, v.device)
     block_d = configs.block_d(head_dim)
-    cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0)
+    cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0,
+                                  gqa=nheads != nheads_k)
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)

@@ -70,7 +70,7 @@ def forward_config(head_dim, dtype, device, dropout=False):
     return cfg
 
 
-def backward_config(head_dim, dtype, device, dropout=False):
+def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
     """Tiles of the two backward programs.
 
     dkdv: BLOCK_N keys (and their dK, dV accumulators) stay on chip, BLOCK_M queries stream.
@@ -93,6 +93,8 @@ def backward_config(head_dim, dtype, device, dropout=False):
         # K and V re-read from L2 each step instead of held in registers (sweep 2: 124 -> 205)
         dkdv = dict(BLOCK_M=16 if big else 64, BLOCK_N=64, num_warps=8, num_stages=1 if big else 2,
                     RELOAD_KV=not big)
+        if gqa and not big:  # the pipelined group loop would need 321 KiB of shared memory
+            dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
     if dropout:
         for c in (dkdv, dq):

@@ -1,0 +1,30 @@
+"""Every default tile configuration fits the shared memory of the GPUs it is chosen for.
+
+Compiled ahead of time for the target (no GPU needed: Triton ships ptxas), so a
+configuration that would fail at launch with OutOfResources fails here in CI.
+"""
+
+import pytest
+
+from ioattn.kernels import configs
+from ioattn.kernels.aot import SMEM_LIMIT, compile_kernel, default_launches
+
+pytestmark = pytest.mark.skipif(configs.interpreting(), reason="ahead-of-time compiles need the real Triton "
+                                "compiler, not the interpreter (scripts/test.sh runs this file without it)")
+
+FLAGS = [{}, {"gqa": True}, {"dropout": True}, {"dropout": True, "gqa": True},
+         {"window": True, "softcap": True, "alibi": True, "varlen": True, "gqa": True}]
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f) or "plain")
+def test_default_configs_fit_shared_memory(head_dim, flags, capability):
+    for name, fn, consts, warps, stages in default_launches(head_dim, "bf16", capability, **flags):
+        kernel = compile_kernel(fn, "bf16", consts, warps, stages, capability)
+        smem = kernel.metadata.shared
+        assert smem <= SMEM_LIMIT[capability], (
+            f"{name} hdim {head_dim} {flags}: {smem} B of shared memory > {SMEM_LIMIT[capability]} "
+            f"(BLOCK_M={consts['BLOCK_M']}, BLOCK_N={consts['BLOCK_N']}, stages={stages})")
+        if capability == (9, 0):
+            assert "wgmma" in kernel.asm["ptx"], f"{name}: no wgmma on Hopper"
