@@ -116,12 +116,16 @@ def main(argv=None):
         print(f"[{i + 1}/{len(cases)}] {'PASS' if ok else 'FAIL'} {shape} causal={causal} "
               f"{row['dtype']} {f} {errs} {res.get('error', '')}", flush=True)
         torch.cuda.empty_cache()
+        if args.out:  # rewritten after every case: a run cut short keeps what it checked
+            with open(args.out, "w") as fh:
+                json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                               rows=rows, passed=i + 1 - n_fail, total=len(cases), complete=False), fh, indent=1)
     print(f"correctness grid: {len(cases) - n_fail}/{len(cases)} passed in {time.time() - t0:.0f}s "
           f"(errors: ioattn/plain-torch-same-dtype, relative L2 vs fp64)")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           rows=rows, passed=len(cases) - n_fail, total=len(cases)), fh, indent=1)
+                           rows=rows, passed=len(cases) - n_fail, total=len(cases), complete=True), fh, indent=1)
     return n_fail
 
 

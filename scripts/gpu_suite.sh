@@ -16,11 +16,10 @@ case "$mode" in
     python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" 2>&1 | tee "$OUT/check.log"
     python3 benchmarks/quick_bench.py --hdim 128 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/bench.log" ;;
   check)
-    python3 benchmarks/gpu_check.py --out "$OUT/check.json" 2>&1 | tee "$OUT/check.log"
-    python3 benchmarks/bench_features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log"
-    if [ -f benchmarks/bench_decode.py ]; then
-      python3 benchmarks/bench_decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
-    fi ;;
+    python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    python3 benchmarks/bench_decode.py --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    python3 benchmarks/gpu_check.py --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    tail -n 12 "$OUT/features.log"; tail -n 25 "$OUT/decode.log"; grep -E "FAIL|passed|compiled" "$OUT/check.log" ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
