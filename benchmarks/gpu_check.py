@@ -69,21 +69,16 @@ def _warm(case):
     torch.cuda.synchronize()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--warm-workers", type=int, default=12,
-                    help="compile the cases' kernels in this many processes first (0: off)")
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
+def build_cases(quick):
+    """(shape, causal, dtype, features) of every case in the grid."""
     cases = []
     # (b, sq, sk, hq, hk, d)
     shapes = [(2, 1024, 1024, 8, 8, 128), (1, 4096, 4096, 4, 4, 128), (1, 8192, 8192, 2, 2, 64),
               (2, 1000, 1000, 6, 2, 96), (1, 777, 1500, 4, 1, 40), (1, 1500, 777, 4, 4, 80),
               (2, 2048, 2048, 4, 4, 256), (1, 513, 513, 4, 2, 160), (1, 300, 300, 2, 2, 32),
-              (3, 1, 1, 2, 1, 64), (1, 17, 4096, 8, 2, 128), (1, 1024, 1024, 8, 2, 256)]
-    if args.quick:
+              (3, 1, 1, 2, 1, 64), (1, 17, 4096, 8, 2, 128), (1, 1024, 1024, 8, 2, 256),
+              (1, 700, 700, 4, 2, 192), (2, 333, 444, 2, 2, 200), (1, 1000, 1000, 2, 1, 136)]
+    if quick:
         shapes = shapes[:2] + shapes[3:5]
     for shape, causal, dtype in itertools.product(shapes, (False, True), (torch.bfloat16, torch.float16)):
         cases.append((shape, causal, dtype, {}))
@@ -95,6 +90,18 @@ def main(argv=None):
              dict(dropout=0.2, window=(200, 0), softcap=10.0)]
     for f in feats:
         cases.append(((2, 1500, 1500, 8, 2, 128), True, torch.bfloat16, f))
+    return cases
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--warm-workers", type=int, default=12,
+                    help="compile the cases' kernels in this many processes first (0: off)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    cases = build_cases(args.quick)
     t0 = time.time()
     if args.warm_workers:
         import multiprocessing as mp
