@@ -99,9 +99,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--warm-workers", type=int, default=12,
                     help="compile the cases' kernels in this many processes first (0: off)")
+    ap.add_argument("--cases", default=None, help="comma-separated indices into the grid")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cases = build_cases(args.quick)
+    if args.cases:
+        cases = [cases[int(i)] for i in args.cases.split(",")]
     t0 = time.time()
     if args.warm_workers:
         import multiprocessing as mp

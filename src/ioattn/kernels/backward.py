@@ -17,11 +17,12 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .configs import NO_SPECIALIZE
 from .forward import _dense_or_varlen_strides, dot_precision, upcast_dot
 from .masks import mma, dropout_keep, key_range, query_range, scores_log2, visible
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh"])
 def _attn_bwd_preprocess(O, DO, DELTA, LSE,
                          stride_ob, stride_os, stride_oh,
                          stride_db, stride_ds, stride_dh,
@@ -117,7 +118,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh,
@@ -248,7 +249,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                  stride_qb, stride_qs, stride_qh,
                  stride_kb, stride_ks, stride_kh,

@@ -11,6 +11,12 @@ import torch
 import triton
 
 
+# Run-time integers the kernels must not specialize on. Triton compiles a separate
+# variant when an int argument equals 1 (or is divisible by 16); for sequence lengths
+# and LSE strides that only multiplies compiles, and the seqlen == 1 variant of the
+# backward computed wrong dQ/dK on the H100 (triton 3.6, benchmarks/results/h100-check2).
+NO_SPECIALIZE = ["seqlen_q_dense", "seqlen_k_dense", "stride_lb", "stride_lh"]
+
 # the last compiled kernel of each launcher, for the compiler's-view report in benchmarks
 last_compiled = {}
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .configs import NO_SPECIALIZE
 from .masks import mma, dropout_keep, key_range, scores_log2, visible
 
 
@@ -86,7 +87,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
               stride_qb, stride_qs, stride_qh,
               stride_kb, stride_ks, stride_kh,
