@@ -21,7 +21,13 @@ from ioattn.reference import attention_ref
 
 
 def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    """Relative L2 error; a reference whose RMS is under 1e-3 is measured absolutely.
+
+    (With seqlen_k == 1 the exact dQ and dK are 0: a relative error against 0 reports
+    rounding noise of 1e-7 as 1e23, which grid 2 flagged as four false failures.)
+    """
+    floor = 1e-3 * max(ref.numel(), 1) ** 0.5
+    return ((x.double() - ref).norm() / max(ref.norm().item(), floor)).item()
 
 
 def run_case(b, sq, sk, hq, hk, d, causal, dtype, window=(-1, -1), softcap=0.0, alibi=False, dropout=0.0):

@@ -11,10 +11,11 @@ import torch
 import triton
 
 
-# Run-time integers the kernels must not specialize on. Triton compiles a separate
-# variant when an int argument equals 1 (or is divisible by 16); for sequence lengths
-# and LSE strides that only multiplies compiles, and the seqlen == 1 variant of the
-# backward computed wrong dQ/dK on the H100 (triton 3.6, benchmarks/results/h100-check2).
+# Run-time integers the kernels do not specialize on: Triton compiles a separate
+# variant when an int argument equals 1 or is divisible by 16; for sequence lengths
+# and LSE strides that only multiplies compiles (seqlen 1, 513 and 4096 share one
+# binary). The final H100 benchmark (benchmarks/results/h100-final) ran with this;
+# its speed effect against specializing has not been measured separately.
 NO_SPECIALIZE = ["seqlen_q_dense", "seqlen_k_dense", "stride_lb", "stride_lh"]
 
 # the last compiled kernel of each launcher, for the compiler's-view report in benchmarks
