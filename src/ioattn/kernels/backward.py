@@ -19,7 +19,7 @@ import triton.language as tl
 from . import configs
 from .configs import NO_SPECIALIZE
 from .forward import _dense_or_varlen_strides, dot_precision, upcast_dot
-from .masks import mma, dropout_keep, key_range, query_range, scores_log2, visible
+from .masks import mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
 
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh"])
@@ -34,12 +34,7 @@ def _attn_bwd_preprocess(O, DO, DELTA, LSE,
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
-    if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + b)
-        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
-    else:
-        q_start = 0
-        seqlen_q = seqlen_q_dense
+    q_start, seqlen_q = sequence_bounds(CU_SEQLENS_Q, b, seqlen_q_dense, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -138,16 +133,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
     bhk = tl.program_id(1)
     b = bhk // nheads_k
     hk = bhk % nheads_k
-    if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + b)
-        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
-        k_start = tl.load(CU_SEQLENS_K + b)
-        seqlen_k = tl.load(CU_SEQLENS_K + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = seqlen_q_dense
-        k_start = 0
-        seqlen_k = seqlen_k_dense
+    q_start, seqlen_q = sequence_bounds(CU_SEQLENS_Q, b, seqlen_q_dense, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CU_SEQLENS_K, b, seqlen_k_dense, IS_VARLEN)
     if start_n >= seqlen_k:
         return
     b64 = b.to(tl.int64)
@@ -268,16 +255,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
-    if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + b)
-        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
-        k_start = tl.load(CU_SEQLENS_K + b)
-        seqlen_k = tl.load(CU_SEQLENS_K + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = seqlen_q_dense
-        k_start = 0
-        seqlen_k = seqlen_k_dense
+    q_start, seqlen_q = sequence_bounds(CU_SEQLENS_Q, b, seqlen_q_dense, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CU_SEQLENS_K, b, seqlen_k_dense, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     hk = h // group

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from . import configs
 from .configs import NO_SPECIALIZE
-from .masks import mma, dropout_keep, key_range, scores_log2, visible
+from .masks import mma, dropout_keep, key_range, scores_log2, sequence_bounds, visible
 
 
 @triton.jit
@@ -106,16 +106,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
-    if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + b)
-        seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
-        k_start = tl.load(CU_SEQLENS_K + b)
-        seqlen_k = tl.load(CU_SEQLENS_K + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = seqlen_q_dense
-        k_start = 0
-        seqlen_k = seqlen_k_dense
+    q_start, seqlen_q = sequence_bounds(CU_SEQLENS_Q, b, seqlen_q_dense, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CU_SEQLENS_K, b, seqlen_k_dense, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     hk = h // group

@@ -17,6 +17,15 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def sequence_bounds(CU_SEQLENS, b, seqlen_dense, IS_VARLEN: tl.constexpr):
+    """(start, length) of sequence b: from the int32 prefix sums (varlen) or the dense length."""
+    if IS_VARLEN:
+        start = tl.load(CU_SEQLENS + b)
+        return start, tl.load(CU_SEQLENS + b + 1) - start
+    return b * 0, seqlen_dense  # b * 0: an int32 scalar like the loaded start
+
+
+@triton.jit
 def scores_log2(qk, rows, cols, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Raw ``q·k`` -> scores in log2 units, plus tanh(.) for the softcap gradient.
