@@ -29,6 +29,16 @@ def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=True):
     return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
 
 
+def compare_grads(out, ref, low, inputs, dtype):
+    """dq, dk, dv of out against those of the fp64 reference ref (and plain-torch low)."""
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(ref, inputs, dout.double())
+    lowg = torch.autograd.grad(low, inputs, dout)
+    for name, g, r, lg in zip(("dq", "dk", "dv"), got, want, lowg):
+        assert_close(name, g, r, lg, dtype)
+
+
 def check_fwd_bwd(fn, q, k, v, ref_kwargs, grads=True):
     """Run fn(q, k, v) -> out and compare out and dq, dk, dv with the fp64 reference."""
     dtype = q.dtype
@@ -36,12 +46,6 @@ def check_fwd_bwd(fn, q, k, v, ref_kwargs, grads=True):
     ref, _ = attention_ref(q, k, v, **ref_kwargs)
     low, _ = attention_ref(q, k, v, upcast=False, **ref_kwargs)
     assert_close("out", out, ref, low, dtype)
-    if not grads:
-        return out
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.double())
-    lowg = torch.autograd.grad(low, (q, k, v), dout)
-    for name, g, r, lg in zip(("dq", "dk", "dv"), got, want, lowg):
-        assert_close(name, g, r, lg, dtype)
+    if grads:
+        compare_grads(out, ref, low, (q, k, v), dtype)
     return out

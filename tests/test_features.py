@@ -9,7 +9,7 @@ import torch
 import ioattn
 from ioattn.reference import attention_ref, attention_varlen_ref
 
-from helpers import assert_close, check_fwd_bwd, randn
+from helpers import assert_close, check_fwd_bwd, compare_grads, randn
 
 OPTIONS = {
     "window": dict(window_size=(7, 3)),
@@ -76,12 +76,7 @@ def test_varlen_matches_reference(name, device):
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin)
     assert torch.allclose(lse[fin].double(), ref_lse[fin], atol=1e-5)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.double())
-    lowg = torch.autograd.grad(low, (q, k, v), dout)
-    for n, g, r, lg in zip(("dq", "dk", "dv"), got, want, lowg):
-        assert_close(n, g, r, lg, torch.float32)
+    compare_grads(out, ref, low, (q, k, v), torch.float32)
 
 
 def test_varlen_equals_loop_over_sequences(device):
@@ -138,12 +133,7 @@ def test_dropout_replayed_mask_matches_reference(opts, device):
     ref, _ = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep, **opts)
     low, _ = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep, upcast=False, **opts)
     assert_close("out", out, ref, low, torch.float32)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.double())
-    lowg = torch.autograd.grad(low, (q, k, v), dout)
-    for n, g, r, lg in zip(("dq", "dk", "dv"), got, want, lowg):
-        assert_close(n, g, r, lg, torch.float32)
+    compare_grads(out, ref, low, (q, k, v), torch.float32)
 
 
 def test_dropout_follows_manual_seed(device):
