@@ -48,31 +48,25 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or configs.interpreting()
 
 
-def _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                  window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
-    kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-              max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, window_left=window_left,
-              window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
-              dropout_p=dropout_p, rng_state=rng_state)
+# the keyword arguments that both compute paths take after their tensors (docs/ARCHITECTURE.md)
+_PATH_KWARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
+                "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "rng_state")
+
+
+def _forward_impl(q, k, v, *params):
     if _use_triton(q):
         from .kernels.forward import attention_forward
     else:
         from .blockwise import attention_forward
-    return attention_forward(q, k, v, **kw)
+    return attention_forward(q, k, v, **dict(zip(_PATH_KWARGS, params)))
 
 
-def _backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                   rng_state):
-    kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-              max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, window_left=window_left,
-              window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
-              dropout_p=dropout_p, rng_state=rng_state)
+def _backward_impl(dout, q, k, v, out, lse, *params):
     if _use_triton(q):
         from .kernels.backward import attention_backward
     else:
         from .blockwise import attention_backward
-    return attention_backward(dout, q, k, v, out, lse, **kw)
+    return attention_backward(dout, q, k, v, out, lse, **dict(zip(_PATH_KWARGS, params)))
 
 
 # --------------------------------------------------------------------------- torch.library ops
