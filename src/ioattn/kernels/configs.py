@@ -42,13 +42,19 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# IOATTN_PORTABLE=1 picks the Ampere/Ada (sm_80) tile table on any GPU: the configuration
+# that older GPUs get automatically, made testable on a Hopper GPU too.
+PORTABLE = os.environ.get("IOATTN_PORTABLE", "0") == "1"
+
+
 def _capability(device_or_capability):
     """(major, minor) of a CUDA device; a tuple passes through (ahead-of-time compiles)."""
     if isinstance(device_or_capability, tuple):
         return device_or_capability
     if device_or_capability.type != "cuda":
         return (0, 0)
-    return torch.cuda.get_device_capability(device_or_capability)
+    cap = torch.cuda.get_device_capability(device_or_capability)
+    return min(cap, (8, 0)) if PORTABLE else cap
 
 
 # benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
@@ -82,7 +88,7 @@ def forward_config(head_dim, dtype, device, dropout=False):
     return cfg
 
 
-def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
+def backward_config(head_dim, dtype, device, dropout=False, gqa=False, atomic_dq=False):
     """Tiles of the two backward programs.
 
     dkdv: BLOCK_N keys (and their dK, dV accumulators) stay on chip, BLOCK_M queries stream.
@@ -108,6 +114,19 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
         if gqa and not big:  # the pipelined group loop would need 321 KiB of shared memory
             dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
+    if atomic_dq and big:  # fp32 (true fp32 dots) needs the small tiles to stay off the stack
+        dkdv = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4 if d <= 128 else 8, num_stages=1)
+    elif atomic_dq:
+        # dK/dV program also computes dS·K: one more [BM, D] fp32 tile live. Candidates without
+        # spills in the sm_90 compile (python -m ioattn.kernels.aot); to be timed on the H100
+        if d <= 64:
+            dkdv = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
+        elif d <= 128:
+            dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
+        else:
+            dkdv = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+            if gqa:
+                dkdv.update(num_stages=1)
     if dropout:
         for c in (dkdv, dq):
             c.update(num_stages=min(c["num_stages"], 2))

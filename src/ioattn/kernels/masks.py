@@ -9,6 +9,8 @@ indices ``offs_n`` (keys) as 2-D broadcastable tensors, so the same code serves
 ``[BM, BN]`` tiles (forward, dQ) and transposed ``[BN, BM]`` tiles (dK/dV).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -65,30 +67,49 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
     return ok
 
 
+# Dropout generator (benchmarks/results/h100-dropout): Philox-4x32 with DROPOUT_ROUNDS rounds
+# (7 is the smallest count its authors found to pass BigCrush with no failures, and
+# FlashAttention-2's choice), each call cut into 128 / DROPOUT_BITS draws.
+DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
+DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
+
+
+@triton.jit
+def _split_words(w, BITS: tl.constexpr):
+    """A 32-bit word -> its BITS-bit fields, lowest first, joined on a new last dim."""
+    if BITS == 16:
+        return tl.join(w & 0xFFFF, w >> 16)
+    lo = tl.join(w & 0xFF, (w >> 8) & 0xFF)
+    hi = tl.join((w >> 16) & 0xFF, w >> 24)
+    return tl.join(lo, hi)
+
+
 @triton.jit
 def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Counter-based dropout mask of a [BLOCK_M, BLOCK_N] tile: True where a probability is kept.
 
-    Philox is keyed by the seed; its counters are (key position // 8, query position,
-    batch*nheads + head, 0). One call yields 128 random bits, cut into eight 16-bit
-    numbers for eight neighbouring keys, so the generator costs an eighth of a call
-    per element (the keep probability is 1 - ceil(p * 65536) / 65536). The mask
-    depends only on (seed, batch*head, query, key), never on the tile shape, so the
-    forward and both backward programs draw the same one. start_n: a multiple of 8.
+    Philox is keyed by the seed; its counters are (key position // KEYS, query position,
+    batch*nheads + head, 0). One call yields 128 random bits, cut into KEYS = 128 / BITS
+    numbers for KEYS neighbouring keys, lowest bits first, so the generator costs
+    1 / KEYS of a call per element. A probability is kept when its number u satisfies
+    u >= dropout_p * 2**BITS, i.e. with probability 1 - ceil(dropout_p * 2**BITS) / 2**BITS.
+    The mask depends only on (seed, batch*head, query, key), never on the tile shape, so
+    the forward and both backward programs draw the same one. start_n: a multiple of KEYS.
     """
-    G: tl.constexpr = BLOCK_N // 8
-    groups = start_n // 8 + tl.arange(0, G)  # [G]
+    BITS: tl.constexpr = DROPOUT_BITS
+    KEYS: tl.constexpr = 128 // BITS
+    G: tl.constexpr = BLOCK_N // KEYS
+    groups = start_n // KEYS + tl.arange(0, G)  # [G]
     zero = (offs_m[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)  # [BM, G]
     c0 = groups[None, :].to(tl.uint32) + zero
     c1 = offs_m[:, None].to(tl.uint32) + zero
     c2 = zero + salt.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, c2)
-    lo = 0xFFFF
-    x = tl.join(tl.join(tl.join(r0 & lo, r0 >> 16), tl.join(r1 & lo, r1 >> 16)),
-                tl.join(tl.join(r2 & lo, r2 >> 16), tl.join(r3 & lo, r3 >> 16)))  # [BM, G, 2, 2, 2]
-    u16 = tl.reshape(x, (BLOCK_M, BLOCK_N))
-    return u16.to(tl.float32) >= dropout_p * 65536.0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, c2, DROPOUT_ROUNDS)
+    x = tl.join(tl.join(_split_words(r0, BITS), _split_words(r1, BITS)),
+                tl.join(_split_words(r2, BITS), _split_words(r3, BITS)))  # [BM, G, 2, 2, (2,) 2]
+    u = tl.reshape(x, (BLOCK_M, BLOCK_N))
+    return u.to(tl.float32) >= dropout_p * (2.0 ** BITS)
 
 
 @triton.jit
