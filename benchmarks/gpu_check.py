@@ -9,7 +9,6 @@ same dtype (attention_ref(upcast=False)) plus a small floor.
 """
 
 import argparse
-import functools
 import itertools
 import json
 import sys
@@ -31,9 +30,6 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / max(ref.norm().item(), floor)).item()
 
 
-DETERMINISTIC = False  # --deterministic: check the two-program backward instead of atomic dQ
-
-
 def run_case(b, sq, sk, hq, hk, d, causal, dtype, window=(-1, -1), softcap=0.0, alibi=False, dropout=0.0):
     dev = "cuda"
     q = torch.randn(b, sq, hq, d, device=dev, dtype=dtype, requires_grad=True)
@@ -42,12 +38,11 @@ def run_case(b, sq, sk, hq, hk, d, causal, dtype, window=(-1, -1), softcap=0.0, 
     slopes = torch.rand(hq, device=dev) * 0.3 if alibi else None
     kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes)
     if dropout:
-        out, _, probs = ioattn.flash_attn_func(q, k, v, dropout_p=dropout, return_attn_probs=True,
-                                               deterministic=DETERMINISTIC, **kw)
+        out, _, probs = ioattn.flash_attn_func(q, k, v, dropout_p=dropout, return_attn_probs=True, **kw)
         kw.update(dropout_p=dropout, dropout_mask=probs >= 0)  # replay the kernel's mask
         del probs
     else:
-        out = ioattn.flash_attn_func(q, k, v, deterministic=DETERMINISTIC, **kw)
+        out = ioattn.flash_attn_func(q, k, v, **kw)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref, _ = attention_ref(q, k, v, **kw)
@@ -66,7 +61,7 @@ def run_case(b, sq, sk, hq, hk, d, causal, dtype, window=(-1, -1), softcap=0.0, 
     return ok, res
 
 
-def _warm(case, deterministic=False):
+def _warm(case):
     """Compile one case's kernels in a worker process (Triton caches them on disk)."""
     shape, causal, dtype, f = case
     b, sq, sk, hq, hk, d = shape
@@ -75,7 +70,7 @@ def _warm(case, deterministic=False):
     slopes = torch.rand(hq, device="cuda") * 0.3 if f.get("alibi") else None
     out = ioattn.flash_attn_func(q, k, v, causal=causal, window_size=f.get("window", (-1, -1)),
                                  softcap=f.get("softcap", 0.0), alibi_slopes=slopes,
-                                 dropout_p=f.get("dropout", 0.0), deterministic=deterministic)
+                                 dropout_p=f.get("dropout", 0.0))
     torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     torch.cuda.synchronize()
 
@@ -111,10 +106,7 @@ def main(argv=None):
     ap.add_argument("--warm-workers", type=int, default=12,
                     help="compile the cases' kernels in this many processes first (0: off)")
     ap.add_argument("--cases", default=None, help="comma-separated indices into the grid")
-    ap.add_argument("--deterministic", action="store_true", help="deterministic=True backward")
     args = ap.parse_args(argv)
-    global DETERMINISTIC
-    DETERMINISTIC = args.deterministic
     torch.manual_seed(0)
     cases = build_cases(args.quick)
     if args.cases:
@@ -123,7 +115,7 @@ def main(argv=None):
     if args.warm_workers:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(args.warm_workers) as pool:
-            pool.map(functools.partial(_warm, deterministic=DETERMINISTIC), cases)
+            pool.map(_warm, cases)
         print(f"compiled in worker processes: {time.time() - t0:.0f}s", flush=True)
     rows = []
     n_fail = 0

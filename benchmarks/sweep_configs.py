@@ -51,27 +51,6 @@ for _causal in (False, True):
     ]
 
 
-# plan "atomic": the atomic-dQ backward (deterministic=False) against the deterministic one;
-# a 7th element True marks deterministic=True (the two-program backward)
-ATOMIC = []
-for _causal in (False, True):
-    ATOMIC += [
-        ("bwd", 128, _causal, FWD[128][0], (64, 128, 8, 3), (128, 64, 8, 3), True),
-        ("bwd", 128, _causal, FWD[128][0], (32, 128, 8, 3), DQ[128][0], False),
-        ("bwd", 128, _causal, FWD[128][0], (64, 64, 8, 3), DQ[128][0], False),
-        ("bwd", 128, _causal, FWD[128][0], (64, 128, 8, 2), DQ[128][0], False),
-        ("bwd", 128, _causal, FWD[128][0], (64, 128, 8, 3), DQ[128][0], False),
-        ("bwd", 64, _causal, FWD[64][0], (32, 128, 4, 3), (64, 64, 4, 3), True),
-        ("bwd", 64, _causal, FWD[64][0], (64, 128, 8, 3), DQ[64][0], False),
-        ("bwd", 64, _causal, FWD[64][0], (64, 64, 4, 3), DQ[64][0], False),
-        ("bwd", 64, _causal, FWD[64][0], (32, 128, 4, 3), DQ[64][0], False),
-        ("bwd", 256, _causal, FWD[256][0], (64, 64, 8, 2, {"RELOAD_KV": True}), (64, 32, 4, 2), True),
-        ("bwd", 256, _causal, FWD[256][0], (64, 32, 8, 2), DQ[256][0], False),
-        ("bwd", 256, _causal, FWD[256][0], (32, 64, 8, 2), DQ[256][0], False),
-        ("bwd", 256, _causal, FWD[256][0], (32, 64, 8, 2, {"RELOAD_KV": True}), DQ[256][0], False),
-    ]
-
-
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -88,14 +67,14 @@ def inputs(d, causal):
 
 def run_one(job):
     """Compile (and run once) one configuration; returns its error string or None."""
-    kind, d, causal, fwd_t, dkdv_t, dq_t, det = job
+    kind, d, causal, fwd_t, dkdv_t, dq_t = job
     import ioattn
     from ioattn.kernels import configs
     configs.forward_override = as_cfg(fwd_t)
     configs.backward_override = dict(dkdv=as_cfg(dkdv_t), dq=as_cfg(dq_t))
     try:
         q, k, v, dout, _, _ = inputs(d, causal)
-        out = ioattn.flash_attn_func(q, k, v, causal=causal, deterministic=det)
+        out = ioattn.flash_attn_func(q, k, v, causal=causal)
         if kind == "bwd":
             torch.autograd.grad(out, (q, k, v), dout)
         torch.cuda.synchronize()
@@ -109,22 +88,21 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "atomic"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        plan = ROUND2 if args.plan == "round2" else ATOMIC
-        jobs = [j if len(j) == 7 else j + (True,) for j in plan if j[1] in dims]
+        jobs = [j for j in ROUND2 if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:
-                jobs.append(("fwd", d, causal, f, DKDV[d][0], DQ[d][0], True))
+                jobs.append(("fwd", d, causal, f, DKDV[d][0], DQ[d][0]))
             for t in DKDV[d][1:]:
-                jobs.append(("bwd", d, causal, FWD[d][0], t, DQ[d][0], True))
+                jobs.append(("bwd", d, causal, FWD[d][0], t, DQ[d][0]))
             for t in DQ[d][1:]:
-                jobs.append(("bwd", d, causal, FWD[d][0], DKDV[d][0], t, True))
-            jobs.append(("bwd", d, causal, FWD[d][0], DKDV[d][0], DQ[d][0], True))
+                jobs.append(("bwd", d, causal, FWD[d][0], DKDV[d][0], t))
+            jobs.append(("bwd", d, causal, FWD[d][0], DKDV[d][0], DQ[d][0]))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         errors = pool.map(run_one, jobs)
@@ -136,7 +114,7 @@ def main(argv=None):
     from ioattn.kernels import configs
     rows = []
     for job, err in zip(jobs, errors):
-        kind, d, causal, fwd_t, dkdv_t, dq_t, det = job
+        kind, d, causal, fwd_t, dkdv_t, dq_t = job
         q, k, v, dout, b, h = inputs(d, causal)
         fl = 4 * b * h * SEQLEN ** 2 * d / (2 if causal else 1) * (2.5 if kind == "bwd" else 1)
         ms = float("nan")
@@ -148,18 +126,18 @@ def main(argv=None):
                     ms = triton.testing.do_bench(lambda: ioattn.flash_attn_func(q, k, v, causal=causal),
                                                  warmup=10, rep=40, return_mode="median")
                 else:
-                    out = ioattn.flash_attn_func(q, k, v, causal=causal, deterministic=det)
+                    out = ioattn.flash_attn_func(q, k, v, causal=causal)
                     ms = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
                                                  warmup=10, rep=40, return_mode="median")
             except Exception as exc:  # noqa: BLE001
                 err = repr(exc)[:200]
-        rows.append(dict(kind=kind, d=d, causal=causal, fwd=fwd_t, dkdv=dkdv_t, dq=dq_t, deterministic=det, ms=ms,
+        rows.append(dict(kind=kind, d=d, causal=causal, fwd=fwd_t, dkdv=dkdv_t, dq=dq_t, ms=ms,
                          tflops=fl / ms * 1e-9, error=err))
         regs = {n: (c.n_regs, c.n_spills) for n, c in configs.last_compiled.items()}
-        print(f"{kind} d={d} causal={causal} det={det} fwd={fwd_t} dkdv={dkdv_t} dq={dq_t}: "
+        print(f"{kind} d={d} causal={causal} fwd={fwd_t} dkdv={dkdv_t} dq={dq_t}: "
               f"{fl / ms * 1e-9:6.1f} TFLOP/s {err or ''} regs/spills={regs}", flush=True)
     configs.forward_override = configs.backward_override = None
-    for d in dims if args.plan in ("round1", "atomic") else []:
+    for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             q, k, v, dout, b, h = inputs(d, causal)
             qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))

@@ -32,15 +32,13 @@ def _kwargs(opt, b, h, device):
     return kw
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
 @pytest.mark.parametrize("name", list(OPTIONS))
 @pytest.mark.parametrize("shape", [(2, 40, 40, 4, 2, 32), (1, 29, 53, 2, 1, 40), (1, 61, 23, 2, 2, 24)], ids=str)
-def test_option_fp32(name, shape, deterministic, device):
+def test_option_fp32(name, shape, device):
     b, sq, sk, hq, hk, d = shape
     kw = _kwargs(OPTIONS[name], b, hq, device)
     q, k, v = randn(b, sq, hq, d, device=device), randn(b, sk, hk, d, device=device), randn(b, sk, hk, d, device=device)
-    check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, deterministic=deterministic, **kw),
-                  q, k, v, kw)
+    check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, **kw), q, k, v, kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -61,8 +59,7 @@ def _packed(lens_q, lens_k, hq, hk, d, device, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name", ["plain", "causal", "window", "all"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
-def test_varlen_matches_reference(name, deterministic, device):
+def test_varlen_matches_reference(name, device):
     lens_q, lens_k = [5, 0, 33, 17, 1], [9, 4, 33, 0, 20]  # zero-length queries and keys
     q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 4, 2, 40, device)
     opt = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(4, 2)), all=OPTIONS["all"])[name]
@@ -71,7 +68,7 @@ def test_varlen_matches_reference(name, deterministic, device):
         kw["alibi_slopes"] = torch.rand(len(lens_q), 4, device=device) * 0.5
 
     out, lse, _ = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
-                                                return_attn_probs=True, deterministic=deterministic, **kw)
+                                                return_attn_probs=True, **kw)
     ref, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, **kw)
     low, _ = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, **kw)
     assert_close("out", out, ref, low, torch.float32)

@@ -116,7 +116,7 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         q = torch.empty(2, 10, 4, 64)
         k = torch.empty(2, 12, 2, 64)
-        out, lse = torch.ops.ioattn.fwd(q, k, k, None, None, 10, 12, 0.125, -1, 0, 0.0, None, 0.0, None, False)
+        out, lse = torch.ops.ioattn.fwd(q, k, k, None, None, 10, 12, 0.125, -1, 0, 0.0, None, 0.0, None)
         assert out.shape == (2, 10, 4, 64) and lse.shape == (2, 4, 10)
 
 

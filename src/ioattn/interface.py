@@ -61,12 +61,11 @@ def _forward_impl(q, k, v, *params):
     return attention_forward(q, k, v, **dict(zip(_PATH_KWARGS, params)))
 
 
-def _backward_impl(dout, q, k, v, out, lse, *params, deterministic):
+def _backward_impl(dout, q, k, v, out, lse, *params):
     if _use_triton(q):
         from .kernels.backward import attention_backward
-        return attention_backward(dout, q, k, v, out, lse, **dict(zip(_PATH_KWARGS, params)),
-                                  deterministic=deterministic)
-    from .blockwise import attention_backward  # sums in a fixed order: always deterministic
+    else:
+        from .blockwise import attention_backward
     return attention_backward(dout, q, k, v, out, lse, **dict(zip(_PATH_KWARGS, params)))
 
 
@@ -78,8 +77,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
             window_left: int, window_right: int, softcap: float,
             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-            rng_state: Optional[torch.Tensor], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # deterministic: only read by the backward (saved through setup_context)
+            rng_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, window_left, window_right, softcap, alibi_slopes,
                          dropout_p, rng_state)
@@ -87,7 +85,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, deterministic):
+              window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -103,13 +101,12 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
             window_left: int, window_right: int, softcap: float,
             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-            rng_state: Optional[torch.Tensor],
-            deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            rng_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     return _backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                          alibi_slopes, dropout_p, rng_state, deterministic=deterministic)
+                          alibi_slopes, dropout_p, rng_state)
 
 
 @_bwd_op.register_fake
@@ -119,7 +116,7 @@ def _bwd_fake(dout, q, k, v, out, lse, *args):
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
              "softmax_scale", "window_left", "window_right", "softcap", "alibi_slopes",
-             "dropout_p", "rng_state", "deterministic")
+             "dropout_p", "rng_state")
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,14 +127,13 @@ def _setup_context(ctx, inputs, output):
     ctx.params = [args[n] for n in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left",
                                     "window_right", "softcap")]
     ctx.dropout_p = args["dropout_p"]
-    ctx.deterministic = args["deterministic"]
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
     dq, dk, dv = torch.ops.ioattn.bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi,
-                                      ctx.dropout_p, rng, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+                                      ctx.dropout_p, rng)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -273,13 +269,13 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
 # --------------------------------------------------------------------------- public API
 
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
+         causal, window_size, softcap, alibi_slopes, return_attn_probs):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     window = _window(causal, window_size)
     rng_state = _rng_state(dropout_p, q.device)
     out, lse = torch.ops.ioattn.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
-                                    float(dropout_p), rng_state, bool(deterministic))
+                                    float(dropout_p), rng_state)
     if not return_attn_probs:
         return out
     with torch.no_grad():
@@ -301,10 +297,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: ``(left, right)`` sliding window, -1 = unlimited.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope * |i + sk - sq - j|``.
-        deterministic: if True, the backward gives bit-identical gradients on every run (dQ
-            is computed by its own kernel, recomputing the scores: slower). If False
-            (default, as FlashAttention-2), dQ is summed with fp32 atomics, whose order, so
-            the last bits of dQ, can change between runs. dK and dV are deterministic always.
+        deterministic: accepted for compatibility; ioattn's backward uses no atomics and is
+            always deterministic.
         return_attn_probs: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` and the
             attention probabilities (materialized; for testing only; dropped entries negated).
 
@@ -321,7 +315,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
                                                 alibi_slopes, batch)
     return _run(q, k, v, None, None, seqlen_q, k.shape[1], dropout_p, softmax_scale, causal,
-                window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                window_size, softcap, alibi_slopes, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -397,8 +391,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
                                                 alibi_slopes, batch)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                return_attn_probs)
+                softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,

@@ -34,9 +34,7 @@ def compile_kernel(fn, dtype, constexprs, num_warps, num_stages, capability=(9, 
         if n in constexprs:
             sig[n] = "constexpr"
             continue
-        if n == "DQ" and constexprs.get("ATOMIC_DQ"):
-            sig[n] = "*fp32"  # the atomic dQ sums
-        elif n in _TENSOR_ARGS:
+        if n in _TENSOR_ARGS:
             sig[n] = "*" + dtype
         elif n in _FP32_PTR_ARGS:
             sig[n] = "*fp32"
@@ -86,15 +84,13 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
     f = configs.forward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"])
     gqa = flags.get("gqa", False)
-    atomic = flags.get("atomic_dq", False)
-    b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa,
-                                atomic_dq=atomic)
+    b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa)
     # without GQA the launch passes group == 1, which Triton specializes as a constant
     group = {} if gqa else {"group": 1}
     return [
         ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"]), f["num_warps"], f["num_stages"]),
         ("dkdv", _attn_bwd_dkdv, dict(common, BLOCK_M=b["dkdv"]["BLOCK_M"], BLOCK_N=b["dkdv"]["BLOCK_N"],
-                                      RELOAD_KV=b["dkdv"].get("RELOAD_KV", False), ATOMIC_DQ=atomic, **group),
+                                      RELOAD_KV=b["dkdv"].get("RELOAD_KV", False), **group),
          b["dkdv"]["num_warps"], b["dkdv"]["num_stages"]),
         ("dq", _attn_bwd_dq, dict(common, BLOCK_M=b["dq"]["BLOCK_M"], BLOCK_N=b["dq"]["BLOCK_N"]),
          b["dq"]["num_warps"], b["dq"]["num_stages"]),

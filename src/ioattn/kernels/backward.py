@@ -1,19 +1,13 @@
 """Backward kernels: recompute the scores block by block instead of storing them.
 
-Deterministic (three launches, no atomics: bit-identical gradients run to run):
+Three launches, no atomics (so the gradients are bit-identical run to run):
 
 1. ``_attn_bwd_preprocess``: delta_i = sum_d dO_id * O_id  (the rowsum that the
    softmax gradient needs: dS = P ∘ (dP − delta)).
 2. ``_attn_bwd_dkdv``: one program owns BLOCK_N keys of one KV head, keeps
    K, V, dK, dV on chip and streams the query blocks (of every query head of
    the GQA group) that can see them.
-3. ``_attn_bwd_dq``: one program owns BLOCK_M queries, streams the key blocks
-   (recomputing the scores and dP a second time).
-
-Default (``deterministic=False``, as FlashAttention-2): step 2 also computes
-dS·K for each (query block, key block) pair and adds it to an fp32 dQ buffer
-with atomics, so step 3 and its recomputation are skipped; the summation order,
-so the last bits of dQ, vary between runs.
+3. ``_attn_bwd_dq``: one program owns BLOCK_M queries, streams the key blocks.
 
 P is recomputed from Q, K and the saved log-sum-exp: P = exp2(S·log2e − lse·log2e).
 """
@@ -66,7 +60,7 @@ def _load_lse_log2(LSE_ROW, offs, seqlen_q):
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                         dq_base, stride_qs, stride_dos, stride_dqs, start, end, start_n, offs_n, offs_d,
+                         stride_qs, stride_dos, start, end, start_n, offs_n, offs_d,
                          seqlen_q, seqlen_k, sm_scale, softcap, slope,
                          window_left, window_right, seed, salt, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -74,7 +68,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                         RELOAD_KV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                         RELOAD_KV: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -116,28 +110,17 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk = mma(dsT.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)  # [BN, D]
-        if ATOMIC_DQ:  # this key block's share of dQ, summed in fp32 by the memory system
-            dq = mma(tl.trans(dsT.to(k.dtype)), k, None, DOT_PRECISION, UPCAST) * sm_scale  # [BM, D]
-            dq_ptrs = dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :]
-            if MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
-                              sem="relaxed")
-            elif BLOCK_D != HEAD_DIM:
-                tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEAD_DIM, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh,
                    stride_dob, stride_dos, stride_doh,
                    stride_dkb, stride_dks, stride_dkh,
                    stride_dvb, stride_dvs, stride_dvh,
-                   stride_dqb, stride_dqs, stride_dqh,
                    stride_lb, stride_lh, stride_ab,
                    seqlen_q_dense, seqlen_k_dense, nheads, nheads_k, group,
                    sm_scale, softcap, window_left, window_right, dropout_p,
@@ -145,9 +128,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RELOAD_KV: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr):
-    """dK, dV of BLOCK_N keys; with ATOMIC_DQ also dQ, added into the fp32 buffer DQ."""
+                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RELOAD_KV: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // nheads_k
@@ -180,32 +161,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
         do_base = DO + b64 * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh
         lse_row = LSE + b64 * stride_lb + h * stride_lh + q_start
         delta_row = DELTA + b64 * stride_lb + h * stride_lh + q_start
-        dq_base = DQ + b64 * stride_dqb + q_start.to(tl.int64) * stride_dqs + h * stride_dqh
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
         salt = b * nheads + h
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      dq_base, stride_qs, stride_dos, stride_dqs, lo, full_lo, start_n, offs_n, offs_d,
+                                      stride_qs, stride_dos, lo, full_lo, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, ATOMIC_DQ)
+                                      RELOAD_KV)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      dq_base, stride_qs, stride_dos, stride_dqs, full_lo, full_hi, start_n, offs_n, offs_d,
+                                      stride_qs, stride_dos, full_lo, full_hi, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, ATOMIC_DQ)
+                                      RELOAD_KV)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      dq_base, stride_qs, stride_dos, stride_dqs, full_hi, hi, start_n, offs_n, offs_d,
+                                      stride_qs, stride_dos, full_hi, hi, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, ATOMIC_DQ)
+                                      RELOAD_KV)
     dk = dk * sm_scale  # d(q·k·scale)/dk
     tl.store(DK + b64 * stride_dkb + k_rows[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -326,14 +306,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
 
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
-                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
-                       deterministic=True):
-    """Launch the backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
-
-    deterministic=False: dQ is added up with fp32 atomics inside the dK/dV program (no
-    separate dQ program, which recomputes the scores); the order of the additions, so the
-    last bits of dQ, can vary between runs.
-    """
+                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
+    """Launch the three backward kernels. Returns (dq, dk, dv) in the inputs' dtype."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
@@ -350,9 +324,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     dk = configs.new_empty(k.shape, k.dtype, k.device)
     dv = configs.new_empty(v.shape, v.dtype, v.device)
     block_d = configs.block_d(head_dim)
-    atomic_dq = not deterministic
     cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0,
-                                  gqa=nheads != nheads_k, atomic_dq=atomic_dq)
+                                  gqa=nheads != nheads_k)
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)
@@ -374,22 +347,16 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     )
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(dout, varlen))
-    dq_acc = dq  # unused by the deterministic launch
-    if atomic_dq:  # fp32 sums; fp32 inputs accumulate straight into dq
-        dq_acc = dq.zero_() if q.dtype == torch.float32 else torch.zeros(q.shape, dtype=torch.float32,
-                                                                        device=q.device)
     c = cfg["dkdv"]
     configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
-        q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
-        *_dense_or_varlen_strides(dq_acc, varlen), stride_lb, stride_lh, stride_ab,
+        stride_lb, stride_lh, stride_ab,
         max_seqlen_q, max_seqlen_k, nheads, nheads_k, nheads // nheads_k,
         softmax_scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], RELOAD_KV=c.get("RELOAD_KV", False),
-        ATOMIC_DQ=atomic_dq, **flags, num_warps=c["num_warps"], num_stages=c["num_stages"],
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], RELOAD_KV=c.get("RELOAD_KV", False), **flags,
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    if atomic_dq:
-        return (dq if dq_acc is dq else dq.copy_(dq_acc)), dk, dv
     c = cfg["dq"]
     configs.last_compiled["dq"] = _attn_bwd_dq[(triton.cdiv(max_seqlen_q, c["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,

@@ -88,7 +88,7 @@ def forward_config(head_dim, dtype, device, dropout=False):
     return cfg
 
 
-def backward_config(head_dim, dtype, device, dropout=False, gqa=False, atomic_dq=False):
+def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
     """Tiles of the two backward programs.
 
     dkdv: BLOCK_N keys (and their dK, dV accumulators) stay on chip, BLOCK_M queries stream.
@@ -114,19 +114,6 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False, atomic_dq
         if gqa and not big:  # the pipelined group loop would need 321 KiB of shared memory
             dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
-    if atomic_dq and big:  # fp32 (true fp32 dots) needs the small tiles to stay off the stack
-        dkdv = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4 if d <= 128 else 8, num_stages=1)
-    elif atomic_dq:
-        # dK/dV program also computes dS·K: one more [BM, D] fp32 tile live. Candidates without
-        # spills in the sm_90 compile (python -m ioattn.kernels.aot); to be timed on the H100
-        if d <= 64:
-            dkdv = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
-        elif d <= 128:
-            dkdv = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
-        else:
-            dkdv = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-            if gqa:
-                dkdv.update(num_stages=1)
     if dropout:
         for c in (dkdv, dq):
             c.update(num_stages=min(c["num_stages"], 2))
