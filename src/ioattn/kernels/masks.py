@@ -74,14 +74,17 @@ DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
 
 
+DROPOUT_VARIANT = tl.constexpr(os.environ.get("IOATTN_DROPOUT_VARIANT", "join"))
+
+
 @triton.jit
 def _split_words(w, BITS: tl.constexpr):
     """A 32-bit word -> its BITS-bit fields, lowest first, joined on a new last dim."""
     if BITS == 16:
-        return tl.join(w & 0xFFFF, w >> 16)
-    lo = tl.join(w & 0xFF, (w >> 8) & 0xFF)
-    hi = tl.join((w >> 16) & 0xFF, w >> 24)
-    return tl.join(lo, hi)
+        out = tl.join(w & 0xFFFF, w >> 16)
+    else:
+        out = tl.join(tl.join(w & 0xFF, (w >> 8) & 0xFF), tl.join((w >> 16) & 0xFF, w >> 24))
+    return out
 
 
 @triton.jit
@@ -106,8 +109,16 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
     c1 = offs_m[:, None].to(tl.uint32) + zero
     c2 = zero + salt.to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, c2, DROPOUT_ROUNDS)
-    x = tl.join(tl.join(_split_words(r0, BITS), _split_words(r1, BITS)),
-                tl.join(_split_words(r2, BITS), _split_words(r3, BITS)))  # [BM, G, 2, 2, (2,) 2]
+    if DROPOUT_VARIANT == "join":
+        x = tl.join(tl.join(_split_words(r0, BITS), _split_words(r1, BITS)),
+                    tl.join(_split_words(r2, BITS), _split_words(r3, BITS)))  # [BM, G, 2, 2, (2,) 2]
+    else:  # broadcast each word over the group's KEYS positions, then pick and shift
+        PER_WORD: tl.constexpr = 32 // BITS
+        i = tl.arange(0, KEYS)[None, None, :]  # position in the group
+        word = i // PER_WORD
+        x = tl.where(word == 0, r0[:, :, None], tl.where(word == 1, r1[:, :, None],
+                     tl.where(word == 2, r2[:, :, None], r3[:, :, None])))  # [BM, G, KEYS]
+        x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & ((1 << BITS) - 1)
     u = tl.reshape(x, (BLOCK_M, BLOCK_N))
     return u.to(tl.float32) >= dropout_p * (2.0 ** BITS)
 
