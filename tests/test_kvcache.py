@@ -354,7 +354,7 @@ def test_torch_path(gen):
         inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k"], inputs["v"],
         inputs["rotary_cos"], inputs["rotary_sin"], inputs["cache_seqlens"], None,
         inputs["cache_leftpad"], inputs["block_table"], None, False, options["window_size"],
-        options["softcap"], options["alibi_slopes"], 0, False)
+        options["softcap"], options["alibi_slopes"], 0)
     out, lse = kvcache._with_kvcache_torch(**args, rotary_interleaved=False, block_n=16)
     out_ref, lse_ref, k_ref, _ = kvcache_ref(**ref_in, **options)
     torch.testing.assert_close(out.double(), out_ref, atol=1e-5, rtol=1e-5)
@@ -420,6 +420,108 @@ def test_validate_values():
     inputs["cache_seqlens"][1] = 96
     with pytest.raises(ValueError, match="cache_seqlens: expected 0 <= cache_seqlens <= 95"):
         flash_attn_with_kvcache(**inputs, validate_values=True)
+
+
+# ----------------------------------------------------------------------------
+# torch.compile and the custom op (ioattn::fwd_kvcache)
+# ----------------------------------------------------------------------------
+
+
+def _decode_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, rotary_cos=None,
+                 rotary_sin=None):
+    """One decoding step with work around the attention, as a model would compile it."""
+    out, lse = flash_attn_with_kvcache(q * 0.5, k_cache, v_cache, k, v, rotary_cos=rotary_cos,
+                                       rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+                                       block_table=block_table, causal=True,
+                                       return_softmax_lse=True)
+    return out.float() + 1.0, lse
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged", "int-seqlens"])
+def test_torch_compile_fullgraph(layout):
+    """Two decoding steps compiled with fullgraph=True (no graph break) give the outputs and the
+    in-place appended caches of eager, step after step."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    lens = [5, 37] if layout != "int-seqlens" else [37, 37]
+    inputs = make_inputs(batch=2, seqlen_q=1, seqlen_new=1, lens=lens,
+                         page_size=16 if layout == "paged" else None,
+                         rotary_dim=16 if layout == "paged" else 0, gen=gen)
+    if layout == "int-seqlens":
+        inputs["cache_seqlens"] = 37
+    eager_in, compiled_in = on_device(inputs), on_device(inputs)
+    compiled = torch.compile(_decode_step, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        if step:                                                        # next token
+            new = on_device(make_inputs(batch=2, seqlen_q=1, seqlen_new=1, lens=lens, gen=gen))
+            for d in (eager_in, compiled_in):
+                for name in ("q", "k", "v"):
+                    d[name] = new[name].clone()
+                if layout == "int-seqlens":
+                    d["cache_seqlens"] += 1
+                else:
+                    d["cache_seqlens"] = d["cache_seqlens"] + 1
+        want = _decode_step(**eager_in)
+        got = compiled(**compiled_in)
+        for name, g, w in zip(("out", "lse"), got, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0, msg=f"step {step}: {name}")
+        for name in ("k_cache", "v_cache"):
+            torch.testing.assert_close(compiled_in[name], eager_in[name], atol=0, rtol=0,
+                                       equal_nan=True, msg=f"step {step}: {name}")
+    # the append happened: the caches now differ from the inputs
+    assert not torch.equal(compiled_in["k_cache"].nan_to_num(), inputs["k_cache"].to(DEVICE).nan_to_num())
+
+
+def test_torch_compile_checks_values():
+    """The value checks run inside the op, so they also run in a compiled call (CPU tensors)."""
+    torch._dynamo.reset()
+    inputs = make_inputs(batch=2, lens=[10, 20], seqlen_new=1, page_size=16,
+                         gen=torch.Generator().manual_seed(3))
+    inputs["block_table"][1, 0] = -1
+    compiled = torch.compile(_decode_step, fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"got block_table\[1, 0\] = -1"):
+        compiled(**inputs)
+
+
+def _op_args(inputs, **options):
+    args = kvcache._check_and_normalize(
+        inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs.get("k"), inputs.get("v"),
+        inputs.get("rotary_cos"), inputs.get("rotary_sin"), inputs.get("cache_seqlens"),
+        inputs.get("cache_batch_idx"), inputs.get("cache_leftpad"), inputs.get("block_table"),
+        None, options.get("causal", False), (-1, -1), 0.0, None, options.get("num_splits", 0))
+    return kvcache._op_args(args, rotary_interleaved=True, validate_values=False)
+
+
+@pytest.mark.parametrize("case", ["append-contiguous", "append-paged-rotary", "no-append-splits"])
+def test_opcheck(case):
+    """torch.library.opcheck, all its checks: schema (only the declared caches are mutated, no
+    output aliases an input), autograd registration, fake tensor impl against the real one, and
+    AOT dispatch with dynamic shapes."""
+    gen = torch.Generator().manual_seed(1)
+    if case == "append-contiguous":
+        inputs = make_inputs(batch=2, seqlen_q=2, seqlen_new=2, lens=[3, 40], gen=gen)
+        options = dict(causal=True)
+    elif case == "append-paged-rotary":
+        inputs = make_inputs(batch=2, seqlen_q=1, seqlen_new=1, lens=[3, 40], page_size=16,
+                             rotary_dim=16, gen=gen)
+        options = dict(causal=True)
+    else:
+        inputs = make_inputs(batch=2, seqlen_q=1, lens=[3, 90], gen=gen)
+        options = dict(num_splits=3)
+    torch.library.opcheck(torch.ops.ioattn.fwd_kvcache.default,
+                          _op_args(on_device(inputs), **options))
+
+
+def test_no_autograd():
+    """Inference only: the forward runs with inputs that require grad; backward raises."""
+    gen = torch.Generator().manual_seed(2)
+    inputs = on_device(make_inputs(batch=2, lens=[10, 20], seqlen_new=1, gen=gen))
+    inputs["q"].requires_grad_(True)
+    out = flash_attn_with_kvcache(**inputs)
+    with pytest.raises(RuntimeError, match="ioattn.fwd_kvcache"):    # "no autograd formula"
+        out.float().sum().backward()
+    with torch.no_grad():
+        assert not flash_attn_with_kvcache(**inputs).requires_grad
 
 
 # ----------------------------------------------------------------------------

@@ -9,16 +9,28 @@ On CUDA, or on any device under ``TRITON_INTERPRET=1``, this runs the split-KV
 Triton kernels of :mod:`ioattn.kernels.decode`; on CPU otherwise it runs
 :func:`_with_kvcache_torch`, the same computation in plain PyTorch.
 
+Both paths run behind the ``torch.ops.ioattn.fwd_kvcache`` custom op, which
+declares that it mutates ``k_cache`` and ``v_cache`` and has a fake
+implementation, so ``torch.compile(fullgraph=True)`` traces a decoding step
+without a graph break. The public function checks shapes, dtypes and devices
+before the op (under ``torch.compile`` these checks run at trace time).
+
 Nothing in the CUDA path reads device values on the host, so a decoding step
 can be captured in a CUDA graph. That is why the *values* of ``block_table``,
 ``cache_seqlens``, ``cache_leftpad`` and ``cache_batch_idx`` are checked only
 for CPU tensors, or when you pass ``validate_values=True`` (which synchronizes).
+Those checks run at the start of the op, the only place that sees the values
+under ``torch.compile``.
+
+Inference only: the op has no autograd formula (PyTorch allows none on an op
+that mutates its inputs), so backpropagating through its outputs raises.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 
@@ -73,17 +85,63 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype, and with return_softmax_lse
         also lse (batch, nheads, seqlen_q) fp32 (natural log; -inf for a query that sees
-        no key, whose output is 0).
+        no key, whose output is 0). Inference only: backpropagating through them raises.
     """
     args = _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                 cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
-                                window_size, softcap, alibi_slopes, num_splits, validate_values)
+                                window_size, softcap, alibi_slopes, num_splits)
+    out, lse = torch.ops.ioattn.fwd_kvcache(*_op_args(
+        args, rotary_interleaved=rotary_interleaved,
+        validate_values=bool(validate_values) or q.device.type == "cpu"))
+    return (out, lse) if return_softmax_lse else out
+
+
+# ----------------------------------------------------------------------------
+# The custom op: value checks, then the Triton kernels or the plain-PyTorch path
+# ----------------------------------------------------------------------------
+
+# The op's arguments after q, k_cache, v_cache, packed into three lists by kind. Because the op
+# mutates the caches, torch.library runs a Python version-counter kernel on every call whose
+# cost grows with the square of the argument count (torch 2.13 on a 2-core CPU: ~100 us per
+# call with 20 separate arguments, ~30 us with these 6), so the signature stays short.
+_OP_TENSORS = ("k_new", "v_new", "cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table",
+               "alibi_slopes", "rotary_cos", "rotary_sin")
+_OP_INTS = ("window_left", "window_right", "num_splits", "rotary_interleaved", "rotary_per_row",
+            "validate_values")
+_OP_FLOATS = ("softmax_scale", "softcap")
+
+
+def _op_args(args, *, rotary_interleaved, validate_values):
+    """The op's arguments from :func:`_check_and_normalize`'s dict."""
+    args = dict(args, rotary_interleaved=rotary_interleaved, validate_values=validate_values)
+    return (args["q"], args["k_cache"], args["v_cache"], [args[n] for n in _OP_TENSORS],
+            [int(args[n]) for n in _OP_INTS], [args[n] for n in _OP_FLOATS])
+
+
+@torch.library.custom_op("ioattn::fwd_kvcache", mutates_args=("k_cache", "v_cache"))
+def _fwd_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    tensors: list[Optional[torch.Tensor]], ints: list[int],
+                    floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Appends ``k_new``/``v_new`` to the caches in place, then attends; returns ``(out, lse)``.
+    The lists hold the arguments named in ``_OP_TENSORS``, ``_OP_INTS``, ``_OP_FLOATS``."""
+    kw = dict(zip(_OP_TENSORS, tensors))
+    kw.update(zip(_OP_INTS, ints))
+    kw.update(zip(_OP_FLOATS, floats))
+    if kw.pop("validate_values"):
+        _validate_values(k_cache, kw["k_new"], kw["cache_seqlens"], kw["cache_batch_idx"],
+                         kw["cache_leftpad"], kw["block_table"])
+    for name in ("rotary_interleaved", "rotary_per_row"):
+        kw[name] = bool(kw[name])
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         from .kernels.decode import decode_attention
-        out, lse = decode_attention(**args, rotary_interleaved=rotary_interleaved)
-    else:
-        out, lse = _with_kvcache_torch(**args, rotary_interleaved=rotary_interleaved)
-    return (out, lse) if return_softmax_lse else out
+        return decode_attention(q, k_cache, v_cache, **kw)
+    return _with_kvcache_torch(q, k_cache, v_cache, **kw)
+
+
+@_fwd_kvcache_op.register_fake
+def _fwd_kvcache_fake(q, k_cache, v_cache, tensors, ints, floats):
+    batch, seqlen_q, nheads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -107,7 +165,8 @@ def _int_tensor(name, x, batch, device):
 
 def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                          cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
-                         window_size, softcap, alibi_slopes, num_splits, validate_values):
+                         window_size, softcap, alibi_slopes, num_splits):
+    """Shape, dtype and device checks (no device values read); returns the op's arguments."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t is None:
             continue
@@ -247,10 +306,6 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
 
-    if validate_values or device.type == "cpu":
-        _validate_values(k_cache, capacity, batch_cache, seqlen_new, cache_seqlens, cache_batch_idx,
-                         cache_leftpad, block_table)
-
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k, v_new=v, cache_seqlens=cache_seqlens,
                 cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
                 softmax_scale=float(softmax_scale), window_left=window_left, window_right=window_right,
@@ -259,9 +314,13 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
                 num_splits=num_splits)
 
 
-def _validate_values(k_cache, capacity, batch_cache, seqlen_new, cache_seqlens, cache_batch_idx,
-                     cache_leftpad, block_table):
-    """Checks that read tensor values (a host sync on CUDA)."""
+def _validate_values(k_cache, k_new, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
+    """Checks that read tensor values (a host sync on CUDA); arguments already normalized."""
+    seqlen_new = 0 if k_new is None else k_new.shape[1]
+    if block_table is not None:
+        capacity, batch_cache = block_table.shape[1] * k_cache.shape[1], None
+    else:
+        capacity, batch_cache = k_cache.shape[1], k_cache.shape[0]
     if cache_seqlens is not None:
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi + seqlen_new > capacity:
@@ -351,7 +410,7 @@ def _with_kvcache_torch(q, k_cache, v_cache, *, k_new, v_new, cache_seqlens, cac
         pos = cache_seqlens.long().view(-1, 1) + i.view(1, -1)
         q_rows = apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved).to(q.dtype)
 
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)                                        # contiguous, as the fake's
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     for b in range(batch):
         cache_b = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
