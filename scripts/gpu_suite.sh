@@ -20,13 +20,14 @@ case "$mode" in
     python3 benchmarks/bench_decode.py --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
     python3 benchmarks/gpu_check.py --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     tail -n 12 "$OUT/features.log"; tail -n 25 "$OUT/decode.log"; grep -E "FAIL|passed|compiled" "$OUT/check.log" ;;
-  exp)  # session 2 experiments: atomic-dQ backward tiles, dropout generator variants, portable tiles
-    timeout 170 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+  exp)  # session 2 experiments: dropout generator variants, the portable (sm_80) tile table
+    timeout 150 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled" "$OUT/check.log"
-    timeout 230 python3 benchmarks/sweep_configs.py --plan atomic --out "$OUT/sweep_atomic.json" > "$OUT/sweep_atomic.log" 2>&1
-    grep -E "TFLOP|fwd [0-9]|rror" "$OUT/sweep_atomic.log" | cut -c1-170
-    timeout 150 python3 benchmarks/dropout_variants.py --out "$OUT/dropout.json" 2>&1 | tee "$OUT/dropout.log"
-    ;;
+    timeout 230 python3 benchmarks/dropout_variants.py --out "$OUT/dropout.json" 2>&1 | tee "$OUT/dropout.log" | grep -v "^ \|^Traceback\|^triton\|^The above\|^$"
+    IOATTN_PORTABLE=1 timeout 120 python3 benchmarks/gpu_check.py --quick --out "$OUT/check_portable.json" > "$OUT/check_portable.log" 2>&1
+    grep -E "FAIL|passed|compiled" "$OUT/check_portable.log"
+    timeout 120 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    tail -n 12 "$OUT/features.log" ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

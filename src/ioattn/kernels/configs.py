@@ -10,6 +10,8 @@ import os
 import torch
 import triton
 
+from . import masks
+
 
 # Run-time integers the kernels do not specialize on: Triton compiles a separate
 # variant when an int argument equals 1 or is divisible by 16; for sequence lengths
@@ -81,7 +83,7 @@ def forward_config(head_dim, dtype, device, dropout=False):
         # faults ("misaligned address") under a causal mask at hdim 160 on the H100
         # (benchmarks/diag_case.py); these smaller tiles run correctly
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if dropout and d > 64:  # the random bits need their own shared-memory shuffle
+    if dropout and d > 64 and masks.DROPOUT_VARIANT == "join":  # its shuffles need shared memory
         cfg.update(num_stages=2)
     if _capability(device)[0] < 9:  # Ampere/Ada: less shared memory per SM
         cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
@@ -114,7 +116,7 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
         if gqa and not big:  # the pipelined group loop would need 321 KiB of shared memory
             dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
-    if dropout:
+    if dropout and masks.DROPOUT_VARIANT == "join":
         for c in (dkdv, dq):
             c.update(num_stages=min(c["num_stages"], 2))
     if _capability(device)[0] < 9:

@@ -72,9 +72,10 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
 # FlashAttention-2's choice), each call cut into 128 / DROPOUT_BITS draws.
 DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
+_DRAW_MASK = tl.constexpr((1 << DROPOUT_BITS.value) - 1)
 
 
-DROPOUT_VARIANT = tl.constexpr(os.environ.get("IOATTN_DROPOUT_VARIANT", "join"))
+DROPOUT_VARIANT = tl.constexpr(os.environ.get("IOATTN_DROPOUT_VARIANT", "bcast"))
 
 
 @triton.jit
@@ -118,7 +119,7 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
         word = i // PER_WORD
         x = tl.where(word == 0, r0[:, :, None], tl.where(word == 1, r1[:, :, None],
                      tl.where(word == 2, r2[:, :, None], r3[:, :, None])))  # [BM, G, KEYS]
-        x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & ((1 << BITS) - 1)
+        x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & _DRAW_MASK
     u = tl.reshape(x, (BLOCK_M, BLOCK_N))
     return u.to(tl.float32) >= dropout_p * (2.0 ** BITS)
 
