@@ -3,12 +3,15 @@
 Chosen once per (head dim, dtype, device) from a small table, so a new sequence
 length never triggers autotuning. Under the Triton interpreter (CPU) the tiles
 are small so that tests exercise many blocks, ragged edges and masks quickly.
+
+Everything here runs on every call, so lookups are cached (benchmarks/host_overhead.py).
 """
 
+import functools
 import os
+from types import MappingProxyType
 
 import torch
-import triton
 
 
 # Run-time integers the kernels do not specialize on: Triton compiles a separate
@@ -37,9 +40,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b); triton.cdiv does the same at ~1.5 us a call (a constexpr_function wrapper)."""
+    return -(-a // b)
+
+
 def block_d(head_dim: int) -> int:
     """Head dim padded to a power of two (>= 16, what tl.dot needs)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+@functools.cache
+def _cuda_capability(index):
+    return torch.cuda.get_device_capability(index)
 
 
 def _capability(device_or_capability):
@@ -48,7 +61,13 @@ def _capability(device_or_capability):
         return device_or_capability
     if device_or_capability.type != "cuda":
         return (0, 0)
-    return torch.cuda.get_device_capability(device_or_capability)
+    index = device_or_capability.index
+    return _cuda_capability(torch.cuda.current_device() if index is None else index)
+
+
+def _frozen(cfg):
+    """A read-only view: the cached configs are shared by every call."""
+    return MappingProxyType({k: _frozen(v) if isinstance(v, dict) else v for k, v in cfg.items()})
 
 
 # benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
@@ -57,10 +76,16 @@ backward_override = None
 
 
 def forward_config(head_dim, dtype, device, dropout=False):
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel (a read-only mapping)."""
     if forward_override is not None:
         return dict(forward_override)
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    return _forward_config(head_dim, dtype, _capability(device), dropout, interpreting())
+
+
+@functools.cache
+def _forward_config(head_dim, dtype, capability, dropout, interpreter):
+    if interpreter:
+        return _frozen(dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1))
     d = block_d(head_dim)
     big = dtype == torch.float32
     # H100 sweeps (benchmarks/results/h100-sweep1, -sweep2): bf16, 16k tokens, seqlen 4k
@@ -77,9 +102,9 @@ def forward_config(head_dim, dtype, device, dropout=False):
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if dropout and d > 64:  # the random bits need their own shared-memory shuffle
         cfg.update(num_stages=2)
-    if _capability(device)[0] < 9:  # Ampere/Ada: less shared memory per SM
+    if capability[0] < 9:  # Ampere/Ada: less shared memory per SM
         cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
-    return cfg
+    return _frozen(cfg)
 
 
 def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
@@ -87,12 +112,19 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
 
     dkdv: BLOCK_N keys (and their dK, dV accumulators) stay on chip, BLOCK_M queries stream.
     dq:   BLOCK_M queries (and dQ) stay on chip, BLOCK_N keys stream.
+
+    Returns ``{"dkdv": cfg, "dq": cfg}`` (read-only mappings).
     """
     if backward_override is not None:
         return {k: dict(v) for k, v in backward_override.items()}
-    if interpreting():
+    return _backward_config(head_dim, dtype, _capability(device), dropout, gqa, interpreting())
+
+
+@functools.cache
+def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
+    if interpreter:
         small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return dict(dkdv=small, dq=dict(small))
+        return _frozen(dict(dkdv=small, dq=small))
     d = block_d(head_dim)
     big = dtype == torch.float32
     if d <= 64:
@@ -111,7 +143,7 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
     if dropout:
         for c in (dkdv, dq):
             c.update(num_stages=min(c["num_stages"], 2))
-    if _capability(device)[0] < 9:
+    if capability[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)
-    return dict(dkdv=dkdv, dq=dq)
+    return _frozen(dict(dkdv=dkdv, dq=dq))
