@@ -128,3 +128,57 @@ def test_empty_sequences(sq, sk, device):
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     for g, x in zip(grads, (q, k, v)):
         assert g.shape == x.shape and torch.equal(g, torch.zeros_like(g))
+
+
+def _op_args(q, k, dense, window=(-1, 0), softcap=0.0, alibi=None, dropout_p=0.0):
+    """ioattn::fwd's arguments: dense (b, s, h, d) or varlen over two sequences (9 and 15 tokens)."""
+    rng = torch.tensor([123, 456], device=q.device) if dropout_p > 0 else None
+    if dense:
+        cu_q = cu_k = None
+        sq, sk = q.shape[1], k.shape[1]
+    else:
+        cu_q = cu_k = torch.tensor([0, 9, 24], dtype=torch.int32, device=q.device)
+        sq = sk = 15
+    return (q, k, k.flip(0), cu_q, cu_k, sq, sk, 0.3, *window, softcap, alibi, dropout_p, rng)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(), dict(window=(4, 2), softcap=5.0, alibi=True), dict(dropout_p=0.25), dict(dense=False)],
+    ids=["causal", "window_softcap_alibi", "dropout", "varlen"])
+def test_eager_path_bit_identical_to_custom_op(opts, device):
+    """The eager path (_EagerAttention) runs ioattn::fwd's implementation and autograd formula
+    without the op's dispatch: outputs and gradients must be bit-identical to the op's."""
+    from ioattn import interface
+    opts = dict(opts)
+    dense = opts.pop("dense", True)
+    if opts.pop("alibi", False):
+        opts["alibi"] = torch.rand(4, device=device)
+    shape = (2, 12, 4, 16) if dense else (24, 4, 16)
+    q, k = randn(*shape, device=device), randn(*shape[:-2], 2, 16, device=device)
+    args = _op_args(q, k, dense, **opts)
+    runs = []
+    for attention in (torch.ops.ioattn.fwd, interface._EagerAttention.apply):
+        out, lse = attention(*args)
+        dout = torch.arange(out.numel(), device=device).reshape(out.shape).sin()
+        runs.append((out, lse, *torch.autograd.grad(out, (q, k), dout)))
+    op, eager = runs
+    with torch.no_grad():  # nothing to differentiate: _attention runs the implementation alone
+        inference = interface._attention(*args)
+    for name, a, b in zip(("out", "lse", "dq", "dk (k and v)"), op, eager):
+        assert torch.equal(a, b), name
+    for name, a, b in zip(("out", "lse"), op, inference):
+        assert torch.equal(a, b), f"{name}, no_grad"
+
+
+def test_eager_path_taken_only_in_eager(device):
+    q, k, v = (randn(1, 8, 2, 16, device=device) for _ in range(3))
+    assert type(ioattn.flash_attn_func(q, k, v).grad_fn).__name__ == "_EagerAttentionBackward"
+    with torch.no_grad():
+        assert ioattn.flash_attn_func(q, k, v).grad_fn is None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():  # a dispatch mode sees the custom op (fake impl, no kernel)
+        out = ioattn.flash_attn_func(*(torch.empty(1, 8, 2, 16, device=device) for _ in range(3)))
+        assert out.shape == (1, 8, 2, 16)
+    with pytest.raises(RuntimeError, match="no autograd formula"):  # like the op: no double backward
+        dq, = torch.autograd.grad(ioattn.flash_attn_func(q, k, v).sum(), q, create_graph=True)
+        torch.autograd.grad(dq.sum(), q)

@@ -6,7 +6,9 @@ Layers, from the user down:
   handling (packed → separate views), dropout RNG state, ``return_attn_probs``.
 * ``torch.ops.ioattn.fwd`` / ``torch.ops.ioattn.bwd``: ``torch.library`` custom
   ops with fake (meta) implementations, so ``torch.compile(fullgraph=True)``
-  traces through them; the autograd formula is registered on ``fwd``.
+  traces through them; the autograd formula is registered on ``fwd``. A plain
+  eager call skips the op's dispatch (tens of microseconds a call): it runs the
+  same implementation and formula as a ``torch.autograd.Function`` (``_attention``).
 * The compute paths, picked by device: the Triton kernels (CUDA, or any device
   under ``TRITON_INTERPRET=1``) or the plain-PyTorch blockwise path (CPU).
 
@@ -30,6 +32,7 @@ gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -53,20 +56,26 @@ _PATH_KWARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", 
                 "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "rng_state")
 
 
+@functools.cache
+def _path_modules(triton):
+    """(forward module, backward module) of the Triton launchers or of the blockwise path."""
+    if triton:
+        from .kernels import backward, forward
+        return forward, backward
+    from . import blockwise
+    return blockwise, blockwise
+
+
 def _forward_impl(q, k, v, *params):
-    if _use_triton(q):
-        from .kernels.forward import attention_forward
-    else:
-        from .blockwise import attention_forward
-    return attention_forward(q, k, v, **dict(zip(_PATH_KWARGS, params)))
+    forward, _ = _path_modules(_use_triton(q))
+    return forward.attention_forward(q, k, v, **dict(zip(_PATH_KWARGS, params)))
 
 
 def _backward_impl(dout, q, k, v, out, lse, *params):
-    if _use_triton(q):
-        from .kernels.backward import attention_backward
-    else:
-        from .blockwise import attention_backward
-    return attention_backward(dout, q, k, v, out, lse, **dict(zip(_PATH_KWARGS, params)))
+    _, backward = _path_modules(_use_triton(q))
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    return backward.attention_backward(dout, q, k, v, out, lse, **dict(zip(_PATH_KWARGS, params)))
 
 
 # --------------------------------------------------------------------------- torch.library ops
@@ -102,8 +111,6 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             window_left: int, window_right: int, softcap: float,
             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
             rng_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
     return _backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                           alibi_slopes, dropout_p, rng_state)
@@ -129,14 +136,63 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_p = args["dropout_p"]
 
 
-def _backward(ctx, dout, dlse):
+def _backward_args(ctx, dout):
+    """The arguments of ioattn::bwd from what _setup_context saved."""
     q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
-    dq, dk, dv = torch.ops.ioattn.bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi,
-                                      ctx.dropout_p, rng)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+    return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng)
+
+
+_NO_GRADS = (None,) * (len(_FWD_ARGS) - 3)  # only q, k and v get gradients
+
+
+def _backward(ctx, dout, dlse):
+    return (*torch.ops.ioattn.bwd(*_backward_args(ctx, dout)), *_NO_GRADS)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """ioattn::fwd and its autograd formula without the custom op's dispatch.
+
+    Same implementations (_forward_impl, _backward_impl) and same saved context;
+    only for eager calls on plain tensors (see _attention). The context is set up
+    inside forward: a separate setup_context staticmethod would make every apply()
+    bind the arguments with inspect.signature (~10 us).
+    """
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = _forward_impl(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        # create_graph=True: through the op, whose node refuses a second backward as on the op path
+        bwd = torch.ops.ioattn.bwd if torch.is_grad_enabled() else _backward_impl
+        return (*bwd(*_backward_args(ctx, dout)), *_NO_GRADS)
+
+
+_PLAIN_ARGS = frozenset((torch.Tensor, int, float, bool, type(None)))
+
+
+def _attention(*args):
+    """(out, lse) = ioattn::fwd(*args), differentiable in q, k, v.
+
+    torch.compile / export, dispatch modes (FakeTensorMode, ...), torch.func
+    transforms and tensor subclasses need the custom op; a plain eager call takes
+    _EagerAttention, or _forward_impl alone when there is nothing to differentiate:
+    the same outputs and gradients, bit for bit, with less host overhead.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()
+            or not all(type(a) in _PLAIN_ARGS for a in args)):
+        return torch.ops.ioattn.fwd(*args)
+    q, k, v = args[:3]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(*args)
+    return _forward_impl(*args)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -273,9 +329,9 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     window = _window(causal, window_size)
     rng_state = _rng_state(dropout_p, q.device)
-    out, lse = torch.ops.ioattn.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
-                                    float(dropout_p), rng_state)
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
+                          float(dropout_p), rng_state)
     if not return_attn_probs:
         return out
     with torch.no_grad():

@@ -338,17 +338,18 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         return dq.zero_(), dk.zero_(), dv.zero_()
     if k.numel() == 0 or max_seqlen_k == 0:  # no keys: every row is empty
         return dq.zero_(), dk, dv
+    strides_do = _dense_or_varlen_strides(dout, varlen)
     pre_block = 64
-    _attn_bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_block), batch * nheads)](
+    _attn_bwd_preprocess[(configs.cdiv(max_seqlen_q, pre_block), batch * nheads)](
         out, dout, delta, lse,
-        *_dense_or_varlen_strides(out, varlen), *_dense_or_varlen_strides(dout, varlen),
+        *_dense_or_varlen_strides(out, varlen), *strides_do,
         stride_lb, stride_lh, cu_seqlens_q, max_seqlen_q, nheads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
     )
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
-                  *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(dout, varlen))
+                  *_dense_or_varlen_strides(v, varlen), *strides_do)
     c = cfg["dkdv"]
-    configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
+    configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
         stride_lb, stride_lh, stride_ab,
@@ -358,7 +359,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     c = cfg["dq"]
-    configs.last_compiled["dq"] = _attn_bwd_dq[(triton.cdiv(max_seqlen_q, c["BLOCK_M"]), batch * nheads)](
+    configs.last_compiled["dq"] = _attn_bwd_dq[(configs.cdiv(max_seqlen_q, c["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dq, varlen),
         stride_lb, stride_lh, stride_ab,

@@ -3,14 +3,15 @@
 Chosen once per (head dim, dtype, device) from a small table, so a new sequence
 length never triggers autotuning. Under the Triton interpreter (CPU) the tiles
 are small so that tests exercise many blocks, ragged edges and masks quickly.
+
+Everything here runs on every call, so lookups are cached (benchmarks/host_overhead.py).
 """
 
+import functools
 import os
+from types import MappingProxyType
 
 import torch
-import triton
-
-from . import masks
 
 
 # Run-time integers the kernels do not specialize on: Triton compiles a separate
@@ -39,9 +40,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b); triton.cdiv does the same at ~1.5 us a call (a constexpr_function wrapper)."""
+    return -(-a // b)
+
+
 def block_d(head_dim: int) -> int:
     """Head dim padded to a power of two (>= 16, what tl.dot needs)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+@functools.cache
+def _cuda_capability(index):
+    return torch.cuda.get_device_capability(index)
 
 
 # IOATTN_PORTABLE=1 picks the Ampere/Ada (sm_80) tile table on any GPU: the configuration
@@ -55,8 +66,14 @@ def _capability(device_or_capability):
         return device_or_capability
     if device_or_capability.type != "cuda":
         return (0, 0)
-    cap = torch.cuda.get_device_capability(device_or_capability)
+    index = device_or_capability.index
+    cap = _cuda_capability(torch.cuda.current_device() if index is None else index)
     return min(cap, (8, 0)) if PORTABLE else cap
+
+
+def _frozen(cfg):
+    """A read-only view: the cached configs are shared by every call."""
+    return MappingProxyType({k: _frozen(v) if isinstance(v, dict) else v for k, v in cfg.items()})
 
 
 # benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
@@ -65,10 +82,20 @@ backward_override = None
 
 
 def forward_config(head_dim, dtype, device, dropout=False):
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel (a read-only mapping).
+
+    dropout: part of the key for tables that may differ; since the session-2 generator
+    (masks.dropout_keep) needs no extra shared memory, dropout runs with the same tiles.
+    """
     if forward_override is not None:
         return dict(forward_override)
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    return _forward_config(head_dim, dtype, _capability(device), dropout, interpreting())
+
+
+@functools.cache
+def _forward_config(head_dim, dtype, capability, dropout, interpreter):
+    if interpreter:
+        return _frozen(dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1))
     d = block_d(head_dim)
     big = dtype == torch.float32
     # H100 sweeps (benchmarks/results/h100-sweep1, -sweep2): bf16, 16k tokens, seqlen 4k
@@ -83,11 +110,9 @@ def forward_config(head_dim, dtype, device, dropout=False):
         # faults ("misaligned address") under a causal mask at hdim 160 on the H100
         # (benchmarks/diag_case.py); these smaller tiles run correctly
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if dropout and d > 64 and masks.DROPOUT_VARIANT == "join":  # its shuffles need shared memory
-        cfg.update(num_stages=2)
-    if _capability(device)[0] < 9:  # Ampere/Ada: less shared memory per SM
+    if capability[0] < 9:  # Ampere/Ada: less shared memory per SM
         cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), num_stages=2)
-    return cfg
+    return _frozen(cfg)
 
 
 def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
@@ -95,12 +120,19 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
 
     dkdv: BLOCK_N keys (and their dK, dV accumulators) stay on chip, BLOCK_M queries stream.
     dq:   BLOCK_M queries (and dQ) stay on chip, BLOCK_N keys stream.
+
+    Returns ``{"dkdv": cfg, "dq": cfg}`` (read-only mappings).
     """
     if backward_override is not None:
         return {k: dict(v) for k, v in backward_override.items()}
-    if interpreting():
+    return _backward_config(head_dim, dtype, _capability(device), dropout, gqa, interpreting())
+
+
+@functools.cache
+def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
+    if interpreter:
         small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return dict(dkdv=small, dq=dict(small))
+        return _frozen(dict(dkdv=small, dq=small))
     d = block_d(head_dim)
     big = dtype == torch.float32
     if d <= 64:
@@ -116,10 +148,7 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
         if gqa and not big:  # the pipelined group loop would need 321 KiB of shared memory
             dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
-    if dropout and masks.DROPOUT_VARIANT == "join":
-        for c in (dkdv, dq):
-            c.update(num_stages=min(c["num_stages"], 2))
-    if _capability(device)[0] < 9:
+    if capability[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)
-    return dict(dkdv=dkdv, dq=dq)
+    return _frozen(dict(dkdv=dkdv, dq=dq))

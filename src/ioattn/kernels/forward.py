@@ -174,9 +174,10 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
 
 def _dense_or_varlen_strides(x, varlen):
     """(batch, seq, head) strides; varlen tensors (total, head, dim) have no batch stride."""
+    strides = x.stride()
     if varlen:
-        return 0, x.stride(0), x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
+        return 0, strides[0], strides[1]
+    return strides[:3]
 
 
 def dot_precision(dtype):
@@ -185,7 +186,7 @@ def dot_precision(dtype):
 
 
 def upcast_dot(dtype):
-    return configs.interpreting() and dtype == torch.bfloat16
+    return dtype == torch.bfloat16 and configs.interpreting()
 
 
 def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q, max_seqlen_k,
@@ -210,7 +211,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)
-    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
+    grid = (configs.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
     if grid[0] * grid[1] == 0:  # no query rows at all
         return out, lse
     configs.last_compiled["fwd"] = _attn_fwd[grid](
@@ -245,7 +246,7 @@ def _dropout_mask_kernel(MASK, RNG, nheads, seqlen_q, seqlen_k, dropout_p,
 def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state):
     """Boolean (batch, nheads, seqlen_q, seqlen_k): True where the kernels keep a probability."""
     mask = torch.empty(batch, nheads, seqlen_q, seqlen_k, dtype=torch.int8, device=rng_state.device)
-    grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * nheads)
+    grid = (configs.cdiv(seqlen_q, 32), configs.cdiv(seqlen_k, 32), batch * nheads)
     _dropout_mask_kernel[grid](mask, rng_state, nheads, seqlen_q, seqlen_k, dropout_p,
                                BLOCK_M=32, BLOCK_N=32)
     return mask.bool()

@@ -67,25 +67,13 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
     return ok
 
 
-# Dropout generator (benchmarks/results/h100-dropout): Philox-4x32 with DROPOUT_ROUNDS rounds
-# (7 is the smallest count its authors found to pass BigCrush with no failures, and
-# FlashAttention-2's choice), each call cut into 128 / DROPOUT_BITS draws.
+# Dropout generator (docs/PERF_NOTES.md, benchmarks/results/h100-dropout2): Philox-4x32 with
+# 7 rounds (the fewest its authors found to pass BigCrush with no failures; FlashAttention-2's
+# count too), each call cut into 128 / 8 = 16 draws of 8 bits. The environment variables exist
+# for benchmarks/dropout_variants.py only.
 DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
 _DRAW_MASK = tl.constexpr((1 << DROPOUT_BITS.value) - 1)
-
-
-DROPOUT_VARIANT = tl.constexpr(os.environ.get("IOATTN_DROPOUT_VARIANT", "bcast"))
-
-
-@triton.jit
-def _split_words(w, BITS: tl.constexpr):
-    """A 32-bit word -> its BITS-bit fields, lowest first, joined on a new last dim."""
-    if BITS == 16:
-        out = tl.join(w & 0xFFFF, w >> 16)
-    else:
-        out = tl.join(tl.join(w & 0xFF, (w >> 8) & 0xFF), tl.join((w >> 16) & 0xFF, w >> 24))
-    return out
 
 
 @triton.jit
@@ -94,15 +82,24 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
     """Counter-based dropout mask of a [BLOCK_M, BLOCK_N] tile: True where a probability is kept.
 
     Philox is keyed by the seed; its counters are (key position // KEYS, query position,
-    batch*nheads + head, 0). One call yields 128 random bits, cut into KEYS = 128 / BITS
-    numbers for KEYS neighbouring keys, lowest bits first, so the generator costs
-    1 / KEYS of a call per element. A probability is kept when its number u satisfies
-    u >= dropout_p * 2**BITS, i.e. with probability 1 - ceil(dropout_p * 2**BITS) / 2**BITS.
-    The mask depends only on (seed, batch*head, query, key), never on the tile shape, so
-    the forward and both backward programs draw the same one. start_n: a multiple of KEYS.
+    batch*nheads + head, 0). One call yields four 32-bit words, cut into KEYS = 128 / BITS
+    draws for KEYS neighbouring keys: key k of the group reads word k // (32 / BITS),
+    bits from (k % (32 / BITS)) * BITS up. So the generator costs 1 / KEYS of a call per
+    element. A probability is kept when its draw u satisfies u >= dropout_p * 2**BITS, i.e.
+    with probability 1 - ceil(dropout_p * 2**BITS) / 2**BITS (dropout_p is rounded up to a
+    multiple of 1/256; the kept values are still scaled by 1 / (1 - dropout_p), as
+    FlashAttention-2 does with its 8-bit draws). The mask depends only on (seed,
+    batch*head, query, key), never on the tile shape, so the forward and both backward
+    programs draw the same one. start_n: a multiple of KEYS.
+
+    Each word is broadcast over its keys and shifted in place (rather than interleaving
+    the fields with tl.join), which keeps the tile in one register layout: triton 3.6
+    inserts a shared-memory layout conversion after every join (20 conversions in the
+    forward instead of 5).
     """
     BITS: tl.constexpr = DROPOUT_BITS
     KEYS: tl.constexpr = 128 // BITS
+    PER_WORD: tl.constexpr = 32 // BITS
     G: tl.constexpr = BLOCK_N // KEYS
     groups = start_n // KEYS + tl.arange(0, G)  # [G]
     zero = (offs_m[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)  # [BM, G]
@@ -110,16 +107,11 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
     c1 = offs_m[:, None].to(tl.uint32) + zero
     c2 = zero + salt.to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, c2, DROPOUT_ROUNDS)
-    if DROPOUT_VARIANT == "join":
-        x = tl.join(tl.join(_split_words(r0, BITS), _split_words(r1, BITS)),
-                    tl.join(_split_words(r2, BITS), _split_words(r3, BITS)))  # [BM, G, 2, 2, (2,) 2]
-    else:  # broadcast each word over the group's KEYS positions, then pick and shift
-        PER_WORD: tl.constexpr = 32 // BITS
-        i = tl.arange(0, KEYS)[None, None, :]  # position in the group
-        word = i // PER_WORD
-        x = tl.where(word == 0, r0[:, :, None], tl.where(word == 1, r1[:, :, None],
-                     tl.where(word == 2, r2[:, :, None], r3[:, :, None])))  # [BM, G, KEYS]
-        x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & _DRAW_MASK
+    i = tl.arange(0, KEYS)[None, None, :]  # key position in the group
+    word = i // PER_WORD
+    x = tl.where(word == 0, r0[:, :, None], tl.where(word == 1, r1[:, :, None],
+                 tl.where(word == 2, r2[:, :, None], r3[:, :, None])))  # [BM, G, KEYS]
+    x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & _DRAW_MASK
     u = tl.reshape(x, (BLOCK_M, BLOCK_N))
     return u.to(tl.float32) >= dropout_p * (2.0 ** BITS)
 
