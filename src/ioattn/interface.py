@@ -177,6 +177,15 @@ class _EagerAttention(torch.autograd.Function):
 _PLAIN_ARGS = frozenset((torch.Tensor, int, float, bool, type(None)))
 
 
+def plain_eager(args) -> bool:
+    """True for a plain eager call, which may skip a custom op's dispatch (~60 us of host
+    time): not compiling or exporting, no dispatch mode (FakeTensorMode, ...), no torch.func
+    transform, and only plain tensors and scalars (no subclasses) among ``args``."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._are_functorch_transforms_active()
+                or not all(type(a) in _PLAIN_ARGS for a in args))
+
+
 def _attention(*args):
     """(out, lse) = ioattn::fwd(*args), differentiable in q, k, v.
 
@@ -185,9 +194,7 @@ def _attention(*args):
     _EagerAttention, or _forward_impl alone when there is nothing to differentiate:
     the same outputs and gradients, bit for bit, with less host overhead.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._are_functorch_transforms_active()
-            or not all(type(a) in _PLAIN_ARGS for a in args)):
+    if not plain_eager(args):
         return torch.ops.ioattn.fwd(*args)
     q, k, v = args[:3]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from .interface import plain_eager
 from .merge import _weights
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -90,9 +91,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     args = _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                 cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
                                 window_size, softcap, alibi_slopes, num_splits)
-    out, lse = torch.ops.ioattn.fwd_kvcache(*_op_args(
-        args, rotary_interleaved=rotary_interleaved,
-        validate_values=bool(validate_values) or q.device.type == "cpu"))
+    op_args = _op_args(args, rotary_interleaved=rotary_interleaved,
+                       validate_values=bool(validate_values) or q.device.type == "cpu")
+    tensors = [t for t in op_args[:3] + tuple(op_args[3]) if t is not None]
+    if plain_eager(tensors) and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        out, lse = _fwd_kvcache(*op_args)  # the op's body without its dispatch (host time)
+    else:
+        out, lse = torch.ops.ioattn.fwd_kvcache(*op_args)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -124,6 +129,11 @@ def _fwd_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Appends ``k_new``/``v_new`` to the caches in place, then attends; returns ``(out, lse)``.
     The lists hold the arguments named in ``_OP_TENSORS``, ``_OP_INTS``, ``_OP_FLOATS``."""
+    return _fwd_kvcache(q, k_cache, v_cache, tensors, ints, floats)
+
+
+def _fwd_kvcache(q, k_cache, v_cache, tensors, ints, floats):
+    """The op's body; plain eager calls run it directly (flash_attn_with_kvcache)."""
     kw = dict(zip(_OP_TENSORS, tensors))
     kw.update(zip(_OP_INTS, ints))
     kw.update(zip(_OP_FLOATS, floats))

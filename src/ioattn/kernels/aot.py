@@ -79,7 +79,7 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     common = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), IS_VARLEN=flags.get("varlen", False),
                   HAS_LEFT=flags.get("window", False), HAS_RIGHT=flags.get("causal", True) or flags.get("window", False),
-                  HAS_SOFTCAP=flags.get("softcap", False), HAS_ALIBI=flags.get("alibi", False),
+                  HAS_SOFTCAP=(1 if dtype == "fp32" else 2) if flags.get("softcap") else 0, HAS_ALIBI=flags.get("alibi", False),
                   HAS_DROPOUT=flags.get("dropout", False),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
     f = configs.forward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"])

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import configs
 from .configs import NO_SPECIALIZE
-from .forward import _dense_or_varlen_strides, dot_precision, upcast_dot
+from .forward import _dense_or_varlen_strides, dot_precision, softcap_mode, upcast_dot
 from .masks import mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
 
 
@@ -331,7 +331,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         stride_ab = alibi_slopes.stride(0)
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                 HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                 HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
                  UPCAST=upcast_dot(q.dtype))
     if q.numel() == 0 or max_seqlen_q == 0:  # no query rows: no gradient flows anywhere

@@ -189,6 +189,14 @@ def upcast_dot(dtype):
     return dtype == torch.bfloat16 and configs.interpreting()
 
 
+def softcap_mode(softcap, dtype):
+    """HAS_SOFTCAP of the kernels (masks.scores_log2): 0 off, 1 exact tanh, 2 the GPU's
+    tanh.approx (bf16/fp16 on CUDA, where its ~2^-11 error is under the dtype's rounding)."""
+    if softcap <= 0:
+        return 0
+    return 1 if dtype == torch.float32 or configs.interpreting() else 2
+
+
 def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q, max_seqlen_k,
                       softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                       alibi_slopes=None, dropout_p=0.0, rng_state=None):
@@ -223,7 +231,8 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         softmax_scale, softcap, window_left, window_right, dropout_p,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
+        HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=dropout_p > 0,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -34,8 +34,17 @@ def scores_log2(qk, rows, cols, seqlen_q, seqlen_k, sm_scale, softcap, slope,
 
     softcap:  s = softcap * tanh(q·k * scale / softcap)
     ALiBi:    s += -slope * |i + seqlen_k - seqlen_q - j|   (after softcap, as FA2)
+
+    HAS_SOFTCAP: 0 off; 1 tanh through an exp and a division (fp32-accurate, any backend);
+    SOFTCAP_FAST (2) the GPU's tanh.approx.f32 (one MUFU instruction, relative error
+    ~2^-11: below bf16/fp16 rounding, so used for those dtypes on CUDA; see softcap_mode).
     """
-    if HAS_SOFTCAP:
+    if HAS_SOFTCAP == 2:
+        x = qk * (sm_scale / softcap)
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        s = t * (softcap * 1.4426950408889634)
+    elif HAS_SOFTCAP:
         x = qk * (sm_scale / softcap)
         t = 2.0 * tl.sigmoid(2.0 * x) - 1.0  # tanh(x), overflow-safe
         s = t * (softcap * 1.4426950408889634)
