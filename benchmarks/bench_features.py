@@ -83,6 +83,17 @@ def main(argv=None):
         add(f"4k causal {name} fwd", bench(call), 4 * b * h * n * n * d / 2)
         add(f"4k causal {name} fwd+bwd", bench(fwd_bwd(call, (q, k, v))), 3.5 * 4 * b * h * n * n * d / 2)
 
+    # the same dropout through SDPA's FlashAttention-2 kernels: its cost in the same run
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    for name, p in (("plain", 0.0), ("dropout 0.1", 0.1)):
+        def sdpa(p=p):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, dropout_p=p, is_causal=True)
+        add(f"sdpa flash 4k causal {name} fwd", bench(sdpa), 4 * b * h * n * n * d / 2)
+        add(f"sdpa flash 4k causal {name} fwd+bwd", bench(fwd_bwd(sdpa, (qt, kt, vt))), 3.5 * 4 * b * h * n * n * d / 2)
+
     by = {r["case"]: r for r in rows}
     summary = {
         "varlen/dense TFLOP/s fwd": by["varlen fwd (64 seqs, 64k tokens, causal)"]["tflops"] / by["dense fwd (64 x 1k, causal)"]["tflops"],
@@ -91,12 +102,16 @@ def main(argv=None):
         "window speedup fwd+bwd": by["causal 16k fwd+bwd"]["ms"] / by["window (1024,0) 16k fwd+bwd"]["ms"],
         "dropout overhead fwd+bwd": by["4k causal dropout 0.1 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
         "dropout overhead fwd": by["4k causal dropout 0.1 fwd"]["ms"] / by["4k causal plain fwd"]["ms"] - 1,
+        "sdpa flash dropout overhead fwd": by["sdpa flash 4k causal dropout 0.1 fwd"]["ms"] / by["sdpa flash 4k causal plain fwd"]["ms"] - 1,
+        "sdpa flash dropout overhead fwd+bwd": by["sdpa flash 4k causal dropout 0.1 fwd+bwd"]["ms"] / by["sdpa flash 4k causal plain fwd+bwd"]["ms"] - 1,
+        "dropout fwd+bwd ms ioattn/sdpa flash": by["4k causal dropout 0.1 fwd+bwd"]["ms"] / by["sdpa flash 4k causal dropout 0.1 fwd+bwd"]["ms"],
+        "softcap overhead fwd": by["4k causal softcap 30 fwd"]["ms"] / by["4k causal plain fwd"]["ms"] - 1,
         "softcap overhead fwd+bwd": by["4k causal softcap 30 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
         "alibi overhead fwd+bwd": by["4k causal alibi fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
     }
     print()
     for key, val in summary.items():
-        print(f"{key:32s} {val:6.3f}")
+        print(f"{key:40s} {val:6.3f}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

@@ -28,6 +28,20 @@ case "$mode" in
     grep -E "FAIL|passed|compiled" "$OUT/check_portable.log"
     timeout 120 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 12 "$OUT/features.log" ;;
+  final1)  # host overhead per call, then the full benchmark (session 2 final numbers)
+    timeout 60 python3 benchmarks/host_overhead.py --json "$OUT/host_overhead.json" 2>&1 | tail -n 25
+    timeout 60 python3 benchmarks/host_overhead.py --batch 32 --seqlen 512 --nheads 16 --hdim 128 --json "$OUT/host_overhead_512.json" 2>&1 | tail -n 12
+    mkdir -p /tmp/bench
+    timeout 440 python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 120
+    cp /tmp/bench/h100* "$OUT/" ;;
+  final2)  # correctness grid, feature costs (with SDPA flash's dropout), decode, the demo
+    timeout 300 python3 benchmarks/gpu_check.py --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled" "$OUT/check.log"
+    timeout 150 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    tail -n 16 "$OUT/features.log"
+    timeout 30 python3 -m ioattn demo 2>&1 | tail -n 15
+    timeout 100 python3 benchmarks/bench_decode.py --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    tail -n 25 "$OUT/decode.log" ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
