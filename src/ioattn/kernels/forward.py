@@ -43,17 +43,32 @@ def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqle
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax: fold one [BM, BN] block of raw scores qk (and its V tile) into acc, l_i, m_i."""
-    s, _ = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
-                       sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+    """Online softmax: fold one [BM, BN] block of raw scores qk (and its V tile) into acc, l_i, m_i.
+
+    m_i is in log2 units. Without softcap or ALiBi the scale is applied inside exp2's
+    argument, qk * scale·log2e - m, one FFMA per score (the row max is taken on the raw
+    scores: the scale is positive), instead of a multiply kept for the max and a subtract.
+    """
     if MASKED:
         ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
                      window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if HAS_SOFTCAP or HAS_ALIBI:
+        s, _ = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                           sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        scale = sm_scale * 1.4426950408889634
+        if MASKED:
+            qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
     if MASKED:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_new[:, None])  # [BM, BN]
+    if HAS_SOFTCAP or HAS_ALIBI:
+        p = tl.math.exp2(s - m_new[:, None])  # [BM, BN]
+    else:
+        p = tl.math.exp2(qk * scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
