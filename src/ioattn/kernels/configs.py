@@ -20,6 +20,8 @@ import torch
 # binary). The final H100 benchmark (benchmarks/results/h100-final) ran with this;
 # its speed effect against specializing has not been measured separately.
 NO_SPECIALIZE = ["seqlen_q_dense", "seqlen_k_dense", "stride_lb", "stride_lh"]
+if os.environ.get("IOATTN_SPECIALIZE") == "1":  # benchmarks: the A/B against specializing
+    NO_SPECIALIZE = []
 
 # the last compiled kernel of each launcher, for the compiler's-view report in benchmarks
 last_compiled = {}

@@ -83,6 +83,9 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
 DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
 _DRAW_MASK = tl.constexpr((1 << DROPOUT_BITS.value) - 1)
+# integer compare (no int->float conversion, a quarter-rate instruction) vs float compare;
+# same mask either way; to be timed on the H100 (benchmarks/dropout_variants.py)
+DROPOUT_INT_COMPARE = tl.constexpr(os.environ.get("IOATTN_DROPOUT_COMPARE", "int") == "int")
 
 
 @triton.jit
@@ -122,7 +125,12 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
                  tl.where(word == 2, r2[:, :, None], r3[:, :, None])))  # [BM, G, KEYS]
     x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & _DRAW_MASK
     u = tl.reshape(x, (BLOCK_M, BLOCK_N))
-    return u.to(tl.float32) >= dropout_p * (2.0 ** BITS)
+    if DROPOUT_INT_COMPARE:  # u >= dropout_p * 2**BITS  <=>  u >= ceil(dropout_p * 2**BITS)
+        threshold = tl.math.ceil(dropout_p * (2.0 ** BITS)).to(tl.uint32)
+        keep = u >= threshold
+    else:
+        keep = u.to(tl.float32) >= dropout_p * (2.0 ** BITS)
+    return keep
 
 
 @triton.jit
