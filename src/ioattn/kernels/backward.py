@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .configs import NO_SPECIALIZE
 from .forward import _dense_or_varlen_strides, dot_precision, softcap_mode, upcast_dot
 from .masks import mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
 
@@ -113,7 +112,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
     return dk, dv
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit  # specialized on lengths/strides: 4-7% faster (configs.NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh,
@@ -236,7 +235,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
     return dq
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit  # specialized on lengths/strides: 4-7% faster (configs.NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                  stride_qb, stride_qs, stride_qh,
                  stride_kb, stride_ks, stride_kh,

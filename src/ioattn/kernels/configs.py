@@ -14,14 +14,13 @@ from types import MappingProxyType
 import torch
 
 
-# Run-time integers the kernels do not specialize on: Triton compiles a separate
-# variant when an int argument equals 1 or is divisible by 16; for sequence lengths
-# and LSE strides that only multiplies compiles (seqlen 1, 513 and 4096 share one
-# binary). The final H100 benchmark (benchmarks/results/h100-final) ran with this;
-# its speed effect against specializing has not been measured separately.
+# Run-time integers the forward kernel does not specialize on: Triton compiles a separate
+# variant when an int argument equals 1 or is divisible by 16; for sequence lengths and
+# LSE strides that only multiplies compiles (seqlen 1, 513 and 4096 share one binary).
+# A/B on the H100 (benchmarks/results/h100-ab, hdim 128, 1k-16k): the forward is the same
+# speed either way, the backward is 4-7% faster when specialized, so the backward kernels
+# specialize (a second compile when a sequence length changes divisibility class).
 NO_SPECIALIZE = ["seqlen_q_dense", "seqlen_k_dense", "stride_lb", "stride_lh"]
-if os.environ.get("IOATTN_SPECIALIZE") == "1":  # benchmarks: the A/B against specializing
-    NO_SPECIALIZE = []
 
 # the last compiled kernel of each launcher, for the compiler's-view report in benchmarks
 last_compiled = {}
