@@ -54,6 +54,10 @@ case "$mode" in
     tail -n 16 "$OUT/features.log"
     timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled" "$OUT/check.log" ;;
+  fp16)  # the benchmark in fp16 against SDPA flash and cuDNN (FlexAttention's compiles skipped)
+    mkdir -p /tmp/bench16
+    timeout 400 python3 benchmarks/bench_attention.py --dtype fp16 --providers ioattn,sdpa_flash,sdpa_cudnn --no-memory --out /tmp/bench16/h100-fp16.json 2>&1 | tail -n 70
+    tar -cf "$OUT/bench_fp16.tar" -C /tmp/bench16 . ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
