@@ -58,6 +58,12 @@ case "$mode" in
     mkdir -p /tmp/bench16
     timeout 400 python3 benchmarks/bench_attention.py --dtype fp16 --providers ioattn,sdpa_flash,sdpa_cudnn --no-memory --out /tmp/bench16/h100-fp16.json 2>&1 | tail -n 70
     tar -cf "$OUT/bench_fp16.tar" -C /tmp/bench16 . ;;
+  final5)  # A/B: forward K/V loads through the TMA (default on sm_90, hdim <= 128) or pointers
+    IOATTN_TMA=0 timeout 150 python3 benchmarks/quick_bench.py --hdim 64,128 --seqlen 1024,4096,16384 --out "$OUT/quick_pointers.json" 2>&1 | grep -E "fwd|regs" | tail -n 14
+    timeout 150 python3 benchmarks/quick_bench.py --hdim 64,128 --seqlen 1024,4096,16384 --out "$OUT/quick_tma.json" 2>&1 | grep -E "fwd|regs" | tail -n 14
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled" "$OUT/check.log"
+    timeout 60 python3 -m pytest tests/test_tma.py -q 2>&1 | tail -n 3 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

@@ -34,7 +34,9 @@ def compile_kernel(fn, dtype, constexprs, num_warps, num_stages, capability=(9, 
         if n in constexprs:
             sig[n] = "constexpr"
             continue
-        if n in _TENSOR_ARGS:
+        if n in ("K_DESC", "V_DESC"):  # TMA descriptors: 4-D boxes (1, BLOCK_N, 1, BLOCK_D)
+            sig[n] = f"tensordesc<{dtype}[1,{constexprs['BLOCK_N']},1,{constexprs['BLOCK_D']}]>"
+        elif n in _TENSOR_ARGS:
             sig[n] = "*" + dtype
         elif n in _FP32_PTR_ARGS:
             sig[n] = "*fp32"
@@ -85,10 +87,14 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
     f = configs.forward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"])
     gqa = flags.get("gqa", False)
     b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa)
+    # the forward's K/V descriptors (dense batches on sm_90+), else constexpr None
+    use_tma = flags.get("tma", capability[0] >= 9 and not common["IS_VARLEN"] and common["BLOCK_D"] <= 128)
+    tma = dict(USE_TMA=True) if use_tma else dict(USE_TMA=False, K_DESC=None, V_DESC=None)
     # without GQA the launch passes group == 1, which Triton specializes as a constant
     group = {} if gqa else {"group": 1}
     return [
-        ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"]), f["num_warps"], f["num_stages"]),
+        ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], **tma), f["num_warps"],
+         f["num_stages"]),
         ("dkdv", _attn_bwd_dkdv, dict(common, BLOCK_M=b["dkdv"]["BLOCK_M"], BLOCK_N=b["dkdv"]["BLOCK_N"],
                                       RELOAD_KV=b["dkdv"].get("RELOAD_KV", False), **group),
          b["dkdv"]["num_warps"], b["dkdv"]["num_stages"]),

@@ -77,6 +77,18 @@ def _frozen(cfg):
     return MappingProxyType({k: _frozen(v) if isinstance(v, dict) else v for k, v in cfg.items()})
 
 
+# The forward loads K and V tiles with the TMA (tensor descriptors) on Hopper and newer, dense
+# batches only. IOATTN_TMA=0 turns it off, IOATTN_TMA=1 forces it (tests run it under the
+# interpreter); IOATTN_PORTABLE=1 (capability treated as sm_80) turns it off too.
+TMA = os.environ.get("IOATTN_TMA")
+
+
+def use_tma(device):
+    if TMA is not None:
+        return TMA == "1"
+    return not interpreting() and device.type == "cuda" and _capability(device)[0] >= 9
+
+
 # benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
 forward_override = None
 backward_override = None

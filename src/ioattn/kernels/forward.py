@@ -80,21 +80,28 @@ def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqle
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, b, hk,
                     start, end, offs_m, offs_d, seqlen_q, seqlen_k,
                     sm_scale, softcap, slope, window_left, window_right,
                     seed, salt, dropout_p,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     """Fold key blocks [start, end) into the running softmax state."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
+        if USE_TMA:  # one bulk copy per tile; rows past the sequence and padded dims read 0
+            kT = tl.trans(tl.reshape(k_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D)))
+        else:
+            kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
         qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
-        v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
+        if USE_TMA:
+            v = tl.reshape(v_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D))
+        else:
+            v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
                                       sm_scale, softcap, slope, window_left, window_right,
                                       seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
@@ -103,7 +110,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V_DESC,
               stride_qb, stride_qs, stride_qh,
               stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh,
@@ -115,7 +122,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ):
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     # the last query blocks have the most keys to visit under a causal mask: start them first
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -155,25 +162,28 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # 1) masked blocks at the left edge of a window
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                    K_DESC, V_DESC, b, hk,
                                     lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA)
     # 2) blocks every row sees in full: no mask arithmetic
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                    K_DESC, V_DESC, b, hk,
                                     full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA)
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                    K_DESC, V_DESC, b, hk,
                                     full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA)
 
     # epilogue: rows that saw no key get out = 0 and lse = -inf
     empty = l_i == 0.0
@@ -237,8 +247,17 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     grid = (configs.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
     if grid[0] * grid[1] == 0:  # no query rows at all
         return out, lse
+    k_desc = v_desc = None
+    use_tma = (not varlen and block_d <= 128 and configs.use_tma(q.device)
+               and _tma_ok(k, head_dim) and _tma_ok(v, head_dim))
+    # (head dims > 128: ptxas 12.x crashes (SIGSEGV) on the TMA variant's sm_90a PTX)
+    if use_tma:  # 4-D boxes (1 batch, BLOCK_N keys, 1 head, BLOCK_D): zero past the sequence
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        box = [1, cfg["BLOCK_N"], 1, block_d]
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
     configs.last_compiled["fwd"] = _attn_fwd[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, k_desc, v_desc,
         *_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
         *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(out, varlen),
         stride_lb, stride_lh, stride_ab,
@@ -248,10 +267,18 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), USE_TMA=use_tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
+
+
+def _tma_ok(t, head_dim):
+    """Whether a (batch, seqlen, heads, dim) tensor meets the TMA's rules: 16-byte aligned base
+    and strides, contiguous last dim, rows of at least 16 bytes."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and head_dim * size >= 16
+            and all(s * size % 16 == 0 for s in t.stride()[:-1]) and t.numel() > 0)
 
 
 @triton.jit
