@@ -64,6 +64,11 @@ case "$mode" in
     timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled" "$OUT/check.log"
     timeout 60 python3 -m pytest tests/test_tma.py -q 2>&1 | tail -n 3 ;;
+  final6)  # the TMA path as shipped (bf16/fp16, hdim padded to 128): grid, its tests, timing
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 5
+    timeout 90 python3 -m pytest tests/test_tma.py tests/test_flash_attn.py -q -x 2>&1 | tail -n 3
+    timeout 100 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 4096,16384 --out "$OUT/quick_tma.json" 2>&1 | grep -E "fwd|bwd" | tail -n 8 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

@@ -248,14 +248,13 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     if grid[0] * grid[1] == 0:  # no query rows at all
         return out, lse
     k_desc = v_desc = None
-    use_tma = (not varlen and block_d <= 128 and configs.use_tma(q.device)
+    # H100 A/B (benchmarks/results/h100-tma): +2-5% forward at hdim 128 in bf16; mixed at
+    # hdim 64 (down 29% at 1k causal), so only padded head dims of 128; not for fp32 (its
+    # tiles plus the TMA buffers exceed shared memory); ptxas crashes on it at 256
+    use_tma = (not varlen and block_d == 128 and q.element_size() == 2 and configs.use_tma(q.device)
                and _tma_ok(k, head_dim) and _tma_ok(v, head_dim))
-    # (head dims > 128: ptxas 12.x crashes (SIGSEGV) on the TMA variant's sm_90a PTX)
-    if use_tma:  # 4-D boxes (1 batch, BLOCK_N keys, 1 head, BLOCK_D): zero past the sequence
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        box = [1, cfg["BLOCK_N"], 1, block_d]
-        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
-        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
+    if use_tma:
+        k_desc, v_desc = _kv_descriptors(k, v, [1, cfg["BLOCK_N"], 1, block_d])
     configs.last_compiled["fwd"] = _attn_fwd[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, k_desc, v_desc,
         *_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
@@ -271,6 +270,14 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
+
+
+def _kv_descriptors(k, v, box):
+    """TMA descriptors of K and V, (batch, seqlen, heads, dim) boxes of 1 x BLOCK_N x 1 x BLOCK_D:
+    rows past a sequence's end and columns past the head dim read as zeros."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), box),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), box))
 
 
 def _tma_ok(t, head_dim):
