@@ -66,6 +66,17 @@ def test_tma_forward(shape, causal, tma, monkeypatch, device):
     assert tma[0] == [1, configs.forward_config(d, q.dtype, q.device)["BLOCK_N"], 1, 128]
 
 
+def test_tma_skips_broadcast_kv(tma, monkeypatch, device):
+    # MQA through expand(): stride-0 heads cannot be a TMA stride, the pointer path runs
+    q = randn(1, 30, 4, 128, dtype=torch.bfloat16, device=device, requires_grad=False)
+    k = randn(1, 30, 1, 128, dtype=torch.bfloat16, device=device, requires_grad=False).expand(1, 30, 4, 128)
+    out = ioattn.flash_attn_func(q, k, k)
+    assert not tma
+    ref = attention_ref(q, k, k)[0]
+    low = attention_ref(q, k, k, upcast=False)[0]
+    assert _rel_l2(out, ref) <= 2 * _rel_l2(low, ref) + 1e-3
+
+
 def test_tma_window_softcap_strided(tma, monkeypatch, device):
     # k, v as views into a packed kv tensor: strides that are not the contiguous ones
     q = randn(2, 41, 4, 128, dtype=torch.float16, device=device)
@@ -87,3 +98,5 @@ def test_tma_rules():
     assert not forward._tma_ok(torch.zeros(2, 8, 2, 3), 3)           # rows of 12 bytes
     assert not forward._tma_ok(torch.zeros(2, 8, 2, 65)[..., :63], 63)  # strides not 16-byte multiples
     assert not forward._tma_ok(t.transpose(-1, -2), 8)               # last dim not contiguous
+    assert not forward._tma_ok(torch.zeros(1, 8, 1, 64).expand(2, 8, 4, 64), 64)  # broadcast heads
+    assert forward._tma_ok(torch.zeros(1, 8, 1, 64), 64)              # size-1 dims: any stride
