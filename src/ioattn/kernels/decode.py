@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import block_d as block_d_of, cdiv
+
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2): scores go to base 2 so the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -393,6 +395,11 @@ def _sm_count(device: torch.device) -> int:
     return FALLBACK_SM_COUNT
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1); plain Python, see configs.cdiv."""
+    return 1 << (n - 1).bit_length()
+
+
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and launch parameters of ``_decode_fwd``.
 
@@ -401,7 +408,7 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> di
     flight keep the memory system busy while leaving room for two programs per
     SM. The M tile holds the packed query rows (mostly padding at seqlen_q = 1).
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = block_d_of(head_dim)
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
     elem = torch.finfo(dtype).bits // 8
@@ -423,7 +430,7 @@ def num_splits_heuristic(batch: int, nheads_k: int, num_m_blocks: int, seqlen_ca
     """
     slots = _sm_count(device) * ctas_per_sm
     base = batch * nheads_k * num_m_blocks
-    n_tiles = triton.cdiv(max(seqlen_cache, 1), block_n)
+    n_tiles = cdiv(max(seqlen_cache, 1), block_n)
     max_splits = max(1, min(MAX_SPLITS, n_tiles // 4))
     if base >= 0.8 * slots or max_splits == 1:
         return 1
@@ -462,7 +469,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
     page_size = k_cache.shape[1] if paged else 1
     seqlen_cache = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     device = q.device
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = block_d_of(head_dim)
     cfg = dict(decode_config(head_dim, q.dtype, device))
     if config:
         cfg.update(config)
@@ -476,7 +483,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
     if k_new is not None:
         seqlen_new = k_new.shape[1]
         block_n_append = 16
-        grid = (triton.cdiv(seqlen_new, block_n_append), batch * nheads_k)
+        grid = (cdiv(seqlen_new, block_n_append), batch * nheads_k)
         _append_kv[grid](
             k_new, v_new, k_cache, v_cache, cache_seqlens,
             cache_batch_idx if cache_batch_idx is not None else dummy,
@@ -490,8 +497,8 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
             HAS_ROTARY=has_rotary, INTERLEAVED=rotary_interleaved,
         )
 
-    block_m = min(64, max(cfg["BLOCK_M"], triton.next_power_of_2(group * seqlen_q)))
-    num_m_blocks = triton.cdiv(group * seqlen_q, block_m)
+    block_m = min(64, max(cfg["BLOCK_M"], _pow2(group * seqlen_q)))
+    num_m_blocks = cdiv(group * seqlen_q, block_m)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch, nheads_k, num_m_blocks, seqlen_cache, cfg["BLOCK_N"],
                                           device)
@@ -539,7 +546,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
     if num_splits > 1:
         _decode_combine[(n_rows,)](
             out_part, lse_part, out, lse, *out.stride()[:3], n_rows, nheads, seqlen_q,
-            NUM_SPLITS=num_splits, SPLITS_POW2=max(2, triton.next_power_of_2(num_splits)),
+            NUM_SPLITS=num_splits, SPLITS_POW2=max(2, _pow2(num_splits)),
             HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
         )
     return out, lse
