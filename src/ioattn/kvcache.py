@@ -29,12 +29,12 @@ that mutates its inputs), so backpropagating through its outputs raises.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
 from .interface import plain_eager
+from .kernels import configs
 from .merge import _weights
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -142,7 +142,7 @@ def _fwd_kvcache(q, k_cache, v_cache, tensors, ints, floats):
                          kw["cache_leftpad"], kw["block_table"])
     for name in ("rotary_interleaved", "rotary_per_row"):
         kw[name] = bool(kw[name])
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if q.is_cuda or configs.interpreting():
         from .kernels.decode import decode_attention
         return decode_attention(q, k_cache, v_cache, **kw)
     return _with_kvcache_torch(q, k_cache, v_cache, **kw)

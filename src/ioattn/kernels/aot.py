@@ -88,8 +88,8 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
     gqa = flags.get("gqa", False)
     b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa)
     # the forward's K/V descriptors (dense batches on sm_90+), else constexpr None
-    use_tma = flags.get("tma", capability[0] >= 9 and not common["IS_VARLEN"] and common["BLOCK_D"] == 128
-                        and dtype != "fp32")
+    use_tma = flags.get("tma", capability[0] >= 9 and configs.tma_tiles(common["BLOCK_D"], torch_dtype.itemsize,
+                                                                          common["IS_VARLEN"]))
     tma = dict(USE_TMA=True) if use_tma else dict(USE_TMA=False, K_DESC=None, V_DESC=None)
     # without GQA the launch passes group == 1, which Triton specializes as a constant
     group = {} if gqa else {"group": 1}

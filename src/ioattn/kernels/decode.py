@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import block_d as block_d_of, cdiv
+from .configs import block_d as block_d_of, cdiv, next_pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2): scores go to base 2 so the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -395,11 +395,6 @@ def _sm_count(device: torch.device) -> int:
     return FALLBACK_SM_COUNT
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (n >= 1); plain Python, see configs.cdiv."""
-    return 1 << (n - 1).bit_length()
-
-
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and launch parameters of ``_decode_fwd``.
 
@@ -497,7 +492,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
             HAS_ROTARY=has_rotary, INTERLEAVED=rotary_interleaved,
         )
 
-    block_m = min(64, max(cfg["BLOCK_M"], _pow2(group * seqlen_q)))
+    block_m = min(64, max(cfg["BLOCK_M"], next_pow2(group * seqlen_q)))
     num_m_blocks = cdiv(group * seqlen_q, block_m)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch, nheads_k, num_m_blocks, seqlen_cache, cfg["BLOCK_N"],
@@ -546,7 +541,7 @@ def decode_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqle
     if num_splits > 1:
         _decode_combine[(n_rows,)](
             out_part, lse_part, out, lse, *out.stride()[:3], n_rows, nheads, seqlen_q,
-            NUM_SPLITS=num_splits, SPLITS_POW2=max(2, _pow2(num_splits)),
+            NUM_SPLITS=num_splits, SPLITS_POW2=max(2, next_pow2(num_splits)),
             HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
         )
     return out, lse

@@ -248,10 +248,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     if grid[0] * grid[1] == 0:  # no query rows at all
         return out, lse
     k_desc = v_desc = None
-    # H100 A/B (benchmarks/results/h100-tma): +2-5% forward at hdim 128 in bf16; mixed at
-    # hdim 64 (down 29% at 1k causal), so only padded head dims of 128; not for fp32 (its
-    # tiles plus the TMA buffers exceed shared memory); ptxas crashes on it at 256
-    use_tma = (not varlen and block_d == 128 and q.element_size() == 2 and configs.use_tma(q.device)
+    use_tma = (configs.tma_tiles(block_d, q.element_size(), varlen) and configs.use_tma(q.device)
                and _tma_ok(k, head_dim) and _tma_ok(v, head_dim))
     if use_tma:
         k_desc, v_desc = _kv_descriptors(k, v, [1, cfg["BLOCK_N"], 1, block_d])

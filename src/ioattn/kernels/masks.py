@@ -36,8 +36,8 @@ def scores_log2(qk, rows, cols, seqlen_q, seqlen_k, sm_scale, softcap, slope,
     ALiBi:    s += -slope * |i + seqlen_k - seqlen_q - j|   (after softcap, as FA2)
 
     HAS_SOFTCAP: 0 off; 1 tanh through an exp and a division (fp32-accurate, any backend);
-    SOFTCAP_FAST (2) the GPU's tanh.approx.f32 (one MUFU instruction, relative error
-    ~2^-11: below bf16/fp16 rounding, so used for those dtypes on CUDA; see softcap_mode).
+    2 the GPU's tanh.approx.f32 (one MUFU instruction, relative error ~2^-11: below
+    bf16/fp16 rounding, so used for those dtypes on CUDA; see forward.softcap_mode).
     """
     if HAS_SOFTCAP == 2:
         x = qk * (sm_scale / softcap)
@@ -83,11 +83,6 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
 DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
 _DRAW_MASK = tl.constexpr((1 << DROPOUT_BITS.value) - 1)
-# integer compare (no int->float conversion, a quarter-rate instruction) or float compare,
-# the same mask either way. H100, 4k (benchmarks/results/h100-ab): dropout 0.1 costs
-# +78/+68% fwd (hdim 128 / causal) with the integer compare vs +87/+87% with the float one,
-# fwd+bwd 75/68% vs 78/72%; hdim 64 fwd +112% vs +99% (fwd+bwd 123% vs 128%).
-DROPOUT_INT_COMPARE = tl.constexpr(os.environ.get("IOATTN_DROPOUT_COMPARE", "int") == "int")
 
 
 @triton.jit
@@ -127,12 +122,12 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
                  tl.where(word == 2, r2[:, :, None], r3[:, :, None])))  # [BM, G, KEYS]
     x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & _DRAW_MASK
     u = tl.reshape(x, (BLOCK_M, BLOCK_N))
-    if DROPOUT_INT_COMPARE:  # u >= dropout_p * 2**BITS  <=>  u >= ceil(dropout_p * 2**BITS)
-        threshold = tl.math.ceil(dropout_p * (2.0 ** BITS)).to(tl.uint32)
-        keep = u >= threshold
-    else:
-        keep = u.to(tl.float32) >= dropout_p * (2.0 ** BITS)
-    return keep
+    # u >= dropout_p * 2**BITS  <=>  u >= ceil(dropout_p * 2**BITS): compared as integers, no
+    # int->float conversion (a quarter-rate instruction). H100, 4k (benchmarks/results/h100-ab):
+    # dropout 0.1 costs +78/+68% fwd (hdim 128 / causal) this way vs +87/+87% comparing floats,
+    # fwd+bwd 75/68% vs 78/72%; hdim 64 fwd +112% vs +99% (fwd+bwd 123% vs 128%).
+    threshold = tl.math.ceil(dropout_p * (2.0 ** BITS)).to(tl.uint32)
+    return u >= threshold
 
 
 @triton.jit
