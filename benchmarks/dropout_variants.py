@@ -54,29 +54,32 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.child:
         return child(args.child == "compile")
-    variants = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",")]
+    # BITSxROUNDS, with a trailing "e": the mask drawn before the QK^T product (IOATTN_DROPOUT_EARLY)
+    variants = [tuple(int(x) for x in v.rstrip("e").split("x")) + (v.endswith("e"),)
+                for v in args.variants.split(",")]
 
-    def env(bits, rounds):
-        return dict(os.environ, IOATTN_DROPOUT_BITS=str(bits), IOATTN_DROPOUT_ROUNDS=str(rounds))
+    def env(bits, rounds, early):
+        return dict(os.environ, IOATTN_DROPOUT_BITS=str(bits), IOATTN_DROPOUT_ROUNDS=str(rounds),
+                    IOATTN_DROPOUT_EARLY=str(int(early)))
     procs = [subprocess.Popen([sys.executable, __file__, "--child", "compile"], env=env(*v),
                               stdout=subprocess.DEVNULL) for v in variants]
     for pr in procs:
         pr.wait()
     results = []
-    for bits, rounds in variants:
-        out = subprocess.run([sys.executable, __file__, "--child", "time"], env=env(bits, rounds),
+    for bits, rounds, early in variants:
+        out = subprocess.run([sys.executable, __file__, "--child", "time"], env=env(bits, rounds, early),
                              capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{bits}-bit draws, {rounds} rounds: failed\n{out.stderr[-1500:]}", flush=True)
             continue
         rows = json.loads(out.stdout.strip().splitlines()[-1])
         for r in rows:
-            r.update(bits=bits, rounds=rounds)
+            r.update(bits=bits, rounds=rounds, early=early)
         results += rows
         for d, n, causal in CASES:
             base = next(r for r in rows if (r["hdim"], r["seqlen"], r["causal"], r["dropout_p"]) == (d, n, causal, 0.0))
             drop = next(r for r in rows if (r["hdim"], r["seqlen"], r["causal"], r["dropout_p"]) == (d, n, causal, 0.1))
-            print(f"bits={bits:2d} rounds={rounds:2d} hdim={d} seqlen={n} causal={causal!s:5}: dropout 0.1 costs "
+            print(f"bits={bits:2d} rounds={rounds:2d} early={int(early)} hdim={d} seqlen={n} causal={causal!s:5}: dropout 0.1 costs "
                   f"fwd +{100 * (drop['fwd_ms'] / base['fwd_ms'] - 1):5.1f}%  "
                   f"fwd+bwd +{100 * (drop['fwd_bwd_ms'] / base['fwd_bwd_ms'] - 1):5.1f}%  "
                   f"(no dropout: fwd {base['fwd_ms']:.3f} ms, fwd+bwd {base['fwd_bwd_ms']:.3f} ms)", flush=True)

@@ -49,7 +49,9 @@ def main(argv=None):
     ap.add_argument("--hdim", default="128")
     ap.add_argument("--seqlen", default="1024,4096,16384")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--providers", default="ioattn,sdpa_flash,sdpa_cudnn")
     args = ap.parse_args(argv)
+    wanted = args.providers.split(",")
     rows = []
     for d in [int(x) for x in args.hdim.split(",")]:
         h = 2048 // d
@@ -71,6 +73,8 @@ def main(argv=None):
                             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
                     providers[pname] = (fn, (qt, kt, vt), doutt)
                 for pname, (fn, inputs, do) in providers.items():
+                    if pname not in wanted:
+                        continue
                     for mode in ("fwd", "bwd"):
                         try:
                             ms = bench(fn, mode, inputs, do)

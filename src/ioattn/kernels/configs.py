@@ -102,6 +102,20 @@ def tma_tiles(block_d, element_size, varlen):
     return not varlen and block_d == 128 and element_size == 2
 
 
+# How the backward gets dQ (A/B knob for benchmarks): "kernel" a separate program per query block
+# (deterministic), "atomic" fp32 atomics from the dK/dV program, "tma" TMA bulk reductions from it.
+DQ = os.environ.get("IOATTN_DQ", "kernel")
+
+
+def dq_mode(device, head_dim, dtype, varlen):
+    """DQ_ATOMIC of the dK/dV kernel: 0 a separate dQ program, 1 pointer atomics, 2 TMA reductions."""
+    if DQ == "kernel" or dtype == torch.float32:
+        return 0
+    if DQ == "tma" and not interpreting() and head_dim % 4 == 0:
+        return 2
+    return 1
+
+
 # benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
 forward_override = None
 backward_override = None
@@ -158,7 +172,7 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
 def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
     if interpreter:
         small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return _frozen(dict(dkdv=small, dq=small))
+        return _frozen(dict(dkdv=small, dq=small, dkdv_atomic=small))
     d = block_d(head_dim)
     big = dtype == torch.float32
     if d <= 64:
@@ -177,4 +191,10 @@ def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
     if capability[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)
-    return _frozen(dict(dkdv=dkdv, dq=dq))
+    # the dK/dV program that also adds dQ (dq_mode 2, sm_90 16-bit): BLOCK_M >= 64 so that the
+    # dS^T K product is a wgmma (AOT compile: no spills at 64, 20-40 bytes at 128)
+    if d <= 128:
+        atomic = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
+    else:
+        atomic = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1, RELOAD_KV=True)
+    return _frozen(dict(dkdv=dkdv, dq=dq, dkdv_atomic=atomic))

@@ -83,6 +83,8 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
 DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
 _DRAW_MASK = tl.constexpr((1 << DROPOUT_BITS.value) - 1)
+# where the forward draws the mask: 1 before its QK^T product (overlapping it), 0 after the softmax
+DROPOUT_EARLY = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_EARLY", "0")))
 
 
 @triton.jit
