@@ -1,13 +1,13 @@
 """Cost of dropout for variants of its random-number generator (issue 4: <= 25% over none).
 
-Each variant (bits per draw, Philox rounds) runs in its own process, because the
-generator's parameters are read from the environment when ioattn.kernels.masks is
-imported (IOATTN_DROPOUT_BITS, IOATTN_DROPOUT_ROUNDS). Session 2 also compared two
-ways of spreading a call over its keys (tl.join tree vs broadcast-and-shift; results in
-benchmarks/results/h100-dropout2); only the broadcast remains in the kernels. The variants compile in
-parallel first, then are timed one after the other. bf16, 16 heads, 16k tokens.
+Each variant (Philox rounds) runs in its own process, because the generator's parameters
+are read from the environment when ioattn.kernels.masks is imported (IOATTN_DROPOUT_ROUNDS).
+Earlier sessions also varied the bits per draw, the grouping of keys per call and where
+the mask is drawn (benchmarks/results/h100-dropout1, -dropout2, -session3a); only the
+winners remain in the kernels. The variants compile in parallel first, then are timed one
+after the other. bf16, 16 heads, 16k tokens.
 
-    python benchmarks/dropout_variants.py [--variants 16x7,8x7] [--out dropout.json]
+    python benchmarks/dropout_variants.py [--rounds 7] [--out dropout.json]
 """
 
 import argparse
@@ -48,38 +48,35 @@ def child(compile_only):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="16x7,8x7")
+    ap.add_argument("--rounds", default="7")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", choices=["compile", "time"], default=None)
     args = ap.parse_args(argv)
     if args.child:
         return child(args.child == "compile")
-    # BITSxROUNDS, with a trailing "e": the mask drawn before the QK^T product (IOATTN_DROPOUT_EARLY)
-    variants = [tuple(int(x) for x in v.rstrip("e").split("x")) + (v.endswith("e"),)
-                for v in args.variants.split(",")]
+    variants = [int(x) for x in args.rounds.split(",")]
 
-    def env(bits, rounds, early):
-        return dict(os.environ, IOATTN_DROPOUT_BITS=str(bits), IOATTN_DROPOUT_ROUNDS=str(rounds),
-                    IOATTN_DROPOUT_EARLY=str(int(early)))
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", "compile"], env=env(*v),
+    def env(rounds):
+        return dict(os.environ, IOATTN_DROPOUT_ROUNDS=str(rounds))
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "compile"], env=env(v),
                               stdout=subprocess.DEVNULL) for v in variants]
     for pr in procs:
         pr.wait()
     results = []
-    for bits, rounds, early in variants:
-        out = subprocess.run([sys.executable, __file__, "--child", "time"], env=env(bits, rounds, early),
+    for rounds in variants:
+        out = subprocess.run([sys.executable, __file__, "--child", "time"], env=env(rounds),
                              capture_output=True, text=True)
         if out.returncode != 0:
-            print(f"{bits}-bit draws, {rounds} rounds: failed\n{out.stderr[-1500:]}", flush=True)
+            print(f"{rounds} rounds: failed\n{out.stderr[-1500:]}", flush=True)
             continue
         rows = json.loads(out.stdout.strip().splitlines()[-1])
         for r in rows:
-            r.update(bits=bits, rounds=rounds, early=early)
+            r.update(rounds=rounds)
         results += rows
         for d, n, causal in CASES:
             base = next(r for r in rows if (r["hdim"], r["seqlen"], r["causal"], r["dropout_p"]) == (d, n, causal, 0.0))
             drop = next(r for r in rows if (r["hdim"], r["seqlen"], r["causal"], r["dropout_p"]) == (d, n, causal, 0.1))
-            print(f"bits={bits:2d} rounds={rounds:2d} early={int(early)} hdim={d} seqlen={n} causal={causal!s:5}: dropout 0.1 costs "
+            print(f"rounds={rounds:2d} hdim={d} seqlen={n} causal={causal!s:5}: dropout 0.1 costs "
                   f"fwd +{100 * (drop['fwd_ms'] / base['fwd_ms'] - 1):5.1f}%  "
                   f"fwd+bwd +{100 * (drop['fwd_bwd_ms'] / base['fwd_bwd_ms'] - 1):5.1f}%  "
                   f"(no dropout: fwd {base['fwd_ms']:.3f} ms, fwd+bwd {base['fwd_bwd_ms']:.3f} ms)", flush=True)

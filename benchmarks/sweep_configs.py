@@ -51,6 +51,39 @@ for _causal in (False, True):
     ]
 
 
+# round 4 (session 3): the dK/dV program with S computed queries-as-rows (QROWS) and the
+# transposed tiles that layout favours, against the defaults (first row of each head dim)
+ROUND4 = []
+for _causal in (False, True):
+    ROUND4 += [
+        ("bwd", 128, _causal, FWD[128][0], (64, 128, 8, 3), (128, 64, 8, 3)),
+        ("bwd", 128, _causal, FWD[128][0], (128, 64, 8, 2, {"QROWS": True}), (128, 64, 8, 3)),
+        ("bwd", 128, _causal, FWD[128][0], (128, 64, 8, 3, {"QROWS": True}), (128, 64, 8, 3)),
+        ("bwd", 128, _causal, FWD[128][0], (64, 64, 4, 3, {"QROWS": True}), (128, 64, 8, 3)),
+        ("bwd", 64, _causal, FWD[64][0], (32, 128, 4, 3), (64, 64, 4, 3)),
+        ("bwd", 64, _causal, FWD[64][0], (128, 64, 8, 3, {"QROWS": True}), (64, 64, 4, 3)),
+        ("bwd", 64, _causal, FWD[64][0], (128, 64, 8, 2, {"QROWS": True}), (64, 64, 4, 3)),
+        ("bwd", 64, _causal, FWD[64][0], (64, 64, 4, 3, {"QROWS": True}), (64, 64, 4, 3)),
+        ("bwd", 256, _causal, FWD[256][0], (64, 64, 8, 2, {"RELOAD_KV": True}), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (64, 64, 8, 2, {"RELOAD_KV": True, "QROWS": True}), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (128, 64, 8, 1, {"RELOAD_KV": True, "QROWS": True}), (64, 32, 4, 2)),
+    ]
+
+
+# round 5 (session 3): the dK/dV program under dropout 0.1 ("dropout_p" rides in the dK/dV
+# config): queries as rows with transposed tiles (the default) against keys as rows
+ROUND5 = []
+for _causal in (False, True):
+    for _d, _dq in ((128, (128, 64, 8, 3)), (64, (64, 64, 4, 3))):
+        ROUND5 += [
+            ("bwd", _d, _causal, FWD[_d][0], (128, 64, 8, 2 if _d == 128 else 3, {"QROWS": True, "dropout_p": 0.1}), _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (64, 64, 4, 3, {"QROWS": True, "dropout_p": 0.1}), _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (64, 128, 8, 2, {"QROWS": False, "dropout_p": 0.1}), _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (32, 128, 8, 3, {"QROWS": False, "dropout_p": 0.1}), _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (64, 128, 8, 3) if _d == 128 else (32, 128, 4, 3), _dq),
+        ]
+
+
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -74,7 +107,7 @@ def run_one(job):
     configs.backward_override = dict(dkdv=as_cfg(dkdv_t), dq=as_cfg(dq_t))
     try:
         q, k, v, dout, _, _ = inputs(d, causal)
-        out = ioattn.flash_attn_func(q, k, v, causal=causal)
+        out = ioattn.flash_attn_func(q, k, v, causal=causal, dropout_p=as_cfg(dkdv_t).get("dropout_p", 0.0))
         if kind == "bwd":
             torch.autograd.grad(out, (q, k, v), dout)
         torch.cuda.synchronize()
@@ -88,12 +121,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        jobs = [j for j in ROUND2 if j[1] in dims]
+        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5)[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:
@@ -126,7 +159,8 @@ def main(argv=None):
                     ms = triton.testing.do_bench(lambda: ioattn.flash_attn_func(q, k, v, causal=causal),
                                                  warmup=10, rep=40, return_mode="median")
                 else:
-                    out = ioattn.flash_attn_func(q, k, v, causal=causal)
+                    out = ioattn.flash_attn_func(q, k, v, causal=causal,
+                                                 dropout_p=as_cfg(dkdv_t).get("dropout_p", 0.0))
                     ms = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
                                                  warmup=10, rep=40, return_mode="median")
             except Exception as exc:  # noqa: BLE001

@@ -41,6 +41,26 @@ def test_option_fp32(name, shape, device):
     check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, **kw), q, k, v, kw)
 
 
+@pytest.mark.skipif(not ioattn.kernels.configs.interpreting() and not torch.cuda.is_available(),
+                    reason="tile overrides apply to the Triton kernels only")
+@pytest.mark.parametrize("qrows", [True, False], ids=["queries_as_rows", "keys_as_rows"])
+@pytest.mark.parametrize("name", ["all", "window", "alibi_batch"])
+def test_dkdv_orientations(name, qrows, device):
+    """The dK/dV program computes S (queries as rows: head dim 256 and dropout on the GPU)
+    or S^T (keys as rows: the other defaults); both against the reference, with GQA and
+    ragged blocks, tiles of 32 queries x 16 keys."""
+    from ioattn.kernels import configs
+    kw = _kwargs(OPTIONS[name], 2, 4, device)
+    q, k, v = randn(2, 37, 4, 24, device=device), randn(2, 43, 2, 24, device=device), randn(2, 43, 2, 24, device=device)
+    tiles = dict(num_warps=4, num_stages=1)
+    configs.backward_override = dict(dkdv=dict(tiles, BLOCK_M=32, BLOCK_N=16, QROWS=qrows),
+                                     dq=dict(tiles, BLOCK_M=16, BLOCK_N=16))
+    try:
+        check_fwd_bwd(lambda q, k, v: ioattn.flash_attn_func(q, k, v, **kw), q, k, v, kw)
+    finally:
+        configs.backward_override = None
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_all_options_low_precision(dtype, device):
     kw = _kwargs(OPTIONS["all"], 2, 4, device)
@@ -134,6 +154,34 @@ def test_dropout_replayed_mask_matches_reference(opts, device):
     low, _ = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep, upcast=False, **opts)
     assert_close("out", out, ref, low, torch.float32)
     compare_grads(out, ref, low, (q, k, v), torch.float32)
+
+
+_TILES = [  # (forward, dK/dV, dQ) tiles; the mask must not depend on them
+    (dict(BLOCK_M=32, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=32, QROWS=True), dict(BLOCK_M=16, BLOCK_N=128)),
+    (dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=16, BLOCK_N=64, QROWS=False), dict(BLOCK_M=64, BLOCK_N=16)),
+]
+
+
+@pytest.mark.skipif(not ioattn.kernels.configs.interpreting() and not torch.cuda.is_available(),
+                    reason="tile overrides apply to the Triton kernels only")
+@pytest.mark.parametrize("tiles", _TILES, ids=["big_qrows", "small_keys_as_rows"])
+def test_dropout_mask_independent_of_tiles(tiles, device):
+    """Forward, both backward programs (dK/dV with queries or keys as rows) and the mask
+    kernel behind return_attn_probs use different tile shapes and still draw one mask."""
+    from ioattn.kernels import configs
+    fwd, dkdv, dq = (dict(t, num_warps=4, num_stages=1) for t in tiles)
+    p = 0.3
+    q, k, v = randn(1, 70, 2, 16, device=device), randn(1, 150, 2, 16, device=device), randn(1, 150, 2, 16, device=device)
+    configs.forward_override, configs.backward_override = fwd, dict(dkdv=dkdv, dq=dq)
+    try:
+        out, _, probs = ioattn.flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
+        keep = probs >= 0
+        ref, _ = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep, causal=True)
+        low, _ = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep, causal=True, upcast=False)
+        assert_close("out", out, ref, low, torch.float32)
+        compare_grads(out, ref, low, (q, k, v), torch.float32)
+    finally:
+        configs.forward_override = configs.backward_override = None
 
 
 def test_dropout_follows_manual_seed(device):

@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 SMEM_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 9): 101376}
 
 _TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_FP32_PTR_ARGS = {"LSE", "DELTA", "ALIBI", "DQACC"}
+_FP32_PTR_ARGS = {"LSE", "DELTA", "ALIBI"}
 
 
 def compile_kernel(fn, dtype, constexprs, num_warps, num_stages, capability=(9, 0)):
@@ -36,8 +36,6 @@ def compile_kernel(fn, dtype, constexprs, num_warps, num_stages, capability=(9, 
             continue
         if n in ("K_DESC", "V_DESC"):  # TMA descriptors: 4-D boxes (1, BLOCK_N, 1, BLOCK_D)
             sig[n] = f"tensordesc<{dtype}[1,{constexprs['BLOCK_N']},1,{constexprs['BLOCK_D']}]>"
-        elif n == "DQ_DESC":  # the fp32 dQ buffer of the atomic backward: (1, BLOCK_M, 1, BLOCK_D)
-            sig[n] = f"tensordesc<fp32[1,{constexprs['BLOCK_M']},1,{constexprs['BLOCK_D']}]>"
         elif n in _TENSOR_ARGS:
             sig[n] = "*" + dtype
         elif n in _FP32_PTR_ARGS:
@@ -99,8 +97,8 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
         ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], **tma), f["num_warps"],
          f["num_stages"]),
         ("dkdv", _attn_bwd_dkdv, dict(common, BLOCK_M=b["dkdv"]["BLOCK_M"], BLOCK_N=b["dkdv"]["BLOCK_N"],
-                                      RELOAD_KV=b["dkdv"].get("RELOAD_KV", False), DQ_ATOMIC=0, DQACC=None,
-                                      DQ_DESC=None, **group),
+                                      RELOAD_KV=b["dkdv"].get("RELOAD_KV", False),
+                                      QROWS=b["dkdv"].get("QROWS", False), **group),
          b["dkdv"]["num_warps"], b["dkdv"]["num_stages"]),
         ("dq", _attn_bwd_dq, dict(common, BLOCK_M=b["dq"]["BLOCK_M"], BLOCK_N=b["dq"]["BLOCK_N"]),
          b["dq"]["num_warps"], b["dq"]["num_stages"]),

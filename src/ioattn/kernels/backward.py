@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import configs
 from .forward import _dense_or_varlen_strides, dot_precision, softcap_mode, upcast_dot
-from .masks import DROPOUT_EARLY, mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
+from .masks import mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
 
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh"])
@@ -67,8 +67,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                         RELOAD_KV: tl.constexpr, dq_ptr, dq_desc, stride_dqs, dq_b, dq_row0, h,
-                         DQ_ATOMIC: tl.constexpr, IS_VARLEN: tl.constexpr):
+                         RELOAD_KV: tl.constexpr, QROWS: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -89,47 +88,57 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
             do = tl.load(do_ptrs)
         lse = _load_lse_log2(lse_row, offs_m, seqlen_q)  # [BM]
         delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)  # [BM]
-        if HAS_DROPOUT and DROPOUT_EARLY:  # data-independent: drawn while the products run
-            keepT = tl.trans(dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
-        qkT = mma(k, tl.trans(q), None, DOT_PRECISION, UPCAST)  # [BN, BM]
-        sT, tT = scores_log2(qkT, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
-                             sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
-        pT = tl.math.exp2(sT - lse[None, :])
-        if MASKED:
-            ok = visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
-                         window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
-            pT = tl.where(ok, pT, 0.0)
-        dpT = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # [BN, BM]
-        if HAS_DROPOUT:
-            if not DROPOUT_EARLY:
-                keepT = tl.trans(dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
-            scale_keep = 1.0 / (1.0 - dropout_p)
-            pT_kept = tl.where(keepT, pT * scale_keep, 0.0)
-            dpT = tl.where(keepT, dpT * scale_keep, 0.0)
-        else:
-            pT_kept = pT
-        dv = mma(pT_kept.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
-        dsT = pT * (dpT - delta[None, :])
-        if HAS_SOFTCAP:
-            dsT = dsT * (1.0 - tT * tT)
-        ds16 = dsT.to(q.dtype)
-        dk = mma(ds16, q, dk, DOT_PRECISION, UPCAST)  # [BN, D]
-        if DQ_ATOMIC:  # this key block's share of dQ, added into an fp32 buffer
-            dq = mma(tl.trans(ds16), k, None, DOT_PRECISION, UPCAST)  # [BM, D]
-            if DQ_ATOMIC == 2:  # one bulk TMA reduction per tile
-                if IS_VARLEN:
-                    dq_desc.atomic_add([dq_row0 + start_m, h, 0], tl.reshape(dq, (BLOCK_M, 1, BLOCK_D)))
-                else:
-                    dq_desc.atomic_add([dq_b, start_m, h, 0], tl.reshape(dq, (1, BLOCK_M, 1, BLOCK_D)))
+        if QROWS:
+            # queries as rows, as in the forward: the mask's layout then matches the one its
+            # generator is grouped for (masks.dropout_keep); P and dS are transposed on their
+            # way to the dV, dK products instead
+            qk = mma(q, tl.trans(k), None, DOT_PRECISION, UPCAST)  # [BM, BN]
+            s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                               sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            p = tl.math.exp2(s - lse[:, None])
+            if MASKED:
+                ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                             window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+                p = tl.where(ok, p, 0.0)
+            dp = mma(do, tl.trans(v), None, DOT_PRECISION, UPCAST)  # [BM, BN]
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+                scale_keep = 1.0 / (1.0 - dropout_p)
+                dp = tl.where(keep, dp * scale_keep, 0.0)
+                dv = mma(tl.trans(tl.where(keep, p * scale_keep, 0.0).to(do.dtype)), do, dv,
+                         DOT_PRECISION, UPCAST)  # [BN, D]
             else:
-                dq_ptrs = dq_ptr + (dq_row0 + offs_m)[:, None].to(tl.int64) * stride_dqs + offs_d[None, :]
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
-                              sem="relaxed")
+                dv = mma(tl.trans(p.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk = mma(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)  # [BN, D]
+        else:
+            qkT = mma(k, tl.trans(q), None, DOT_PRECISION, UPCAST)  # [BN, BM]
+            sT, tT = scores_log2(qkT, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
+                                 sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            pT = tl.math.exp2(sT - lse[None, :])
+            if MASKED:
+                ok = visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k,
+                             window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+                pT = tl.where(ok, pT, 0.0)
+            dpT = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # [BN, BM]
+            if HAS_DROPOUT:
+                keepT = tl.trans(dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
+                scale_keep = 1.0 / (1.0 - dropout_p)
+                dpT = tl.where(keepT, dpT * scale_keep, 0.0)
+                dv = mma(tl.where(keepT, pT * scale_keep, 0.0).to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+            else:
+                dv = mma(pT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dk = mma(dsT.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)  # [BN, D]
     return dk, dv
 
 
 @triton.jit  # specialized on lengths/strides: 4-7% faster (configs.NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, DQACC, DQ_DESC,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh,
@@ -137,7 +146,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                    stride_dkb, stride_dks, stride_dkh,
                    stride_dvb, stride_dvs, stride_dvh,
                    stride_lb, stride_lh, stride_ab,
-                   stride_dqab, stride_dqas, stride_dqah,
                    seqlen_q_dense, seqlen_k_dense, nheads, nheads_k, group,
                    sm_scale, softcap, window_left, window_right, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -145,7 +153,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RELOAD_KV: tl.constexpr,
-                   DQ_ATOMIC: tl.constexpr):
+                   QROWS: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // nheads_k
@@ -182,33 +190,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
         if HAS_ALIBI:
             slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
         salt = b * nheads + h
-        dq_ptr = DQACC
-        if DQ_ATOMIC == 1:
-            dq_ptr = DQACC + b64 * stride_dqab + h * stride_dqah
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, lo, full_lo, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, dq_ptr, DQ_DESC, stride_dqas, b, q_start, h,
-                                      DQ_ATOMIC, IS_VARLEN)
+                                      RELOAD_KV, QROWS)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, full_lo, full_hi, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, dq_ptr, DQ_DESC, stride_dqas, b, q_start, h,
-                                      DQ_ATOMIC, IS_VARLEN)
+                                      RELOAD_KV, QROWS)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                                       stride_qs, stride_dos, full_hi, hi, start_n, offs_n, offs_d,
                                       seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
                                       BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, dq_ptr, DQ_DESC, stride_dqas, b, q_start, h,
-                                      DQ_ATOMIC, IS_VARLEN)
+                                      RELOAD_KV, QROWS)
     dk = dk * sm_scale  # d(q·k·scale)/dk
     tl.store(DK + b64 * stride_dkb + k_rows[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -240,8 +242,6 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
         else:
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
-        if HAS_DROPOUT and DROPOUT_EARLY:
-            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
         s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
                            sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
@@ -252,8 +252,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
             p = tl.where(ok, p, 0.0)
         dp = mma(do, vT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
         if HAS_DROPOUT:
-            if not DROPOUT_EARLY:
-                keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -374,29 +373,17 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     )
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
-    dq_mode = configs.dq_mode(q.device, head_dim, q.dtype, varlen)
-    c = cfg.get("dkdv_atomic", cfg["dkdv"]) if dq_mode else cfg["dkdv"]
-    dq_acc = dq_desc = None
-    stride_dqa = (0, 0, 0)
-    if dq_mode:
-        dq_acc = torch.zeros(q.shape[:-1] + (head_dim,), dtype=torch.float32, device=q.device)
-        stride_dqa = _dense_or_varlen_strides(dq_acc, varlen)
-        if dq_mode == 2:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            box = [c["BLOCK_M"], 1, block_d] if varlen else [1, c["BLOCK_M"], 1, block_d]
-            dq_desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), box)
+    c = cfg["dkdv"]
     configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, dq_acc, dq_desc,
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
         *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
-        stride_lb, stride_lh, stride_ab, *stride_dqa,
+        stride_lb, stride_lh, stride_ab,
         max_seqlen_q, max_seqlen_k, nheads, nheads_k, nheads // nheads_k,
         softmax_scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], RELOAD_KV=c.get("RELOAD_KV", False), **flags,
-        DQ_ATOMIC=dq_mode, num_warps=c["num_warps"], num_stages=c["num_stages"],
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], RELOAD_KV=c.get("RELOAD_KV", False),
+        QROWS=c.get("QROWS", False), **flags,
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    if dq_mode:
-        dq.copy_(dq_acc.mul_(softmax_scale))
-        return dq, dk, dv
     c = cfg["dq"]
     configs.last_compiled["dq"] = _attn_bwd_dq[(configs.cdiv(max_seqlen_q, c["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,

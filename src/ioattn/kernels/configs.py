@@ -102,20 +102,6 @@ def tma_tiles(block_d, element_size, varlen):
     return not varlen and block_d == 128 and element_size == 2
 
 
-# How the backward gets dQ (A/B knob for benchmarks): "kernel" a separate program per query block
-# (deterministic), "atomic" fp32 atomics from the dK/dV program, "tma" TMA bulk reductions from it.
-DQ = os.environ.get("IOATTN_DQ", "kernel")
-
-
-def dq_mode(device, head_dim, dtype, varlen):
-    """DQ_ATOMIC of the dK/dV kernel: 0 a separate dQ program, 1 pointer atomics, 2 TMA reductions."""
-    if DQ == "kernel" or dtype == torch.float32:
-        return 0
-    if DQ == "tma" and not interpreting() and head_dim % 4 == 0:
-        return 2
-    return 1
-
-
 # benchmarks/sweep_configs.py sets these to time other tiles; None = the table below
 forward_override = None
 backward_override = None
@@ -172,7 +158,7 @@ def backward_config(head_dim, dtype, device, dropout=False, gqa=False):
 def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
     if interpreter:
         small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return _frozen(dict(dkdv=small, dq=small, dkdv_atomic=small))
+        return _frozen(dict(dkdv=dict(small, QROWS=dropout), dq=small))
     d = block_d(head_dim)
     big = dtype == torch.float32
     if d <= 64:
@@ -182,19 +168,23 @@ def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
         dkdv = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2 if big else 3)
         dq = dict(BLOCK_M=128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2 if big else 3)
     else:
-        # K and V re-read from L2 each step instead of held in registers (sweep 2: 124 -> 205)
-        dkdv = dict(BLOCK_M=16 if big else 64, BLOCK_N=64, num_warps=8, num_stages=1 if big else 2,
-                    RELOAD_KV=not big)
-        if gqa and not big:  # the pipelined group loop would need 321 KiB of shared memory
+        # K and V re-read from L2 each step instead of held in registers (sweep 2: 124 -> 205);
+        # S with queries as rows and 128 of them per step (sweep 4, 4k: 200 -> 227, causal
+        # 173 -> 236 TFLOP/s; fewer spills: 752 vs 952 bytes in the sm_90a compile)
+        dkdv = dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1) if big else \
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1, RELOAD_KV=True, QROWS=True)
+        if gqa and not big:  # the group loop doubles the shared memory (344 KiB with the above)
             dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2)
+    if dropout:
+        # S with queries as rows (the mask generator's layout, masks.dropout_keep); sm_90a AOT
+        # compile, hdim 128: 3680 instructions, no spills with these tiles, against 6984 and
+        # 352 bytes of spills for S^T at the plain tiles (docs/PERF_NOTES.md, session 3)
+        if d <= 128 and not big:
+            dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if d <= 64 else 2)
+        dkdv["QROWS"] = dkdv["BLOCK_M"] >= 64  # a wgmma needs 64 rows
+    dkdv.setdefault("QROWS", False)
     if capability[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)
-    # the dK/dV program that also adds dQ (dq_mode 2, sm_90 16-bit): BLOCK_M >= 64 so that the
-    # dS^T K product is a wgmma (AOT compile: no spills at 64, 20-40 bytes at 128)
-    if d <= 128:
-        atomic = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
-    else:
-        atomic = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1, RELOAD_KV=True)
-    return _frozen(dict(dkdv=dkdv, dq=dq, dkdv_atomic=atomic))
+    return _frozen(dict(dkdv=dkdv, dq=dq))

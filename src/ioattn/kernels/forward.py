@@ -13,7 +13,7 @@ import triton.language as tl
 
 from . import configs
 from .configs import NO_SPECIALIZE
-from .masks import DROPOUT_EARLY, mma, dropout_keep, key_range, scores_log2, sequence_bounds, visible
+from .masks import mma, dropout_keep, key_range, scores_log2, sequence_bounds, visible
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _load_rows(base, offs_n, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, B
 
 @triton.jit
 def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
-                  sm_scale, softcap, slope, window_left, window_right, keep,
+                  sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -73,6 +73,7 @@ def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqle
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:  # l_i keeps the undropped sum; 1/(1-p) is applied at the end
+        keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
     acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
@@ -92,9 +93,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_de
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        keep = 0
-        if HAS_DROPOUT and DROPOUT_EARLY:  # data-independent: drawn while the QK^T product runs
-            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         if USE_TMA:  # one bulk copy per tile; rows past the sequence and padded dims read 0
             kT = tl.trans(tl.reshape(k_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D)))
         else:
@@ -104,11 +102,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_de
             v = tl.reshape(v_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D))
         else:
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
-        if HAS_DROPOUT and not DROPOUT_EARLY:
-            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
                                       sm_scale, softcap, slope, window_left, window_right,
-                                      keep, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
+                                      seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     return acc, l_i, m_i
 

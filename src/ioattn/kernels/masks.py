@@ -76,15 +76,11 @@ def visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
     return ok
 
 
-# Dropout generator (docs/PERF_NOTES.md, benchmarks/results/h100-dropout2): Philox-4x32 with
-# 7 rounds (the fewest its authors found to pass BigCrush with no failures; FlashAttention-2's
-# count too), each call cut into 128 / 8 = 16 draws of 8 bits. The environment variables exist
-# for benchmarks/dropout_variants.py only.
+# Dropout generator (docs/PERF_NOTES.md; benchmarks/results/h100-dropout2, h100-session3*):
+# Philox-4x32 with 7 rounds (the fewest its authors found to pass BigCrush with no failures;
+# FlashAttention-2's count too), each call cut into 16 draws of 8 bits. IOATTN_DROPOUT_ROUNDS
+# exists for benchmarks/dropout_variants.py only.
 DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
-DROPOUT_BITS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_BITS", "8")))
-_DRAW_MASK = tl.constexpr((1 << DROPOUT_BITS.value) - 1)
-# where the forward draws the mask: 1 before its QK^T product (overlapping it), 0 after the softmax
-DROPOUT_EARLY = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_EARLY", "0")))
 
 
 @triton.jit
@@ -92,43 +88,43 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Counter-based dropout mask of a [BLOCK_M, BLOCK_N] tile: True where a probability is kept.
 
-    Philox is keyed by the seed; its counters are (key position // KEYS, query position,
-    batch*nheads + head, 0). One call yields four 32-bit words, cut into KEYS = 128 / BITS
-    draws for KEYS neighbouring keys: key k of the group reads word k // (32 / BITS),
-    bits from (k % (32 / BITS)) * BITS up. So the generator costs 1 / KEYS of a call per
-    element. A probability is kept when its draw u satisfies u >= dropout_p * 2**BITS, i.e.
-    with probability 1 - ceil(dropout_p * 2**BITS) / 2**BITS (dropout_p is rounded up to a
-    multiple of 1/256; the kept values are still scaled by 1 / (1 - dropout_p), as
-    FlashAttention-2 does with its 8-bit draws). The mask depends only on (seed,
-    batch*head, query, key), never on the tile shape, so the forward and both backward
-    programs draw the same one. start_n: a multiple of KEYS.
+    Which draw each (query i, key c) gets is fixed by absolute positions, never by the tile
+    shape, so the forward and both backward programs (and dropout_keep_mask) agree. Key c is
+    split as c = 64*a + 8*j + 2*q + e (e < 2, q < 4, j < 8). Philox, keyed by the seed, is
+    called once per (i, a, q) with counters (4*a + q, i, batch*nheads + head, 0); its four
+    32-bit words hold 16 bytes, and key c reads byte 2*j + e (word (2*j + e) // 4, bits
+    8*((2*j + e) % 4) up). A probability is kept when its byte u satisfies
+    u >= ceil(dropout_p * 256), i.e. with probability 1 - ceil(256 dropout_p) / 256 (the kept
+    values are still scaled by 1 / (1 - dropout_p), as FlashAttention-2 does with its 8-bit
+    draws).
 
-    Each word is broadcast over its keys and shifted in place (rather than interleaving
-    the fields with tl.join), which keeps the tile in one register layout: triton 3.6
-    inserts a shared-memory layout conversion after every join (20 conversions in the
-    forward instead of 5).
+    Why this grouping: in the tensor-core (wgmma/mma) accumulator layout a thread holds
+    rows i, i+8 and the key pairs 8*j + 2*q + {0, 1} for every j, with q fixed by its lane.
+    The 16 keys of one call (all j, e for one q) therefore sit in one thread, whose byte
+    picks are compile-time constants. Grouping 16 consecutive keys instead spread a call over
+    4 threads, each recomputing it: 4x the generator's work (session 2's SASS: ~900 extra
+    instructions per 128x128 tile instead of ~250).
     """
-    BITS: tl.constexpr = DROPOUT_BITS
-    KEYS: tl.constexpr = 128 // BITS
-    PER_WORD: tl.constexpr = 32 // BITS
-    G: tl.constexpr = BLOCK_N // KEYS
-    groups = start_n // KEYS + tl.arange(0, G)  # [G]
-    zero = (offs_m[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)  # [BM, G]
-    c0 = groups[None, :].to(tl.uint32) + zero
-    c1 = offs_m[:, None].to(tl.uint32) + zero
+    A: tl.constexpr = BLOCK_N // 64 if BLOCK_N >= 64 else 1
+    J: tl.constexpr = 8 if BLOCK_N >= 64 else BLOCK_N // 8
+    a = tl.arange(0, A)[None, :, None, None, None]
+    j = tl.arange(0, J)[None, None, :, None, None]
+    q = tl.arange(0, 4)[None, None, None, :, None]
+    e = tl.arange(0, 2)[None, None, None, None, :]
+    rows = offs_m[:, None, None, None, None]
+    zero = (rows * 0 + a * 0 + q * 0).to(tl.uint32)  # [BM, A, 1, 4, 1]
+    c0 = ((start_n // 64 + a) * 4 + q).to(tl.uint32) + zero
+    c1 = rows.to(tl.uint32) + zero
     c2 = zero + salt.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, c2, DROPOUT_ROUNDS)
-    i = tl.arange(0, KEYS)[None, None, :]  # key position in the group
-    word = i // PER_WORD
-    x = tl.where(word == 0, r0[:, :, None], tl.where(word == 1, r1[:, :, None],
-                 tl.where(word == 2, r2[:, :, None], r3[:, :, None])))  # [BM, G, KEYS]
-    x = (x >> ((i % PER_WORD) * BITS).to(tl.uint32)) & _DRAW_MASK
-    u = tl.reshape(x, (BLOCK_M, BLOCK_N))
-    # u >= dropout_p * 2**BITS  <=>  u >= ceil(dropout_p * 2**BITS): compared as integers, no
-    # int->float conversion (a quarter-rate instruction). H100, 4k (benchmarks/results/h100-ab):
-    # dropout 0.1 costs +78/+68% fwd (hdim 128 / causal) this way vs +87/+87% comparing floats,
-    # fwd+bwd 75/68% vs 78/72%; hdim 64 fwd +112% vs +99% (fwd+bwd 123% vs 128%).
-    threshold = tl.math.ceil(dropout_p * (2.0 ** BITS)).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero, DROPOUT_ROUNDS)
+    byte = ((start_n // 8) % 8 + j) * 2 + e  # [1, 1, J, 1, 2]: 0..15
+    word = byte // 4
+    x = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    u = (x >> ((byte % 4) * 8).to(tl.uint32)) & 0xFF  # [BM, A, J, 4, 2]
+    u = tl.reshape(u, (BLOCK_M, BLOCK_N))
+    # u >= dropout_p * 256  <=>  u >= ceil(dropout_p * 256): compared as integers, no
+    # int->float conversion (a quarter-rate instruction; A/B in benchmarks/results/h100-ab)
+    threshold = tl.math.ceil(dropout_p * 256.0).to(tl.uint32)
     return u >= threshold
 
 
