@@ -66,16 +66,46 @@ def _path_modules(triton):
     return blockwise, blockwise
 
 
+def on_device_of(t: torch.Tensor, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``t``'s GPU as the current CUDA device.
+
+    Triton launches a kernel on the *current* CUDA device and its current stream, not on
+    the device of the tensors: with tensors on cuda:1 while cuda:0 is current, the launch
+    would go to the wrong GPU. Only then is the launch wrapped in
+    ``with torch.cuda.device(...)``; a CPU tensor, or one on the current GPU (the common
+    case), costs a ``get_device()`` (and on CUDA a ``current_device()``) and no context
+    manager. The hot paths (_forward_impl, _backward_impl, kvcache._fwd_kvcache) inline
+    the same test to save this call's frame and argument repacking (~0.5 us on a slow CPU).
+    """
+    index = t.get_device()  # -1 off CUDA
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def _forward_impl(q, k, v, *params):
     forward, _ = _path_modules(_use_triton(q))
-    return forward.attention_forward(q, k, v, **dict(zip(_PATH_KWARGS, params)))
+    kwargs = dict(zip(_PATH_KWARGS, params))
+    index = q.get_device()  # Triton launches on the current GPU: q's, if not already (on_device_of)
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            return forward.attention_forward(q, k, v, **kwargs)
+    return forward.attention_forward(q, k, v, **kwargs)
 
 
 def _backward_impl(dout, q, k, v, out, lse, *params):
     _, backward = _path_modules(_use_triton(q))
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    return backward.attention_backward(dout, q, k, v, out, lse, **dict(zip(_PATH_KWARGS, params)))
+    kwargs = dict(zip(_PATH_KWARGS, params))
+    # autograd's engine runs a CUDA backward on a thread whose current device is the tensors';
+    # a backward called otherwise (torch.func, a compiled graph) gets the same guard as the forward
+    index = q.get_device()
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            return backward.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    return backward.attention_backward(dout, q, k, v, out, lse, **kwargs)
 
 
 # --------------------------------------------------------------------------- torch.library ops
@@ -227,7 +257,8 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        _fail(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+        _fail(f"q, k, v must be on the same device, got q on {q.device}, k on {k.device}, "
+              f"v on {v.device}")
     if q.device.type not in ("cuda", "cpu"):
         _fail(f"ioattn runs on CUDA GPUs (Triton) and on the CPU, got device {q.device}")
     nheads, head_dim = q.shape[-2], q.shape[-1]
@@ -260,7 +291,7 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
         if alibi_slopes.dtype != torch.float32:
             raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
         if alibi_slopes.device != q.device:
-            _fail(f"alibi_slopes must be on {q.device}, got {alibi_slopes.device}")
+            _fail(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
         if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
             _fail(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
                   f"got {tuple(alibi_slopes.shape)}")
@@ -323,7 +354,8 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
     """The keep mask (batch, nheads, seqlen_q, seqlen_k) that a call with this rng_state used."""
     if _use_triton(rng_state):
         from .kernels.forward import dropout_keep_mask as kernel_mask
-        return kernel_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state)
+        return on_device_of(rng_state, kernel_mask, batch, nheads, seqlen_q, seqlen_k, dropout_p,
+                            rng_state)
     from .blockwise import dropout_keep_mask as cpu_mask
     return torch.cat([cpu_mask(b, nheads, seqlen_q, seqlen_k, rng_state, dropout_p, device)
                       for b in range(batch)])
@@ -411,7 +443,7 @@ def _check_cu_seqlens(name, cu, device, total):
     if cu.dim() != 1 or cu.shape[0] < 2:
         _fail(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
     if cu.device != device:
-        _fail(f"{name} must be on {device}, got {cu.device}")
+        _fail(f"{name} must be on q's device {device}, got {cu.device}")
     if cu.device.type == "cpu":  # values can be checked without a device sync
         c = cu.tolist()
         if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:

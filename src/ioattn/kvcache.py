@@ -144,6 +144,10 @@ def _fwd_kvcache(q, k_cache, v_cache, tensors, ints, floats):
         kw[name] = bool(kw[name])
     if q.is_cuda or configs.interpreting():
         from .kernels.decode import decode_attention
+        index = q.get_device()  # Triton launches on the current GPU: q's, if not already
+        if index >= 0 and index != torch.cuda.current_device():  # (interface.on_device_of)
+            with torch.cuda.device(index):
+                return decode_attention(q, k_cache, v_cache, **kw)
         return decode_attention(q, k_cache, v_cache, **kw)
     return _with_kvcache_torch(q, k_cache, v_cache, **kw)
 
@@ -222,7 +226,8 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
         if block_table.is_floating_point() or block_table.dtype == torch.bool:
             raise TypeError(f"block_table: expected int32, got {block_table.dtype}")
         if block_table.device != device:
-            raise ValueError(f"block_table: expected a tensor on {device}, got {block_table.device}")
+            raise ValueError(f"block_table: expected a tensor on {device} (q's device), "
+                             f"got {block_table.device}")
         block_table = block_table.to(torch.int32).contiguous()
         page_size = k_cache.shape[1]
         if page_size % 16 != 0:
@@ -286,7 +291,7 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
             if not t.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
             if t.device != device:
-                raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+                raise ValueError(f"{name}: expected a tensor on {device} (q's device), got {t.device}")
         rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()  # one stride for both
 
     # -- options
@@ -294,7 +299,8 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
         if alibi_slopes.dtype != torch.float32:
             raise TypeError(f"alibi_slopes: expected float32, got {alibi_slopes.dtype}")
         if alibi_slopes.device != device:
-            raise ValueError(f"alibi_slopes: expected a tensor on {device}, got {alibi_slopes.device}")
+            raise ValueError(f"alibi_slopes: expected a tensor on {device} (q's device), "
+                             f"got {alibi_slopes.device}")
         if tuple(alibi_slopes.shape) == (nheads,):
             alibi_slopes = alibi_slopes.view(1, nheads).expand(batch, nheads)
         elif tuple(alibi_slopes.shape) != (batch, nheads):
