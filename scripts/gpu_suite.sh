@@ -72,6 +72,12 @@ case "$mode" in
     grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
     timeout 150 python3 benchmarks/dropout_variants.py --rounds 7 --out "$OUT/dropout.json" 2>&1 | grep -E "rounds|failed" | head -n 8
     timeout 200 python3 benchmarks/sweep_configs.py --plan round4 --out "$OUT/sweep4.json" 2>&1 | grep -E "^bwd|TFLOP|sdpa" | cut -c1-150 | tail -n 30 ;;
+  s3c)  # the dK/dV tiles under dropout; correctness grid and feature costs with the session-3 defaults
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
+    timeout 200 python3 benchmarks/sweep_configs.py --plan round5 --hdim 64,128 --out "$OUT/sweep5.json" 2>&1 | grep -E "^bwd" | cut -c1-140 | tail -n 24
+    timeout 150 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    tail -n 16 "$OUT/features.log" ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
