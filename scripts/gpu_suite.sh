@@ -78,6 +78,10 @@ case "$mode" in
     timeout 200 python3 benchmarks/sweep_configs.py --plan round5 --hdim 64,128 --out "$OUT/sweep5.json" 2>&1 | grep -E "^bwd" | cut -c1-140 | tail -n 24
     timeout 150 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 16 "$OUT/features.log" ;;
+  s3d)  # session 3 final benchmark (README table)
+    mkdir -p /tmp/bench
+    timeout 560 python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 60
+    tar -cf "$OUT/bench.tar" -C /tmp/bench . ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
