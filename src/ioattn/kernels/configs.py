@@ -180,8 +180,12 @@ def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
         # S with queries as rows (the mask generator's layout, masks.dropout_keep); sm_90a AOT
         # compile, hdim 128: 3680 instructions, no spills with these tiles, against 6984 and
         # 352 bytes of spills for S^T at the plain tiles (docs/PERF_NOTES.md, session 3)
-        if d <= 128 and not big:
-            dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if d <= 64 else 2)
+        # H100 4k (benchmarks/results/h100-session3c): hdim 128 290 TFLOP/s vs 248-271 for the
+        # other tiles/orientation; hdim 64 273 with 64 x 64 tiles vs 224 (128 x 64), 174-178 (S^T)
+        if d <= 64 and not big:
+            dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        elif d <= 128 and not big:
+            dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
         dkdv["QROWS"] = dkdv["BLOCK_M"] >= 64  # a wgmma needs 64 rows
     dkdv.setdefault("QROWS", False)
     if capability[0] < 9:
