@@ -82,6 +82,18 @@ case "$mode" in
     mkdir -p /tmp/bench
     timeout 560 python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 60
     tar -cf "$OUT/bench.tar" -C /tmp/bench . ;;
+  s3e)  # grid with the final dropout tiles, multi-GPU tests (single-GPU parts), the transformers
+        # tests on the GPU (gpu_deps/hf.tgz: this machine's transformers and its deps, carried:
+        # the device has no network), dropout cost
+    python3 --version
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
+    timeout 100 python3 -m pytest tests/test_multi_gpu.py -q 2>&1 | tail -n 3
+    if [ -f gpu_deps/hf.tgz ]; then
+      mkdir -p /tmp/hf && tar -xzf gpu_deps/hf.tgz -C /tmp/hf
+      PYTHONPATH=$PYTHONPATH:/tmp/hf timeout 200 python3 -m pytest tests/test_transformers.py -q -x -p no:cacheprovider 2>&1 | tail -n 8 | cut -c1-300
+    fi
+    timeout 150 python3 benchmarks/dropout_variants.py --rounds 7 --out "$OUT/dropout.json" 2>&1 | grep -E "rounds|failed" | head -n 8 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
