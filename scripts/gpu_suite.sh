@@ -94,6 +94,11 @@ case "$mode" in
       PYTHONPATH=$PYTHONPATH:/tmp/hf timeout 200 python3 -m pytest tests/test_transformers.py -q -x -p no:cacheprovider 2>&1 | tail -n 8 | cut -c1-300
     fi
     timeout 150 python3 benchmarks/dropout_variants.py --rounds 7 --out "$OUT/dropout.json" 2>&1 | grep -E "rounds|failed" | head -n 8 ;;
+  s3f)  # the multi-GPU tests on one GPU, the transformers tests on the GPU (carried deps, a
+        # stand-in `regex` module: the carried cp311 binary does not load on the device's 3.12)
+    timeout 100 python3 -m pytest tests/test_multi_gpu.py -q 2>&1 | tail -n 3
+    mkdir -p /tmp/hf && tar -xzf gpu_deps/hf.tgz -C /tmp/hf
+    PYTHONPATH=$PYTHONPATH:/tmp/hf timeout 300 python3 -m pytest tests/test_transformers.py -q -p no:cacheprovider 2>&1 | tail -n 12 | cut -c1-300 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
