@@ -84,6 +84,19 @@ for _causal in (False, True):
         ]
 
 
+# round 6 (session 3): hdim 256 backward around the queries-as-rows dK/dV default
+_Q256 = (128, 64, 8, 1, {"RELOAD_KV": True, "QROWS": True})
+ROUND6 = []
+for _causal in (False, True):
+    ROUND6 += [
+        ("bwd", 256, _causal, FWD[256][0], _Q256, (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], (128, 64, 8, 1, {"QROWS": True}), (64, 32, 4, 2)),
+        ("bwd", 256, _causal, FWD[256][0], _Q256, (64, 64, 8, 1)),
+        ("bwd", 256, _causal, FWD[256][0], _Q256, (128, 32, 8, 1)),
+        ("bwd", 256, _causal, FWD[256][0], _Q256, (64, 32, 4, 3)),
+    ]
+
+
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -121,12 +134,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5)[args.plan] if j[1] in dims]
+        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6)[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:

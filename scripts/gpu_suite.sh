@@ -99,6 +99,8 @@ case "$mode" in
     timeout 100 python3 -m pytest tests/test_multi_gpu.py -q 2>&1 | tail -n 3
     mkdir -p /tmp/hf && tar -xzf gpu_deps/hf.tgz -C /tmp/hf
     PYTHONPATH=$PYTHONPATH:/tmp/hf timeout 300 python3 -m pytest tests/test_transformers.py -q -p no:cacheprovider 2>&1 | tail -n 12 | cut -c1-300 ;;
+  s3g)  # hdim 256 backward tiles around the session-3 default
+    timeout 300 python3 benchmarks/sweep_configs.py --plan round6 --hdim 256 --out "$OUT/sweep6.json" 2>&1 | grep -E "^bwd" | cut -c1-150 | tail -n 14 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
