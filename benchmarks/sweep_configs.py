@@ -95,6 +95,13 @@ for _causal in (False, True):
         ("bwd", 256, _causal, FWD[256][0], _Q256, (128, 32, 8, 1)),
         ("bwd", 256, _causal, FWD[256][0], _Q256, (64, 32, 4, 3)),
     ]
+# round 7: the two winners of round 6 together
+ROUND7 = []
+for _causal in (False, True):
+    ROUND7 += [
+        ("bwd", 256, _causal, FWD[256][0], _Q256, (64, 32, 4, 3)),
+        ("bwd", 256, _causal, FWD[256][0], (128, 64, 8, 1, {"QROWS": True}), (64, 32, 4, 3)),
+    ]
 
 
 def as_cfg(t):
@@ -134,12 +141,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6)[args.plan] if j[1] in dims]
+        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7)[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:

@@ -101,6 +101,10 @@ case "$mode" in
     PYTHONPATH=$PYTHONPATH:/tmp/hf timeout 300 python3 -m pytest tests/test_transformers.py -q -p no:cacheprovider 2>&1 | tail -n 12 | cut -c1-300 ;;
   s3g)  # hdim 256 backward tiles around the session-3 default
     timeout 300 python3 benchmarks/sweep_configs.py --plan round6 --hdim 256 --out "$OUT/sweep6.json" 2>&1 | grep -E "^bwd" | cut -c1-150 | tail -n 14 ;;
+  s3h)  # hdim 256: the round-6 winners together; quick grid with the new hdim-256 dQ tiles
+    timeout 200 python3 benchmarks/sweep_configs.py --plan round7 --hdim 256 --out "$OUT/sweep7.json" 2>&1 | grep -E "^bwd" | cut -c1-150 | tail -n 6
+    timeout 250 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
