@@ -105,6 +105,10 @@ case "$mode" in
     timeout 200 python3 benchmarks/sweep_configs.py --plan round7 --hdim 256 --out "$OUT/sweep7.json" 2>&1 | grep -E "^bwd" | cut -c1-150 | tail -n 6
     timeout 250 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6 ;;
+  s3i)  # final defaults: quick grid, side-by-side at hdim 256 and 128
+    timeout 250 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
+    timeout 250 python3 benchmarks/quick_bench.py --hdim 256,128 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | grep -E "bwd|fwd" | tail -n 24 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

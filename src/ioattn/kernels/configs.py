@@ -168,11 +168,12 @@ def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
         dkdv = dict(BLOCK_M=32 if big else 64, BLOCK_N=128, num_warps=8, num_stages=2 if big else 3)
         dq = dict(BLOCK_M=128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2 if big else 3)
     else:
-        # K and V re-read from L2 each step instead of held in registers (sweep 2: 124 -> 205);
         # S with queries as rows and 128 of them per step (sweep 4, 4k: 200 -> 227, causal
-        # 173 -> 236 TFLOP/s; fewer spills: 752 vs 952 bytes in the sm_90a compile)
+        # 173 -> 236 TFLOP/s); with that layout K and V held in registers beat re-reading them
+        # from L2 (session 1's fix for the S^T layout), 270 vs 249, causal 285 vs 279 together
+        # with the 3-stage dQ program below (sweeps 6-7; 512 vs 752 bytes of spills)
         dkdv = dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1) if big else \
-            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1, RELOAD_KV=True, QROWS=True)
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1, QROWS=True)
         if gqa and not big:  # the group loop doubles the shared memory (344 KiB with the above)
             dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
         # 3 stages: sweep 6 (4k) 222 -> 254, causal 237 -> 272 TFLOP/s with the dK/dV above
