@@ -58,6 +58,31 @@ def _load_lse_log2(LSE_ROW, offs, seqlen_q):
 
 
 @triton.jit
+def _probs_rows(q, kT, do, vT, lse, offs_m, offs_n, start_n, seqlen_q, seqlen_k, sm_scale, softcap,
+                slope, window_left, window_right, seed, salt, dropout_p,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Recompute a [BM, BN] block with queries as rows: P (undropped), dP (dropped and
+    rescaled under dropout), tanh of the softcap, and the keep mask (0 without dropout)."""
+    qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
+    s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                       sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
+                     window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
+        p = tl.where(ok, p, 0.0)
+    dp = mma(do, vT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
+    keep = 0
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    return p, dp, t, keep
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
                          stride_qs, stride_dos, start, end, start_n, offs_n, offs_d,
                          seqlen_q, seqlen_k, sm_scale, softcap, slope,
@@ -92,23 +117,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
             # queries as rows, as in the forward: the mask's layout then matches the one its
             # generator is grouped for (masks.dropout_keep); P and dS are transposed on their
             # way to the dV, dK products instead
-            qk = mma(q, tl.trans(k), None, DOT_PRECISION, UPCAST)  # [BM, BN]
-            s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
-                               sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
-            p = tl.math.exp2(s - lse[:, None])
-            if MASKED:
-                ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
-                             window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
-                p = tl.where(ok, p, 0.0)
-            dp = mma(do, tl.trans(v), None, DOT_PRECISION, UPCAST)  # [BM, BN]
+            p, dp, t, keep = _probs_rows(q, tl.trans(k), do, tl.trans(v), lse, offs_m, offs_n, start_n,
+                                         seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
+                                         window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED,
+                                         HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                                         DOT_PRECISION, UPCAST)
+            p_kept = p
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
-                scale_keep = 1.0 / (1.0 - dropout_p)
-                dp = tl.where(keep, dp * scale_keep, 0.0)
-                dv = mma(tl.trans(tl.where(keep, p * scale_keep, 0.0).to(do.dtype)), do, dv,
-                         DOT_PRECISION, UPCAST)  # [BN, D]
-            else:
-                dv = mma(tl.trans(p.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
+                p_kept = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+            dv = mma(tl.trans(p_kept.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
@@ -242,18 +259,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
         else:
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
-        qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
-        s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
-                           sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
-        p = tl.math.exp2(s - lse[:, None])
-        if MASKED:
-            ok = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
-                         window_left, window_right, True, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(ok, p, 0.0)
-        dp = mma(do, vT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        p, dp, t, _ = _probs_rows(q, kT, do, vT, lse, offs_m, offs_n, start_n, seqlen_q, seqlen_k,
+                                  sm_scale, softcap, slope, window_left, window_right, seed, salt,
+                                  dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                  HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
