@@ -104,6 +104,16 @@ for _causal in (False, True):
     ]
 
 
+# round 8 (session 3): dQ tiles under dropout 0.1, with the dropout dK/dV defaults
+ROUND8 = []
+for _causal in (False, True):
+    _k128 = (128, 64, 8, 2, {"QROWS": True, "dropout_p": 0.1})
+    _k64 = (64, 64, 4, 3, {"QROWS": True, "dropout_p": 0.1})
+    ROUND8 += [("bwd", 128, _causal, FWD[128][0], _k128, t)
+               for t in ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2))]
+    ROUND8 += [("bwd", 64, _causal, FWD[64][0], _k64, t) for t in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 3))]
+
+
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -141,12 +151,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7", "round8"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7)[args.plan] if j[1] in dims]
+        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7, round8=ROUND8)[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:

@@ -109,6 +109,8 @@ case "$mode" in
     timeout 250 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
     timeout 250 python3 benchmarks/quick_bench.py --hdim 256,128 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | grep -E "bwd|fwd" | tail -n 24 ;;
+  s3j)  # dQ tiles under dropout
+    timeout 300 python3 benchmarks/sweep_configs.py --plan round8 --hdim 64,128 --out "$OUT/sweep8.json" 2>&1 | grep -E "^bwd" | cut -c1-150 | tail -n 18 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
