@@ -111,6 +111,12 @@ case "$mode" in
     timeout 250 python3 benchmarks/quick_bench.py --hdim 256,128 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | grep -E "bwd|fwd" | tail -n 24 ;;
   s3j)  # dQ tiles under dropout
     timeout 300 python3 benchmarks/sweep_configs.py --plan round8 --hdim 64,128 --out "$OUT/sweep8.json" 2>&1 | grep -E "^bwd" | cut -c1-150 | tail -n 18 ;;
+  s3k)  # packed dropout select (masks.drop_packed) vs the per-element select, grid with it
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
+    timeout 100 python3 -m pytest tests/test_features.py -q -x -k "dropout" 2>&1 | tail -n 2
+    timeout 120 python3 benchmarks/dropout_variants.py --rounds 7 --out "$OUT/dropout_packed.json" 2>&1 | grep -E "rounds|failed" | head -n 8
+    IOATTN_PACKED_DROPOUT=0 timeout 120 python3 benchmarks/dropout_variants.py --rounds 7 --out "$OUT/dropout_select.json" 2>&1 | grep -E "rounds|failed" | head -n 8 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

@@ -94,7 +94,9 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
     # without GQA the launch passes group == 1, which Triton specializes as a constant
     group = {} if gqa else {"group": 1}
     return [
-        ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], **tma), f["num_warps"],
+        ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], **tma,
+                                **({"HAS_DROPOUT": 2} if common["HAS_DROPOUT"] and dtype != "fp32" else {})),
+         f["num_warps"],
          f["num_stages"]),
         ("dkdv", _attn_bwd_dkdv, dict(common, BLOCK_M=b["dkdv"]["BLOCK_M"], BLOCK_N=b["dkdv"]["BLOCK_N"],
                                       RELOAD_KV=b["dkdv"].get("RELOAD_KV", False),

@@ -7,13 +7,15 @@ divided by ``l_i`` once at the end), and writes only O and the log-sum-exp.
 The N×N scores never leave registers.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
 from .configs import NO_SPECIALIZE
-from .masks import mma, dropout_keep, key_range, scores_log2, sequence_bounds, visible
+from .masks import mma, drop_packed, dropout_keep, dropout_pairs, key_range, scores_log2, sequence_bounds, visible
 
 
 @triton.jit
@@ -72,10 +74,15 @@ def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqle
     alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if HAS_DROPOUT:  # l_i keeps the undropped sum; 1/(1-p) is applied at the end
-        keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
-        p = tl.where(keep, p, 0.0)
-    acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+    # dropout: l_i keeps the undropped sum; 1/(1-p) is applied at the end
+    if HAS_DROPOUT == 2:  # bf16/fp16 on CUDA: two elements per instruction (masks.drop_packed)
+        pairs = dropout_pairs(seed, salt, offs_m, start_n, BLOCK_M, BLOCK_N)
+        acc = mma(drop_packed(p.to(v.dtype), pairs, dropout_p), v, acc, DOT_PRECISION, UPCAST)
+    else:
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
 
 
@@ -214,6 +221,18 @@ def upcast_dot(dtype):
     return dtype == torch.bfloat16 and configs.interpreting()
 
 
+def dropout_mode(dropout_p, dtype):
+    """HAS_DROPOUT of the forward: 0 off, 1 a select per element (masks.dropout_keep), 2 the
+    packed two-per-instruction variant (masks.drop_packed; inline PTX: bf16/fp16 on CUDA)."""
+    if dropout_p <= 0:
+        return 0
+    return 1 if dtype == torch.float32 or configs.interpreting() or PACKED_DROPOUT == "0" else 2
+
+
+# IOATTN_PACKED_DROPOUT=0 keeps the per-element select on CUDA too (A/B in benchmarks)
+PACKED_DROPOUT = os.environ.get("IOATTN_PACKED_DROPOUT", "1")
+
+
 def softcap_mode(softcap, dtype):
     """HAS_SOFTCAP of the kernels (masks.scores_log2): 0 off, 1 exact tanh, 2 the GPU's
     tanh.approx (bf16/fp16 on CUDA, where its ~2^-11 error is under the dtype's rounding)."""
@@ -262,7 +281,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
-        HAS_DROPOUT=dropout_p > 0,
+        HAS_DROPOUT=dropout_mode(dropout_p, q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), USE_TMA=use_tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

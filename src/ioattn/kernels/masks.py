@@ -84,6 +84,28 @@ DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 
 
 @triton.jit
+def _dropout_words(seed, salt, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The Philox word holding each element's draw, and the draw's byte index (0..15) in
+    the call, as [BM, A, J, 4, 2] tensors (see dropout_keep)."""
+    A: tl.constexpr = BLOCK_N // 64 if BLOCK_N >= 64 else 1
+    J: tl.constexpr = 8 if BLOCK_N >= 64 else BLOCK_N // 8
+    a = tl.arange(0, A)[None, :, None, None, None]
+    j = tl.arange(0, J)[None, None, :, None, None]
+    q = tl.arange(0, 4)[None, None, None, :, None]
+    e = tl.arange(0, 2)[None, None, None, None, :]
+    rows = offs_m[:, None, None, None, None]
+    zero = (rows * 0 + a * 0 + q * 0).to(tl.uint32)  # [BM, A, 1, 4, 1]
+    c0 = ((start_n // 64 + a) * 4 + q).to(tl.uint32) + zero
+    c1 = rows.to(tl.uint32) + zero
+    c2 = zero + salt.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero, DROPOUT_ROUNDS)
+    byte = ((start_n // 8) % 8 + j) * 2 + e  # [1, 1, J, 1, 2]: 0..15
+    word = byte // 4
+    x = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return x, byte
+
+
+@triton.jit
 def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Counter-based dropout mask of a [BLOCK_M, BLOCK_N] tile: True where a probability is kept.
@@ -105,27 +127,39 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
     4 threads, each recomputing it: 4x the generator's work (session 2's SASS: ~900 extra
     instructions per 128x128 tile instead of ~250).
     """
-    A: tl.constexpr = BLOCK_N // 64 if BLOCK_N >= 64 else 1
-    J: tl.constexpr = 8 if BLOCK_N >= 64 else BLOCK_N // 8
-    a = tl.arange(0, A)[None, :, None, None, None]
-    j = tl.arange(0, J)[None, None, :, None, None]
-    q = tl.arange(0, 4)[None, None, None, :, None]
-    e = tl.arange(0, 2)[None, None, None, None, :]
-    rows = offs_m[:, None, None, None, None]
-    zero = (rows * 0 + a * 0 + q * 0).to(tl.uint32)  # [BM, A, 1, 4, 1]
-    c0 = ((start_n // 64 + a) * 4 + q).to(tl.uint32) + zero
-    c1 = rows.to(tl.uint32) + zero
-    c2 = zero + salt.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero, DROPOUT_ROUNDS)
-    byte = ((start_n // 8) % 8 + j) * 2 + e  # [1, 1, J, 1, 2]: 0..15
-    word = byte // 4
-    x = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    x, byte = _dropout_words(seed, salt, offs_m, start_n, BLOCK_M, BLOCK_N)
     u = (x >> ((byte % 4) * 8).to(tl.uint32)) & 0xFF  # [BM, A, J, 4, 2]
     u = tl.reshape(u, (BLOCK_M, BLOCK_N))
     # u >= dropout_p * 256  <=>  u >= ceil(dropout_p * 256): compared as integers, no
     # int->float conversion (a quarter-rate instruction; A/B in benchmarks/results/h100-ab)
     threshold = tl.math.ceil(dropout_p * 256.0).to(tl.uint32)
     return u >= threshold
+
+
+@triton.jit
+def dropout_pairs(seed, salt, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per element, its Philox word shifted so that the draws of its key pair (keys 2i, 2i+1,
+    neighbours in a thread's registers) sit in bytes 0 and 1: the operand of drop_packed."""
+    x, byte = _dropout_words(seed, salt, offs_m, start_n, BLOCK_M, BLOCK_N)
+    xs = x >> (((byte // 2) % 2) * 16).to(tl.uint32)
+    return tl.reshape(xs, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def drop_packed(p16, pairs, dropout_p):
+    """p16 (bf16/fp16) with the dropped entries zeroed, two elements per instruction group:
+    the pair's two draws go to 16-bit lanes (prmt), one add per pair sets each lane's bit 15
+    when its draw >= ceil(256 dropout_p) (the lanes cannot carry into each other), prmt
+    replicates those bits over the lanes, and an AND clears the dropped halves of the packed
+    pair: 2 instructions per element instead of byte extract, compare and select (3).
+    Keeps exactly what dropout_keep keeps. CUDA only (inline PTX)."""
+    threshold = tl.math.ceil(dropout_p * 256.0).to(tl.uint32)
+    lanes = ((0x8000 - threshold) * 0x10001).to(tl.uint32)  # (0x8000 - t) in both 16-bit lanes
+    c = pairs * 0 + lanes
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, z; mov.b32 z, 0; prmt.b32 t, $2, z, 0x4140; add.u32 t, t, $4; "
+        "prmt.b32 t, t, z, 0xBB99; and.b32 $0, $1, t; }",
+        "=r,r,r,r,r,r", [p16, pairs, c], dtype=p16.dtype, is_pure=True, pack=2)
 
 
 @triton.jit
