@@ -77,7 +77,7 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
 
     from . import configs
     from .backward import _attn_bwd_dkdv, _attn_bwd_dq
-    from .forward import _attn_fwd
+    from .forward import _attn_fwd, dropout_mode
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     common = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), IS_VARLEN=flags.get("varlen", False),
                   HAS_LEFT=flags.get("window", False), HAS_RIGHT=flags.get("causal", True) or flags.get("window", False),
@@ -95,9 +95,8 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
     group = {} if gqa else {"group": 1}
     return [
         ("fwd", _attn_fwd, dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], **tma,
-                                **({"HAS_DROPOUT": 2} if common["HAS_DROPOUT"] and dtype != "fp32" else {})),
-         f["num_warps"],
-         f["num_stages"]),
+                                HAS_DROPOUT=dropout_mode(0.1 if common["HAS_DROPOUT"] else 0.0, torch_dtype)),
+         f["num_warps"], f["num_stages"]),
         ("dkdv", _attn_bwd_dkdv, dict(common, BLOCK_M=b["dkdv"]["BLOCK_M"], BLOCK_N=b["dkdv"]["BLOCK_N"],
                                       RELOAD_KV=b["dkdv"].get("RELOAD_KV", False),
                                       QROWS=b["dkdv"].get("QROWS", False), **group),

@@ -189,7 +189,6 @@ def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
         elif d <= 128 and not big:
             dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
         dkdv["QROWS"] = dkdv["BLOCK_M"] >= 64  # a wgmma needs 64 rows
-    dkdv.setdefault("QROWS", False)
     if capability[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)

@@ -130,10 +130,14 @@ def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
     x, byte = _dropout_words(seed, salt, offs_m, start_n, BLOCK_M, BLOCK_N)
     u = (x >> ((byte % 4) * 8).to(tl.uint32)) & 0xFF  # [BM, A, J, 4, 2]
     u = tl.reshape(u, (BLOCK_M, BLOCK_N))
+    return u >= _dropout_threshold(dropout_p)
+
+
+@triton.jit
+def _dropout_threshold(dropout_p):
     # u >= dropout_p * 256  <=>  u >= ceil(dropout_p * 256): compared as integers, no
     # int->float conversion (a quarter-rate instruction; A/B in benchmarks/results/h100-ab)
-    threshold = tl.math.ceil(dropout_p * 256.0).to(tl.uint32)
-    return u >= threshold
+    return tl.math.ceil(dropout_p * 256.0).to(tl.uint32)
 
 
 @triton.jit
@@ -153,8 +157,7 @@ def drop_packed(p16, pairs, dropout_p):
     replicates those bits over the lanes, and an AND clears the dropped halves of the packed
     pair: 2 instructions per element instead of byte extract, compare and select (3).
     Keeps exactly what dropout_keep keeps. CUDA only (inline PTX)."""
-    threshold = tl.math.ceil(dropout_p * 256.0).to(tl.uint32)
-    lanes = ((0x8000 - threshold) * 0x10001).to(tl.uint32)  # (0x8000 - t) in both 16-bit lanes
+    lanes = ((0x8000 - _dropout_threshold(dropout_p)) * 0x10001).to(tl.uint32)  # (0x8000 - t) in both 16-bit lanes
     c = pairs * 0 + lanes
     return tl.inline_asm_elementwise(
         "{ .reg .b32 t, z; mov.b32 z, 0; prmt.b32 t, $2, z, 0x4140; add.u32 t, t, $4; "
