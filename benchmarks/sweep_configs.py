@@ -114,6 +114,23 @@ for _causal in (False, True):
     ROUND8 += [("bwd", 64, _causal, FWD[64][0], _k64, t) for t in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 3))]
 
 
+# round 9 (session 4): the dK/dV program under dropout 0.1 after the generator's words became
+# 2 x 2 blocks (one word per call per thread with keys as rows): keys as rows at the plain
+# tiles against the queries-as-rows default; the plain backward for the ratio
+ROUND9 = []
+for _causal in (False, True):
+    for _d, _dq in ((128, (128, 64, 8, 3)), (64, (64, 64, 4, 3))):
+        _drop = {"dropout_p": 0.1}
+        _q = (128, 64, 8, 2, {"QROWS": True, **_drop}) if _d == 128 else (64, 64, 4, 3, {"QROWS": True, **_drop})
+        ROUND9 += [
+            ("bwd", _d, _causal, FWD[_d][0], _q, _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (64, 128, 8, 3, {"QROWS": False, **_drop}), _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (64, 128, 8, 2, {"QROWS": False, **_drop}), _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (32, 128, 4 if _d == 64 else 8, 3, {"QROWS": False, **_drop}), _dq),
+            ("bwd", _d, _causal, FWD[_d][0], (64, 128, 8, 3) if _d == 128 else (32, 128, 4, 3), _dq),
+        ]
+
+
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -151,12 +168,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7", "round8"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7", "round8", "round9"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7, round8=ROUND8)[args.plan] if j[1] in dims]
+        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7, round8=ROUND8, round9=ROUND9)[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:

@@ -138,10 +138,15 @@ def test_dropout_kept_fraction(device):
     assert abs(frac - (1 - p)) < 6 * sigma, f"kept {frac:.4f}, expected {1 - p} ± {6 * sigma:.4f}"
     # the mask differs between heads and batch elements
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
-    # neighbouring keys share a Philox call: their draws must still be independent
-    same = (keep[..., 1:] == keep[..., :-1]).float().mean().item()
+    # keys c, c + 8 and queries i, i + 8 share a Philox word, keys c, c + 1 a prmt: their
+    # draws must still be independent (agreement rate p^2 + (1-p)^2)
     expect = p * p + (1 - p) * (1 - p)
-    assert abs(same - expect) < 6 * math.sqrt(expect * (1 - expect) / keep[..., 1:].numel())
+    for name, a, b in (("keys c, c+1", keep[..., 1:], keep[..., :-1]),
+                       ("keys c, c+8", keep[..., 8:], keep[..., :-8]),
+                       ("queries i, i+8", keep[..., 8:, :], keep[..., :-8, :]),
+                       ("queries i, i+1", keep[..., 1:, :], keep[..., :-1, :])):
+        same = (a == b).float().mean().item()
+        assert abs(same - expect) < 6 * math.sqrt(expect * (1 - expect) / a.numel()), (name, same, expect)
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True, softcap=2.0)], ids=["plain", "causal_softcap"])

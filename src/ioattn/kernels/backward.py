@@ -58,7 +58,7 @@ def _load_lse_log2(LSE_ROW, offs, seqlen_q):
 
 
 @triton.jit
-def _probs_rows(q, kT, do, vT, lse, offs_m, offs_n, start_n, seqlen_q, seqlen_k, sm_scale, softcap,
+def _probs_rows(q, kT, do, vT, lse, start_m, offs_m, offs_n, start_n, seqlen_q, seqlen_k, sm_scale, softcap,
                 slope, window_left, window_right, seed, salt, dropout_p,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -77,7 +77,7 @@ def _probs_rows(q, kT, do, vT, lse, offs_m, offs_n, start_n, seqlen_q, seqlen_k,
     dp = mma(do, vT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
     keep = 0
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(seed, salt, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     return p, dp, t, keep
 
@@ -117,7 +117,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
             # queries as rows, as in the forward: the mask's layout then matches the one its
             # generator is grouped for (masks.dropout_keep); P and dS are transposed on their
             # way to the dV, dK products instead
-            p, dp, t, keep = _probs_rows(q, tl.trans(k), do, tl.trans(v), lse, offs_m, offs_n, start_n,
+            p, dp, t, keep = _probs_rows(q, tl.trans(k), do, tl.trans(v), lse, start_m, offs_m, offs_n, start_n,
                                          seqlen_q, seqlen_k, sm_scale, softcap, slope, window_left,
                                          window_right, seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED,
                                          HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
@@ -141,7 +141,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
                 pT = tl.where(ok, pT, 0.0)
             dpT = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # [BN, BM]
             if HAS_DROPOUT:
-                keepT = tl.trans(dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
+                keepT = tl.trans(dropout_keep(seed, salt, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
                 scale_keep = 1.0 / (1.0 - dropout_p)
                 dpT = tl.where(keepT, dpT * scale_keep, 0.0)
                 dv = mma(tl.where(keepT, pT * scale_keep, 0.0).to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
@@ -237,7 +237,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                       start, end, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                       start, end, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                        window_left, window_right, seed, salt, dropout_p,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr,
@@ -259,7 +259,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
         else:
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
-        p, dp, t, _ = _probs_rows(q, kT, do, vT, lse, offs_m, offs_n, start_n, seqlen_q, seqlen_k,
+        p, dp, t, _ = _probs_rows(q, kT, do, vT, lse, start_m, offs_m, offs_n, start_n, seqlen_q, seqlen_k,
                                   sm_scale, softcap, slope, window_left, window_right, seed, salt,
                                   dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                                   HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
@@ -319,17 +319,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
     lo, full_lo, full_hi, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                            lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                            lo, full_lo, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
                             BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                            full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                            full_lo, full_hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
                             BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
                             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                            full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                            full_hi, hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                             window_left, window_right, seed, salt, dropout_p,
                             BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)

@@ -179,16 +179,16 @@ def _backward_config(head_dim, dtype, capability, dropout, gqa, interpreter):
         # 3 stages: sweep 6 (4k) 222 -> 254, causal 237 -> 272 TFLOP/s with the dK/dV above
         dq = dict(BLOCK_M=64, BLOCK_N=16 if big else 32, num_warps=4, num_stages=2 if big else 3)
     if dropout:
-        # S with queries as rows (the mask generator's layout, masks.dropout_keep); sm_90a AOT
-        # compile, hdim 128: 3680 instructions, no spills with these tiles, against 6984 and
-        # 352 bytes of spills for S^T at the plain tiles (docs/PERF_NOTES.md, session 3)
-        # H100 4k (benchmarks/results/h100-session3c): hdim 128 290 TFLOP/s vs 248-271 for the
-        # other tiles/orientation; hdim 64 273 with 64 x 64 tiles vs 224 (128 x 64), 174-178 (S^T)
+        # hdim <= 64: S with queries as rows (the layout the forward draws the mask in) on 64 x 64
+        # tiles; H100 4k (benchmarks/results/h100-session4a) 271 TFLOP/s (causal 248) vs 184-228
+        # for S^T. hdim 128 keeps the plain tiles and S^T: since the generator's words are 2 x 2
+        # blocks (masks.dropout_keep) a thread there needs one word per call (four warps share
+        # a call, 5600 sm_90a instructions and no spills, against 6984 and 352 bytes of spills
+        # before): 303 vs 295 TFLOP/s for queries as rows at 128 x 64 (causal 259 vs 251).
         if d <= 64 and not big:
-            dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-        elif d <= 128 and not big:
-            dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-        dkdv["QROWS"] = dkdv["BLOCK_M"] >= 64  # a wgmma needs 64 rows
+            dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, QROWS=True)
+        elif d > 128 and not big:
+            dkdv["QROWS"] = dkdv["BLOCK_M"] >= 64  # a wgmma needs 64 rows
     if capability[0] < 9:
         for c in (dkdv, dq):
             c.update(BLOCK_M=min(c["BLOCK_M"], 64), BLOCK_N=min(c["BLOCK_N"], 64), num_stages=1)

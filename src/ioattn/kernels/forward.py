@@ -39,7 +39,7 @@ def _load_rows(base, offs_n, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
+def _softmax_step(acc, l_i, m_i, qk, v, start_m, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
                   sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -76,11 +76,11 @@ def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqle
     acc = acc * alpha[:, None]
     # dropout: l_i keeps the undropped sum; 1/(1-p) is applied at the end
     if HAS_DROPOUT == 2:  # bf16/fp16 on CUDA: two elements per instruction (masks.drop_packed)
-        pairs = dropout_pairs(seed, salt, offs_m, start_n, BLOCK_M, BLOCK_N)
-        acc = mma(drop_packed(p.to(v.dtype), pairs, dropout_p), v, acc, DOT_PRECISION, UPCAST)
+        pairs = dropout_pairs(seed, salt, start_m, start_n, BLOCK_M, BLOCK_N)
+        acc = mma(drop_packed(p.to(v.dtype), *pairs, dropout_p), v, acc, DOT_PRECISION, UPCAST)
     else:
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, salt, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, salt, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
     return acc, l_i, m_new
@@ -88,7 +88,7 @@ def _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqle
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, b, hk,
-                    start, end, offs_m, offs_d, seqlen_q, seqlen_k,
+                    start, end, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                     sm_scale, softcap, slope, window_left, window_right,
                     seed, salt, dropout_p,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -109,7 +109,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_de
             v = tl.reshape(v_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D))
         else:
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_m, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
                                       sm_scale, softcap, slope, window_left, window_right,
                                       seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
@@ -170,7 +170,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
     # 1) masked blocks at the left edge of a window
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
-                                    lo, full_lo, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    lo, full_lo, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
@@ -178,7 +178,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
     # 2) blocks every row sees in full: no mask arithmetic
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
-                                    full_lo, full_hi, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    full_lo, full_hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
@@ -186,7 +186,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
-                                    full_hi, hi, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    full_hi, hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
@@ -312,7 +312,7 @@ def _dropout_mask_kernel(MASK, RNG, nheads, seqlen_q, seqlen_k, dropout_p,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     seed = tl.load(RNG) + tl.load(RNG + 1)
-    keep = dropout_keep(seed, bh, offs_m, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
+    keep = dropout_keep(seed, bh, tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = MASK + bh.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 

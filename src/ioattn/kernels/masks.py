@@ -84,51 +84,59 @@ DROPOUT_ROUNDS = tl.constexpr(int(os.environ.get("IOATTN_DROPOUT_ROUNDS", "7")))
 
 
 @triton.jit
-def _dropout_words(seed, salt, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The Philox word holding each element's draw, and the draw's byte index (0..15) in
-    the call, as [BM, A, J, 4, 2] tensors (see dropout_keep)."""
+def _dropout_words(seed, salt, start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The Philox word holding each element's draw, and the draw's byte index (0..3) in that
+    word, as [G, 2, 8, A, M, 8] tensors (see dropout_keep); reshaped row-major they are the
+    [BLOCK_M, BLOCK_N] tile. start_m must be a multiple of 16."""
+    tl.static_assert(BLOCK_M % 16 == 0, "dropout tiles need a multiple of 16 query rows")
+    G: tl.constexpr = BLOCK_M // 16
     A: tl.constexpr = BLOCK_N // 64 if BLOCK_N >= 64 else 1
-    J: tl.constexpr = 8 if BLOCK_N >= 64 else BLOCK_N // 8
-    a = tl.arange(0, A)[None, :, None, None, None]
-    j = tl.arange(0, J)[None, None, :, None, None]
-    q = tl.arange(0, 4)[None, None, None, :, None]
-    e = tl.arange(0, 2)[None, None, None, None, :]
-    rows = offs_m[:, None, None, None, None]
-    zero = (rows * 0 + a * 0 + q * 0).to(tl.uint32)  # [BM, A, 1, 4, 1]
-    c0 = ((start_n // 64 + a) * 4 + q).to(tl.uint32) + zero
-    c1 = rows.to(tl.uint32) + zero
+    M: tl.constexpr = 8 if BLOCK_N >= 64 else BLOCK_N // 8
+    g = tl.arange(0, G)[:, None, None, None, None, None]
+    h = tl.arange(0, 2)[None, :, None, None, None, None]
+    r = tl.arange(0, 8)[None, None, :, None, None, None]
+    a = tl.arange(0, A)[None, None, None, :, None, None]
+    m = tl.arange(0, M)[None, None, None, None, :, None]
+    c = tl.arange(0, 8)[None, None, None, None, None, :]
+    zero = (g * 0 + r * 0 + a * 0 + c * 0).to(tl.uint32)  # [G, 1, 8, A, 1, 8]: one call each
+    c0 = ((start_n // 64 + a) * 8 + c).to(tl.uint32) + zero
+    c1 = ((start_m // 16 + g) * 8 + r).to(tl.uint32) + zero
     c2 = zero + salt.to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero, DROPOUT_ROUNDS)
-    byte = ((start_n // 8) % 8 + j) * 2 + e  # [1, 1, J, 1, 2]: 0..15
-    word = byte // 4
+    mm = (start_n // 8) % 8 + m  # [1, 1, 1, 1, M, 1]: 0..7 within the 64-key group
+    word = mm // 2
     x = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    byte = h * 2 + mm % 2  # [1, 2, 1, 1, M, 1]
     return x, byte
 
 
 @triton.jit
-def dropout_keep(seed, salt, offs_m, start_n, dropout_p,
+def dropout_keep(seed, salt, start_m, start_n, dropout_p,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Counter-based dropout mask of a [BLOCK_M, BLOCK_N] tile: True where a probability is kept.
+    """Counter-based dropout mask of the [BLOCK_M, BLOCK_N] tile at (start_m, start_n): True
+    where a probability is kept.
 
     Which draw each (query i, key c) gets is fixed by absolute positions, never by the tile
-    shape, so the forward and both backward programs (and dropout_keep_mask) agree. Key c is
-    split as c = 64*a + 8*j + 2*q + e (e < 2, q < 4, j < 8). Philox, keyed by the seed, is
-    called once per (i, a, q) with counters (4*a + q, i, batch*nheads + head, 0); its four
-    32-bit words hold 16 bytes, and key c reads byte 2*j + e (word (2*j + e) // 4, bits
-    8*((2*j + e) % 4) up). A probability is kept when its byte u satisfies
-    u >= ceil(dropout_p * 256), i.e. with probability 1 - ceil(256 dropout_p) / 256 (the kept
-    values are still scaled by 1 / (1 - dropout_p), as FlashAttention-2 does with its 8-bit
-    draws).
+    shape, so the forward and both backward programs (and dropout_keep_mask) agree. Write
+    i = 16*g + 8*h + r and c = 64*a + 8*m + n (h < 2; r, m, n < 8). Philox, keyed by the
+    seed, is called once per (g, r, a, n) with counters (8*a + n, 8*g + r, batch*nheads +
+    head, 0): 16 bytes for the 2 x 8 elements (i, i + 8) x (c + 8*m). Word m // 2 of the
+    call holds the 2 x 2 block (i, i + 8) x (c, c + 8) of key pair m; byte 2*h + m % 2 is the
+    draw. A probability is kept when its byte u satisfies u >= ceil(dropout_p * 256), i.e.
+    with probability 1 - ceil(256 dropout_p) / 256 (the kept values are still scaled by
+    1 / (1 - dropout_p), as FlashAttention-2 does with its 8-bit draws).
 
-    Why this grouping: in the tensor-core (wgmma/mma) accumulator layout a thread holds
-    rows i, i+8 and the key pairs 8*j + 2*q + {0, 1} for every j, with q fixed by its lane.
-    The 16 keys of one call (all j, e for one q) therefore sit in one thread, whose byte
-    picks are compile-time constants. Grouping 16 consecutive keys instead spread a call over
-    4 threads, each recomputing it: 4x the generator's work (session 2's SASS: ~900 extra
-    instructions per 128x128 tile instead of ~250).
+    Why this grouping: in the tensor-core (wgmma/mma) accumulator layout of a [rows, cols]
+    tile a thread holds rows (x, x + 8) of a 16-row slab and the columns y, y + 1 (mod 8)
+    for every group of 8. With queries as rows (forward, dQ program) the 16 draws of a call
+    sit in one thread and every byte pick is a compile-time constant; with keys as rows
+    (dK/dV program, S^T) a thread holds keys (c, c + 8) and query pairs (i, i + 8): exactly
+    one word of each call, so four warps recompute a call but no thread discards a draw of
+    the word it computes for. A call of consecutive keys of one query (session 2/3's
+    grouping) was 4x redundant in the forward or 8x with keys as rows.
     """
-    x, byte = _dropout_words(seed, salt, offs_m, start_n, BLOCK_M, BLOCK_N)
-    u = (x >> ((byte % 4) * 8).to(tl.uint32)) & 0xFF  # [BM, A, J, 4, 2]
+    x, byte = _dropout_words(seed, salt, start_m, start_n, BLOCK_M, BLOCK_N)
+    u = (x >> (byte * 8).to(tl.uint32)) & 0xFF  # [G, 2, 8, A, M, 8]
     u = tl.reshape(u, (BLOCK_M, BLOCK_N))
     return u >= _dropout_threshold(dropout_p)
 
@@ -141,28 +149,31 @@ def _dropout_threshold(dropout_p):
 
 
 @triton.jit
-def dropout_pairs(seed, salt, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per element, its Philox word shifted so that the draws of its key pair (keys 2i, 2i+1,
-    neighbours in a thread's registers) sit in bytes 0 and 1: the operand of drop_packed."""
-    x, byte = _dropout_words(seed, salt, offs_m, start_n, BLOCK_M, BLOCK_N)
-    xs = x >> (((byte // 2) % 2) * 16).to(tl.uint32)
-    return tl.reshape(xs, (BLOCK_M, BLOCK_N))
+def dropout_pairs(seed, salt, start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per element, its Philox word and the prmt selector that moves its draw (byte b) and
+    its key neighbour's (the same byte of the next element's word) into bytes 0 and 1:
+    the operands of drop_packed. The neighbours (keys 2j, 2j + 1) sit in adjacent registers
+    of a thread and in calls n = 2j, 2j + 1 with the same byte index."""
+    x, byte = _dropout_words(seed, salt, start_m, start_n, BLOCK_M, BLOCK_N)
+    sel = (byte + (byte + 4) * 16).to(tl.uint32) + x * 0  # d.b0 = a.b, d.b1 = b.b
+    x = x + sel * 0
+    return tl.reshape(x, (BLOCK_M, BLOCK_N)), tl.reshape(sel, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
-def drop_packed(p16, pairs, dropout_p):
-    """p16 (bf16/fp16) with the dropped entries zeroed, two elements per instruction group:
-    the pair's two draws go to 16-bit lanes (prmt), one add per pair sets each lane's bit 15
-    when its draw >= ceil(256 dropout_p) (the lanes cannot carry into each other), prmt
-    replicates those bits over the lanes, and an AND clears the dropped halves of the packed
-    pair: 2 instructions per element instead of byte extract, compare and select (3).
-    Keeps exactly what dropout_keep keeps. CUDA only (inline PTX)."""
+def drop_packed(p16, words, sel, dropout_p):
+    """p16 (bf16/fp16) with the dropped entries zeroed, two elements (key neighbours) per
+    instruction group: prmt gathers the pair's two draws from their words, a second prmt
+    spreads them to the low bytes of the 16-bit lanes, one add per pair sets each lane's
+    bit 15 when its draw >= ceil(256 dropout_p) (the lanes cannot carry into each other),
+    prmt replicates those bits over the lanes, and an AND clears the dropped halves of the
+    packed pair. Keeps exactly what dropout_keep keeps. CUDA only (inline PTX)."""
     lanes = ((0x8000 - _dropout_threshold(dropout_p)) * 0x10001).to(tl.uint32)  # (0x8000 - t) in both 16-bit lanes
-    c = pairs * 0 + lanes
+    c = words * 0 + lanes
     return tl.inline_asm_elementwise(
-        "{ .reg .b32 t, z; mov.b32 z, 0; prmt.b32 t, $2, z, 0x4140; add.u32 t, t, $4; "
-        "prmt.b32 t, t, z, 0xBB99; and.b32 $0, $1, t; }",
-        "=r,r,r,r,r,r", [p16, pairs, c], dtype=p16.dtype, is_pure=True, pack=2)
+        "{ .reg .b32 t, z; mov.b32 z, 0; prmt.b32 t, $2, $3, $4; prmt.b32 t, t, z, 0x4140; "
+        "add.u32 t, t, $6; prmt.b32 t, t, z, 0xBB99; and.b32 $0, $1, t; }",
+        "=r,r,r,r,r,r,r,r", [p16, words, sel, c], dtype=p16.dtype, is_pure=True, pack=2)
 
 
 @triton.jit
