@@ -123,7 +123,7 @@ case "$mode" in
     timeout 100 python3 -m pytest tests/test_features.py -q -x -k "dropout" 2>&1 | tail -n 2
     timeout 300 python3 benchmarks/sweep_configs.py --plan round9 --hdim 64,128 --out "$OUT/sweep9.json" 2>&1 | grep -E "^bwd" | cut -c1-150 | tail -n 20
     timeout 120 python3 benchmarks/dropout_variants.py --rounds 7 --out "$OUT/dropout.json" 2>&1 | grep -E "rounds|failed" | head -n 8 ;;
-  s4b)  # the new defaults (keys-as-rows dK/dV under dropout at hdim 128): grid, dropout costs, features
+  s4b|s4c)  # s4c: the same after folding 1/(1-p) into lse, delta. s4b: the new defaults (keys-as-rows dK/dV under dropout at hdim 128): grid, dropout costs, features
     timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
     timeout 100 python3 -m pytest tests/test_features.py -q -x -k "dropout" 2>&1 | tail -n 2

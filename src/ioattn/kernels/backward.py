@@ -58,14 +58,27 @@ def _load_lse_log2(LSE_ROW, offs, seqlen_q):
 
 
 @triton.jit
+def _fold_dropout_scale(lse, delta, dropout_p, HAS_DROPOUT: tl.constexpr):
+    """Under dropout the kept probabilities are scaled by 1/(1-p). Folding that into the
+    row statistics (lse - log2(1/(1-p)), delta * (1-p)) makes P' = exp2(S - lse') the scaled
+    probability, so that dV += keep(P') dO and dS = P' (keep(dP) - delta') = P (keep(dP)/(1-p)
+    - delta) need no multiply per score."""
+    if HAS_DROPOUT:
+        lse = lse + tl.math.log2(1.0 - dropout_p)
+        delta = delta * (1.0 - dropout_p)
+    return lse, delta
+
+
+@triton.jit
 def _probs_rows(q, kT, do, vT, lse, start_m, offs_m, offs_n, start_n, seqlen_q, seqlen_k, sm_scale, softcap,
                 slope, window_left, window_right, seed, salt, dropout_p,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr):
-    """Recompute a [BM, BN] block with queries as rows: P (undropped), dP (dropped and
-    rescaled under dropout), tanh of the softcap, and the keep mask (0 without dropout)."""
+    """Recompute a [BM, BN] block with queries as rows: P (undropped; scaled by 1/(1-p) under
+    dropout, with lse from _fold_dropout_scale), dP (dropped entries zeroed), tanh of the
+    softcap, and the keep mask (0 without dropout)."""
     qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
     s, t = scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k,
                        sm_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
@@ -78,7 +91,7 @@ def _probs_rows(q, kT, do, vT, lse, start_m, offs_m, offs_n, start_n, seqlen_q, 
     keep = 0
     if HAS_DROPOUT:
         keep = dropout_keep(seed, salt, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
-        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp = tl.where(keep, dp, 0.0)
     return p, dp, t, keep
 
 
@@ -113,6 +126,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
             do = tl.load(do_ptrs)
         lse = _load_lse_log2(lse_row, offs_m, seqlen_q)  # [BM]
         delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)  # [BM]
+        lse, delta = _fold_dropout_scale(lse, delta, dropout_p, HAS_DROPOUT)
         if QROWS:
             # queries as rows, as in the forward: the mask's layout then matches the one its
             # generator is grouped for (masks.dropout_keep); P and dS are transposed on their
@@ -124,7 +138,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
                                          DOT_PRECISION, UPCAST)
             p_kept = p
             if HAS_DROPOUT:
-                p_kept = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+                p_kept = tl.where(keep, p, 0.0)
             dv = mma(tl.trans(p_kept.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
@@ -142,9 +156,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
             dpT = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # [BN, BM]
             if HAS_DROPOUT:
                 keepT = tl.trans(dropout_keep(seed, salt, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
-                scale_keep = 1.0 / (1.0 - dropout_p)
-                dpT = tl.where(keepT, dpT * scale_keep, 0.0)
-                dv = mma(tl.where(keepT, pT * scale_keep, 0.0).to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+                dpT = tl.where(keepT, dpT, 0.0)  # pT, delta carry 1/(1-p) (_fold_dropout_scale)
+                dv = mma(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
             else:
                 dv = mma(pT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
             dsT = pT * (dpT - delta[None, :])
@@ -305,6 +318,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
                  mask=io_mask, other=0.0)
     lse = _load_lse_log2(LSE + b64 * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q)
     delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    lse, delta = _fold_dropout_scale(lse, delta, dropout_p, HAS_DROPOUT)
     k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
     slope = 0.0
