@@ -10,6 +10,7 @@ triton.testing.do_bench; SDPA cuDNN and flash are timed in the same run.
 import argparse
 import json
 import multiprocessing as mp
+import os
 
 import torch
 
@@ -28,7 +29,7 @@ DQ = {
     128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (128, 32, 8, 3)],
     256: [(64, 32, 8, 1), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 1), (64, 64, 8, 1)],
 }
-SEQLEN = 4096
+SEQLEN = int(os.environ.get("IOATTN_SWEEP_SEQLEN", "4096"))  # read in the workers too
 
 
 # round 2: variants that change code paths (a 5th element holds extra constexpr flags).
@@ -131,6 +132,21 @@ for _causal in (False, True):
         ]
 
 
+# round 10 (session 4): forward tiles for short sequences (512, 1k: IOATTN_SWEEP_SEQLEN), where
+# a CTA runs 4-8 key blocks and its prologue/epilogue do not overlap another CTA's loop at
+# 128x128 tiles (one CTA per SM by registers and shared memory); 64-row tiles fit two
+ROUND10 = []
+for _causal in (False, True):
+    ROUND10 += [("fwd", 128, _causal, t, DKDV[128][0], DQ[128][0])
+                for t in ((128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2))]
+# round 11: the winner of round 10 against the default at 512..4k, and hdim 64's candidates
+# (2-stage forwards crashed ptxas with the TMA loads: error -11)
+ROUND11 = []
+for _causal in (False, True):
+    ROUND11 += [("fwd", 128, _causal, t, DKDV[128][0], DQ[128][0]) for t in ((128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))]
+    ROUND11 += [("fwd", 64, _causal, t, DKDV[64][0], DQ[64][0]) for t in ((128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4))]
+
+
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -168,12 +184,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7", "round8", "round9"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7", "round8", "round9", "round10", "round11"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7, round8=ROUND8, round9=ROUND9)[args.plan] if j[1] in dims]
+        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7, round8=ROUND8, round9=ROUND9, round10=ROUND10, round11=ROUND11)[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:

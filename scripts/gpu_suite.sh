@@ -130,6 +130,19 @@ case "$mode" in
     timeout 120 python3 benchmarks/dropout_variants.py --rounds 7 --out "$OUT/dropout.json" 2>&1 | grep -E "rounds|failed" | head -n 8
     timeout 150 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 12 "$OUT/features.log" ;;
+  s4d)  # forward tiles at 512 and 1k tokens (sweep round 10), hdim 128
+    for n in 512 1024; do
+      IOATTN_SWEEP_SEQLEN=$n timeout 280 python3 benchmarks/sweep_configs.py --plan round10 --hdim 128 --out "$OUT/sweep10_$n.json" 2>&1 | grep -E "^fwd d" | cut -c1-110
+    done ;;
+  s4e|s4f)  # forward tiles (sweep round 11), hdim 64 and 128: s4e 512..4k, s4f 8k, 16k
+    ns="512 1024 2048 4096"; [ "$mode" = s4f ] && ns="8192 16384"
+    for n in $ns; do
+      IOATTN_SWEEP_SEQLEN=$n timeout 140 python3 benchmarks/sweep_configs.py --plan round11 --hdim 64,128 --out "$OUT/sweep11_$n.json" 2>&1 | grep -E "^fwd d=[0-9]+ causal=[TF][a-z]+:"
+    done ;;
+  s4g)  # hdim 128 forward on 64x64 tiles up to 8k keys: grid, side by side with the peers
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
+    timeout 200 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 512,1024,2048,4096,8192,16384 --out "$OUT/quick.json" 2>&1 | grep -E "fwd" | head -n 40 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

@@ -13,12 +13,13 @@ pytestmark = pytest.mark.skipif(configs.interpreting(), reason="ahead-of-time co
                                 "compiler, not the interpreter (scripts/test.sh runs this file without it)")
 
 FLAGS = [{}, {"gqa": True}, {"dropout": True}, {"dropout": True, "gqa": True},
-         {"window": True, "softcap": True, "alibi": True, "varlen": True, "gqa": True}]
+         {"window": True, "softcap": True, "alibi": True, "varlen": True, "gqa": True},
+         {"seqlen_k": 1024, "dropout": True}, {"seqlen_k": 1024, "softcap": True, "alibi": True}]
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f) or "plain")
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(map(str, f)) or "plain")
 def test_default_configs_fit_shared_memory(head_dim, flags, capability):
     for name, fn, consts, warps, stages in default_launches(head_dim, "bf16", capability, **flags):
         kernel = compile_kernel(fn, "bf16", consts, warps, stages, capability)

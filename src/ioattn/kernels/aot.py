@@ -84,7 +84,8 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
                   HAS_SOFTCAP=(1 if dtype == "fp32" else 2) if flags.get("softcap") else 0, HAS_ALIBI=flags.get("alibi", False),
                   HAS_DROPOUT=flags.get("dropout", False),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-    f = configs.forward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"])
+    f = configs.forward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"],
+                               seqlen_k=flags.get("seqlen_k"))
     gqa = flags.get("gqa", False)
     b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa)
     # the forward's K/V descriptors (dense batches on sm_90+), else constexpr None

@@ -258,7 +258,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         lse = configs.new_empty((batch, nheads, max_seqlen_q), torch.float32, q.device)
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     out = configs.new_empty(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
-    cfg = configs.forward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0)
+    cfg = configs.forward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0, seqlen_k=max_seqlen_k)
     block_d = configs.block_d(head_dim)
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
