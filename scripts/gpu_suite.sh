@@ -143,6 +143,11 @@ case "$mode" in
     timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 6
     timeout 200 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 512,1024,2048,4096,8192,16384 --out "$OUT/quick.json" 2>&1 | grep -E "fwd" | head -n 40 ;;
+  s4h)  # A/B in one call: short-sequence forward tiles on/off (IOATTN_SHORT_FORWARD_SEQLEN=0), twice
+    for rep in 1 2; do for v in 8192 0; do
+      echo "== short-forward limit $v (round $rep)"
+      IOATTN_SHORT_FORWARD_SEQLEN=$v timeout 100 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 512,1024,4096,8192 --providers ioattn,sdpa_cudnn --out "$OUT/quick_${v}_$rep.json" 2>&1 | grep -E " fwd " | head -n 8
+    done; done ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

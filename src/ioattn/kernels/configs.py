@@ -108,7 +108,7 @@ backward_override = None
 
 
 # key-sequence length up to which hdim 128 runs the forward on 64 x 64 tiles (see below)
-SHORT_FORWARD_SEQLEN = 8192
+SHORT_FORWARD_SEQLEN = int(os.environ.get("IOATTN_SHORT_FORWARD_SEQLEN", "2048"))  # 0: never (A/B)
 
 
 def forward_config(head_dim, dtype, device, dropout=False, seqlen_k=None):
@@ -138,11 +138,13 @@ def _forward_config(head_dim, dtype, capability, dropout, interpreter, short=Fal
     else:
         cfg = dict(BLOCK_M=64 if big else 128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
     if d == 128 and not big and short and capability[0] >= 9:
-        # up to 8k keys, 64 x 64 tiles and 4 warps (two CTAs per SM: one's prologue and epilogue
-        # overlap the other's loop) beat 128 x 128 (benchmarks/results/h100-session4d, 16k
-        # tokens, TFLOP/s non-causal / causal): 512 353 / 229 vs 304 / 181, 1k 441 / 334 vs
-        # 391 / 268, 2k 494 / 411 vs 458 / 344, 4k 518 / 453 vs 496 / 410, 8k 522 / 482 vs
-        # 519 / 471; at 16k 128 x 128 wins (535 / 528 vs 494 / 521)
+        # short keys: 64 x 64 tiles and 4 warps (two CTAs per SM, so one's prologue and epilogue
+        # overlap the other's loop) beat 128 x 128. H100, 16k tokens, TFLOP/s non-causal /
+        # causal. Sweep 11 (benchmarks/results/h100-session4e): 512 353 / 229 vs 304 / 181,
+        # 1k 441 / 334 vs 391 / 268, 2k 494 / 411 vs 458 / 344. A/B through the default path,
+        # two rounds (h100-session4h): 512 338-352 / 230 vs 301-303 / 180-181, 1k 412-415 /
+        # 277-327 vs 391 / 270; at 4k and 8k 128 x 128 won there (473-478 vs 458, 494-496 vs
+        # 474-478) although sweep 11 had 64 x 64 ahead, so the switch stops at 2k
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if d > 128 and head_dim != d and not big:
         # hdim 129..255 padded to 256: with 128x64 tiles, 8 warps, triton 3.6 emits a load that
