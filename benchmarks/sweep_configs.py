@@ -147,6 +147,15 @@ for _causal in (False, True):
     ROUND11 += [("fwd", 64, _causal, t, DKDV[64][0], DQ[64][0]) for t in ((128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4))]
 
 
+# round 12 (session 4): backward tiles for short sequences (IOATTN_SWEEP_SEQLEN 512..2k),
+# hdim 128: dK/dV candidates with the default dQ, then dQ candidates with the default dK/dV
+ROUND12 = []
+for _causal in (False, True):
+    _f, _k, _q = (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)
+    ROUND12 += [("bwd", 128, _causal, _f, t, _q) for t in (_k, (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3))]
+    ROUND12 += [("bwd", 128, _causal, _f, _k, t) for t in ((64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3))]
+
+
 def as_cfg(t):
     cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], num_warps=t[2], num_stages=t[3])
     if len(t) > 4:
@@ -184,12 +193,12 @@ def main(argv=None):
     ap.add_argument("--hdim", default="64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7", "round8", "round9", "round10", "round11"])
+    ap.add_argument("--plan", default="round1", choices=["round1", "round2", "round4", "round5", "round6", "round7", "round8", "round9", "round10", "round11", "round12"])
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.hdim.split(",")]
     jobs = []
     if args.plan != "round1":
-        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7, round8=ROUND8, round9=ROUND9, round10=ROUND10, round11=ROUND11)[args.plan] if j[1] in dims]
+        jobs = [j for j in dict(round2=ROUND2, round4=ROUND4, round5=ROUND5, round6=ROUND6, round7=ROUND7, round8=ROUND8, round9=ROUND9, round10=ROUND10, round11=ROUND11, round12=ROUND12)[args.plan] if j[1] in dims]
     for d in dims if args.plan == "round1" else []:
         for causal in (False, True):
             for f in FWD[d]:

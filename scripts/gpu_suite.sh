@@ -78,7 +78,7 @@ case "$mode" in
     timeout 200 python3 benchmarks/sweep_configs.py --plan round5 --hdim 64,128 --out "$OUT/sweep5.json" 2>&1 | grep -E "^bwd" | cut -c1-140 | tail -n 24
     timeout 150 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 16 "$OUT/features.log" ;;
-  s3d)  # session 3 final benchmark (README table)
+  s3d|s4j)  # the full benchmark (README table): s3d in session 3, s4j in session 4
     mkdir -p /tmp/bench
     timeout 560 python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 60
     tar -cf "$OUT/bench.tar" -C /tmp/bench . ;;
@@ -148,6 +148,11 @@ case "$mode" in
       echo "== short-forward limit $v (round $rep)"
       IOATTN_SHORT_FORWARD_SEQLEN=$v timeout 100 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 512,1024,4096,8192 --providers ioattn,sdpa_cudnn --out "$OUT/quick_${v}_$rep.json" 2>&1 | grep -E " fwd " | head -n 8
     done; done ;;
+  s4i)  # backward tiles at 512, 1k, 2k (sweep round 12), hdim 128
+    for n in 512 1024 2048; do
+      IOATTN_SWEEP_SEQLEN=$n timeout 170 python3 benchmarks/sweep_configs.py --plan round12 --hdim 128 --out "$OUT/sweep12_$n.json" > /dev/null 2>&1
+      python3 -c "import json; [print($n, r['causal'], r['dkdv'], r['dq'], round(r['tflops'], 1), (r['error'] or '')[:60]) for r in json.load(open('$OUT/sweep12_$n.json'))['rows']]"
+    done ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
