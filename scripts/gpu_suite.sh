@@ -153,6 +153,8 @@ case "$mode" in
       IOATTN_SWEEP_SEQLEN=$n timeout 170 python3 benchmarks/sweep_configs.py --plan round12 --hdim 128 --out "$OUT/sweep12_$n.json" > /dev/null 2>&1
       python3 -c "import json; [print($n, r['causal'], r['dkdv'], r['dq'], round(r['tflops'], 1), (r['error'] or '')[:60]) for r in json.load(open('$OUT/sweep12_$n.json'))['rows']]"
     done ;;
+  s4k)  # two CTAs per SM for the short-sequence forward? fresh, after other kernels, carveout hint
+    timeout 200 python3 benchmarks/carveout_check.py --out "$OUT/carveout.json" 2>&1 | grep -v "^carveout set: 0" | tail -n 25 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
