@@ -139,7 +139,7 @@ def calls(args, device):
         ("autograd.grad", lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)),
         ("autograd.grad, custom-op graph",
          lambda: torch.autograd.grad(out_op, (q, k, v), dout, retain_graph=True)),
-        ("torch.ops.ioattn.bwd", lambda: torch.ops.ioattn.bwd(dout, q, k, v, out_ng, lse_ng, *params)),
+        ("torch.ops.ioattn.bwd", lambda: torch.ops.ioattn.bwd(dout, q, k, v, out_ng, lse_ng, *params, None)),
         ("_backward_impl", lambda: interface._backward_impl(dout, q, k, v, out_ng, lse_ng, *params)),
         ("attention_backward",
          lambda: backward.attention_backward(dout, q, k, v, out_ng, lse_ng, **kwargs)),

@@ -251,8 +251,9 @@ def _forward_dense(q, k, v, *, scale, window_left, window_right, softcap, slopes
 
 
 def _backward_dense(dout, q, k, v, out, lse, *, scale, window_left, window_right, softcap,
-                    slopes, dropout_p, rng, batch_ids):
-    """Gradients by recomputation; shapes as in :func:`_forward_dense`.
+                    slopes, dropout_p, rng, batch_ids, dlse=None):
+    """Gradients by recomputation; shapes as in :func:`_forward_dense`. ``dlse`` (lse's
+    shape, or None): the gradient of the log-sum-exp, which d lse / d s = P folds into delta.
 
     Returns dq ``(b, sq, hq, d)``, dk/dv ``(b, sk, hk, d)`` in the inputs' dtypes.
     """
@@ -273,6 +274,8 @@ def _backward_dense(dout, q, k, v, out, lse, *, scale, window_left, window_right
         do_blk = do_t[:, :, m_start:m_end].to(acc_dtype)  # [b, h, BM, dv]
         # delta = rowsum(dO * O) = rowsum(P * dP): the softmax Jacobian's correction term
         delta = (do_blk * o_t[:, :, m_start:m_end].to(acc_dtype)).sum(dim=-1)  # [b, h, BM]
+        if dlse is not None:  # lse's own gradient: dS += P * dlse, i.e. delta -= dlse
+            delta = delta - dlse[:, :, m_start:m_end].to(acc_dtype)
         lse_blk = lse[:, :, m_start:m_end].to(acc_dtype)  # [b, h, BM]
         # Rows with no visible key (lse = -inf) have s = -inf everywhere: base 0 gives p = 0.
         lse_blk = lse_blk.masked_fill(lse_blk == float("-inf"), 0.0)
@@ -377,11 +380,12 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None, window_left=-1,
                        window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-                       rng_state=None):
+                       rng_state=None, dlse=None):
     """Attention backward pass by recomputation; returns ``(dq, dk, dv)`` shaped like q, k, v.
 
     Same layouts and keyword arguments as :func:`attention_forward`; ``out`` and
-    ``lse`` are what it returned, ``dout`` has out's shape.
+    ``lse`` are what it returned, ``dout`` has out's shape, ``dlse`` (lse's shape, or
+    None) is the gradient of the returned lse.
     """
     common = dict(window_left=window_left, window_right=window_right, softcap=softcap,
                   dropout_p=dropout_p)
@@ -389,7 +393,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         scale, slopes, rng = _options(q, softmax_scale, alibi_slopes, dropout_p, rng_state,
                                       q.shape[0])
         return _backward_dense(dout, q, k, v, out, lse, scale=scale, slopes=slopes, rng=rng,
-                               batch_ids=range(q.shape[0]), **common)
+                               batch_ids=range(q.shape[0]), dlse=dlse, **common)
 
     batch = cu_seqlens_q.numel() - 1
     scale, slopes, rng = _options(q, softmax_scale, alibi_slopes, dropout_p, rng_state, batch)
@@ -400,6 +404,6 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         dq_i, dk_i, dv_i = _backward_dense(
             dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
             lse[None, :, q0:q1], scale=scale, slopes=None if slopes is None else slopes[i:i + 1],
-            rng=rng, batch_ids=[i], **common)
+            rng=rng, batch_ids=[i], dlse=None if dlse is None else dlse[None, :, q0:q1], **common)
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = dq_i[0], dk_i[0], dv_i[0]
     return dq, dk, dv

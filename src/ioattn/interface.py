@@ -95,10 +95,11 @@ def _forward_impl(q, k, v, *params):
 
 
 def _backward_impl(dout, q, k, v, out, lse, *params):
+    """params: those of _PATH_KWARGS, then (optionally) dlse, the gradient of lse or None."""
     _, backward = _path_modules(_use_triton(q))
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    kwargs = dict(zip(_PATH_KWARGS, params))
+    kwargs = dict(zip(_PATH_KWARGS + ("dlse",), params))
     # autograd's engine runs a CUDA backward on a thread whose current device is the tensors';
     # a backward called otherwise (torch.func, a compiled graph) gets the same guard as the forward
     index = q.get_device()
@@ -140,10 +141,11 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
             window_left: int, window_right: int, softcap: float,
             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-            rng_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            rng_state: Optional[torch.Tensor],
+            dlse: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                          alibi_slopes, dropout_p, rng_state)
+                          alibi_slopes, dropout_p, rng_state, dlse)
 
 
 @_bwd_op.register_fake
@@ -166,17 +168,25 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_p = args["dropout_p"]
 
 
-def _backward_args(ctx, dout):
-    """The arguments of ioattn::bwd from what _setup_context saved."""
+def _backward_args(ctx, dout, dlse):
+    """The arguments of ioattn::bwd from what _setup_context saved and the outputs' gradients.
+
+    ``dlse`` is the gradient of the log-sum-exp (returned with return_lse or return_attn_probs;
+    merge_attention_states and ring attention differentiate through it): it enters the
+    backward as delta - dlse. A missing gradient (None: the output was not used) costs
+    nothing; a missing ``dout`` is zeros.
+    """
     q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
-    return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng, dlse)
 
 
 _NO_GRADS = (None,) * (len(_FWD_ARGS) - 3)  # only q, k and v get gradients
 
 
 def _backward(ctx, dout, dlse):
-    return (*torch.ops.ioattn.bwd(*_backward_args(ctx, dout)), *_NO_GRADS)
+    return (*torch.ops.ioattn.bwd(*_backward_args(ctx, dout, dlse)), *_NO_GRADS)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -195,13 +205,14 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, *args):
         output = _forward_impl(*args)
         _setup_context(ctx, args, output)
+        ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
         # create_graph=True: through the op, whose node refuses a second backward as on the op path
         bwd = torch.ops.ioattn.bwd if torch.is_grad_enabled() else _backward_impl
-        return (*bwd(*_backward_args(ctx, dout)), *_NO_GRADS)
+        return (*bwd(*_backward_args(ctx, dout, dlse)), *_NO_GRADS)
 
 
 _PLAIN_ARGS = frozenset((torch.Tensor, int, float, bool, type(None)))
@@ -364,7 +375,7 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
 # --------------------------------------------------------------------------- public API
 
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-         causal, window_size, softcap, alibi_slopes, return_attn_probs):
+         causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse=False):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     window = _window(causal, window_size)
     rng_state = _rng_state(dropout_p, q.device)
@@ -372,7 +383,7 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
                           softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
                           float(dropout_p), rng_state)
     if not return_attn_probs:
-        return out
+        return (out, lse) if return_lse else out
     with torch.no_grad():
         probs = _attn_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
@@ -380,7 +391,8 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    return_lse=False):
     """Exact attention, FlashAttention-2 compatible.
 
     Args:
@@ -396,9 +408,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             always deterministic.
         return_attn_probs: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` and the
             attention probabilities (materialized; for testing only; dropped entries negated).
+        return_lse: (keyword only, not in FlashAttention-2) also return the log-sum-exp, without
+            materializing anything else: ``(out, lse)``. For merging partial attentions
+            (:func:`merge_attention_states`, ring / context-parallel attention).
+
+    The returned lse is differentiable: a loss that uses it gets its gradient in dq and dk
+    (d lse_i / d scores_ij = P_ij), at no cost when it is not used.
 
     Returns:
-        ``out`` ``(batch, seqlen_q, nheads, headdim)``, or ``(out, lse, probs)``.
+        ``out`` ``(batch, seqlen_q, nheads, headdim)``, ``(out, lse)`` with return_lse, or
+        ``(out, lse, probs)`` with return_attn_probs.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
@@ -410,29 +429,33 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
                                                 alibi_slopes, batch)
     return _run(q, k, v, None, None, seqlen_q, k.shape[1], dropout_p, softmax_scale, causal,
-                window_size, softcap, alibi_slopes, return_attn_probs)
+                window_size, softcap, alibi_slopes, return_attn_probs, return_lse)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                              deterministic=False, return_attn_probs=False):
+                              deterministic=False, return_attn_probs=False, *,
+                              return_lse=False):
     """:func:`flash_attn_func` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)``."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         _fail(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
               f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
-                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  return_lse=return_lse)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                             deterministic=False, return_attn_probs=False):
+                             deterministic=False, return_attn_probs=False, *,
+                             return_lse=False):
     """:func:`flash_attn_func` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         _fail(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got "
               f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
-                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  return_lse=return_lse)
 
 
 def _check_cu_seqlens(name, cu, device, total):
@@ -454,7 +477,8 @@ def _check_cu_seqlens(name, cu, device, total):
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, block_table=None):
+                           return_attn_probs=False, block_table=None, *,
+                           return_lse=False):
     """Variable-length attention over packed sequences (no padding).
 
     Args:
@@ -465,7 +489,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         Other arguments as :func:`flash_attn_func`; alibi_slopes ``(nheads,)`` or ``(batch, nheads)``.
 
     Returns:
-        ``out`` ``(total_q, nheads, headdim)``, or ``(out, lse (nheads, total_q), probs)``.
+        ``out`` ``(total_q, nheads, headdim)``, ``(out, lse (nheads, total_q))`` with
+        return_lse, or ``(out, lse, probs)`` with return_attn_probs; lse is differentiable.
     """
     if block_table is not None:
         raise NotImplementedError("flash_attn_varlen_func: block_table (paged KV) is supported by "
@@ -486,29 +511,33 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
                                                 alibi_slopes, batch)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+                softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                      causal=False, window_size=(-1, -1), softcap=0.0,
-                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                                     alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                     *, return_lse=False):
     """Varlen with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
         _fail(f"qkv must have shape (total, 3, nheads, headdim), got "
               f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen,
                                   max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
-                                  alibi_slopes, deterministic, return_attn_probs)
+                                  alibi_slopes, deterministic, return_attn_probs,
+                                  return_lse=return_lse)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     dropout_p=0.0, softmax_scale=None, causal=False,
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                                    deterministic=False, return_attn_probs=False):
+                                    deterministic=False, return_attn_probs=False, *,
+                                    return_lse=False):
     """Varlen with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
         _fail(f"kv must have shape (total_k, 2, nheads_k, headdim), got "
               f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap,
-                                  alibi_slopes, deterministic, return_attn_probs)
+                                  alibi_slopes, deterministic, return_attn_probs,
+                                  return_lse=return_lse)

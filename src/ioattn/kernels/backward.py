@@ -3,7 +3,8 @@
 Three launches, no atomics (so the gradients are bit-identical run to run):
 
 1. ``_attn_bwd_preprocess``: delta_i = sum_d dO_id * O_id  (the rowsum that the
-   softmax gradient needs: dS = P ∘ (dP − delta)).
+   softmax gradient needs: dS = P ∘ (dP − delta)), minus dlse_i when the log-sum-exp
+   has a gradient of its own (d lse_i / d S_ij = P_ij, so dS = P ∘ (dP − delta + dlse)).
 2. ``_attn_bwd_dkdv``: one program owns BLOCK_N keys of one KV head, keeps
    K, V, dK, dV on chip and streams the query blocks (of every query head of
    the GQA group) that can see them.
@@ -22,13 +23,13 @@ from .masks import mma, dropout_keep, key_range, query_range, scores_log2, seque
 
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh"])
-def _attn_bwd_preprocess(O, DO, DELTA, LSE,
+def _attn_bwd_preprocess(O, DO, DELTA, DLSE,
                          stride_ob, stride_os, stride_oh,
                          stride_db, stride_ds, stride_dh,
                          stride_lb, stride_lh,
                          CU_SEQLENS_Q, seqlen_q_dense, nheads,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         IS_VARLEN: tl.constexpr):
+                         IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // nheads
@@ -46,7 +47,10 @@ def _attn_bwd_preprocess(O, DO, DELTA, LSE,
     do = tl.load(DO + b64 * stride_db + rows[:, None] * stride_ds + h * stride_dh + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows, delta, mask=offs_m < seqlen_q)
+    row_offs = b64 * stride_lb + h * stride_lh + rows  # DLSE is laid out as DELTA (and LSE)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_offs, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + row_offs, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -354,8 +358,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
 
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
-                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
-    """Launch the three backward kernels. Returns (dq, dk, dv) in the inputs' dtype."""
+                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, dlse=None):
+    """Launch the three backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
+    ``dlse``: the gradient of the returned lse (its shape), or None."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
@@ -368,6 +373,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     assert lse.stride(-1) == 1
     delta = configs.new_empty(lse.shape, torch.float32, q.device)
+    if dlse is not None and (dlse.dtype != torch.float32 or dlse.stride() != delta.stride()):
+        dlse = torch.empty_like(delta).copy_(dlse)  # the preprocess reads it with delta's strides
     dq = configs.new_empty(q.shape, q.dtype, q.device)
     dk = configs.new_empty(k.shape, k.dtype, k.device)
     dv = configs.new_empty(v.shape, v.dtype, v.device)
@@ -389,10 +396,11 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     strides_do = _dense_or_varlen_strides(dout, varlen)
     pre_block = 64
     _attn_bwd_preprocess[(configs.cdiv(max_seqlen_q, pre_block), batch * nheads)](
-        out, dout, delta, lse,
+        out, dout, delta, dlse,
         *_dense_or_varlen_strides(out, varlen), *strides_do,
         stride_lb, stride_lh, cu_seqlens_q, max_seqlen_q, nheads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
+        HAS_DLSE=dlse is not None,
     )
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
