@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from .reference import gather_pages
+
 # Tile sizes.  Read at call time, so tests may shrink them to exercise many tiles;
 # dropout_keep_mask uses the same values as the forward/backward passes.
 BLOCK_M = 128  # query rows per tile
@@ -345,12 +347,14 @@ def _varlen_sequences(cu_seqlens_q, cu_seqlens_k):
 
 def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                       max_seqlen_k=None, softmax_scale=None, window_left=-1, window_right=-1,
-                      softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
+                      softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
+                      block_table=None):
     """Attention forward pass; returns ``(out, lse)``.
 
     Dense: q ``(b, sq, hq, d)``, k/v ``(b, sk, hk, d)``; lse ``(b, hq, sq)`` float32.
     Varlen (``cu_seqlens_*`` int32 ``(b + 1,)``): q ``(total_q, hq, d)``,
-    k/v ``(total_k, hk, d)``; lse ``(hq, total_q)`` float32.
+    k/v ``(total_k, hk, d)``, or paged ``(num_pages, page_size, hk, d)`` with
+    ``block_table``; lse ``(hq, total_q)`` float32.
     ``max_seqlen_*`` are accepted for the shared contract and not needed here.
     """
     common = dict(window_left=window_left, window_right=window_right, softcap=softcap,
@@ -361,6 +365,8 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         return _forward_dense(q, k, v, scale=scale, slopes=slopes, rng=rng,
                               batch_ids=range(q.shape[0]), **common)
 
+    if block_table is not None:  # paged k/v (num_pages, page_size, hk, d): gathered, packed
+        k, v = (gather_pages(x, block_table, cu_seqlens_k) for x in (k, v))
     batch = cu_seqlens_q.numel() - 1
     scale, slopes, rng = _options(q, softmax_scale, alibi_slopes, dropout_p, rng_state, batch)
     total_q, nheads = q.shape[0], q.shape[1]

@@ -85,8 +85,9 @@ def on_device_of(t: torch.Tensor, fn, *args, **kwargs):
 
 
 def _forward_impl(q, k, v, *params):
+    """params: those of _PATH_KWARGS, then (optionally) block_table (paged k/v) or None."""
     forward, _ = _path_modules(_use_triton(q))
-    kwargs = dict(zip(_PATH_KWARGS, params))
+    kwargs = dict(zip(_PATH_KWARGS + ("block_table",), params))
     index = q.get_device()  # Triton launches on the current GPU: q's, if not already (on_device_of)
     if index >= 0 and index != torch.cuda.current_device():
         with torch.cuda.device(index):
@@ -117,15 +118,17 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
             window_left: int, window_right: int, softcap: float,
             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-            rng_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            rng_state: Optional[torch.Tensor],
+            block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                         dropout_p, rng_state)
+                         dropout_p, rng_state, block_table)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state):
+              window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state,
+              block_table=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -155,7 +158,7 @@ def _bwd_fake(dout, q, k, v, out, lse, *args):
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
              "softmax_scale", "window_left", "window_right", "softcap", "alibi_slopes",
-             "dropout_p", "rng_state")
+             "dropout_p", "rng_state", "block_table")
 
 
 def _setup_context(ctx, inputs, output):
@@ -182,7 +185,7 @@ def _backward_args(ctx, dout, dlse):
     return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng, dlse)
 
 
-_NO_GRADS = (None,) * (len(_FWD_ARGS) - 3)  # only q, k and v get gradients
+_NO_GRADS = (None,) * (len(_FWD_ARGS) - 3)  # only q, k and v get gradients (never with block_table)
 
 
 def _backward(ctx, dout, dlse):
@@ -375,16 +378,19 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
 # --------------------------------------------------------------------------- public API
 
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-         causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse=False):
+         causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse=False,
+         block_table=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     window = _window(causal, window_size)
     rng_state = _rng_state(dropout_p, q.device)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
-                          float(dropout_p), rng_state)
+                          float(dropout_p), rng_state, block_table)
     if not return_attn_probs:
         return (out, lse) if return_lse else out
     with torch.no_grad():
+        if block_table is not None:  # the probabilities are for testing: gather the pages
+            k = reference.gather_pages(k, block_table, cu_seqlens_k)
         probs = _attn_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state)
     return out, lse, probs
@@ -458,7 +464,31 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                                   return_lse=return_lse)
 
 
-def _check_cu_seqlens(name, cu, device, total):
+def _check_block_table(block_table, device, num_pages, page_size, cu_seqlens_q):
+    """Checks a varlen block_table (int32 (batch, max_pages), page indices < num_pages; values
+    only on the CPU, where reading them costs no sync); returns the keys a sequence can hold."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be an int32 tensor, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+    batch = cu_seqlens_q.shape[0] - 1 if isinstance(cu_seqlens_q, torch.Tensor) else None
+    if block_table.dim() != 2 or (batch is not None and block_table.shape[0] != batch):
+        _fail(f"block_table must have shape (batch, max_pages_per_seq) = ({batch}, ...), got "
+              f"{tuple(block_table.shape)}")
+    if block_table.device != device:
+        _fail(f"block_table must be on q's device {device}, got {block_table.device}")
+    if block_table.stride(-1) != 1:
+        _fail("block_table must have a contiguous last dim")
+    if page_size < 1:
+        _fail(f"the paged cache must have pages of at least one key, got page_size {page_size}")
+    if device.type == "cpu" and block_table.numel() and not torch.compiler.is_compiling() and not (
+            0 <= int(block_table.min()) and int(block_table.max()) < num_pages):
+        _fail(f"block_table entries must be page indices in [0, {num_pages}), got values in "
+              f"[{int(block_table.min())}, {int(block_table.max())}]")
+    return block_table.shape[1] * page_size
+
+
+def _check_cu_seqlens(name, cu, device, total, max_len=None):
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -467,10 +497,13 @@ def _check_cu_seqlens(name, cu, device, total):
         _fail(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
     if cu.device != device:
         _fail(f"{name} must be on q's device {device}, got {cu.device}")
-    if cu.device.type == "cpu":  # values can be checked without a device sync
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():  # values: no device sync
         c = cu.tolist()
         if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > total:
             _fail(f"{name} must be non-decreasing prefix sums from 0 to at most {total}, got {c}")
+        if max_len is not None and any(b - a > max_len for a, b in zip(c, c[1:])):
+            _fail(f"{name}: a sequence is longer than block_table can address ({max_len} keys), "
+                  f"got lengths {[b - a for a, b in zip(c, c[1:])]}")
     return cu if cu.is_contiguous() else cu.contiguous()
 
 
@@ -482,7 +515,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Variable-length attention over packed sequences (no padding).
 
     Args:
-        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``.
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``, or with
+            ``block_table`` paged caches ``(num_pages, page_size, nheads_k, headdim)`` (any
+            page size): key ``j`` of sequence ``b`` is row ``j % page_size`` of page
+            ``block_table[b, j // page_size]``, and ``cu_seqlens_k`` counts each sequence's keys.
+        block_table: int32 ``(batch, max_pages_per_seq)`` or None. Paged attention is
+            inference only (no gradients); its values are checked only for CPU tensors.
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` prefix sums of the sequence lengths
             (a sequence may have length 0).
         max_seqlen_q, max_seqlen_k: the longest sequence (ints; no device sync is made).
@@ -492,26 +530,43 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         ``out`` ``(total_q, nheads, headdim)``, ``(out, lse (nheads, total_q))`` with
         return_lse, or ``(out, lse, probs)`` with return_attn_probs; lse is differentiable.
     """
-    if block_table is not None:
-        raise NotImplementedError("flash_attn_varlen_func: block_table (paged KV) is supported by "
-                                  "flash_attn_with_kvcache only")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 3)
-    if k.shape[0] != v.shape[0]:
-        _fail(f"k and v must have the same total_k, got {k.shape[0]} and {v.shape[0]}")
+    _check_tensor("q", q, 3)
+    paged = block_table is not None
+    for name, t in (("k", k), ("v", v)):
+        if paged and isinstance(t, torch.Tensor) and t.dim() != 4:
+            _fail(f"{name} must be a paged cache (num_pages, page_size, nheads_k, headdim) with "
+                  f"block_table, got shape {tuple(t.shape)}")
+        _check_tensor(name, t, 4 if paged else 3)
+    if k.shape[:-1] != v.shape[:-1]:
+        _fail(f"k and v must have the same shape but for the head dim, got {tuple(k.shape)} and "
+              f"{tuple(v.shape)}")
+    capacity = 0
+    if paged:
+        capacity = _check_block_table(block_table, q.device, k.shape[0], k.shape[1], cu_seqlens_q)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if torch.is_grad_enabled() and t.requires_grad:
+                _fail(f"flash_attn_varlen_func with block_table is inference only (no gradients "
+                      f"through a paged KV cache), but {name} requires grad: call it under "
+                      f"torch.no_grad() or pass detached tensors")
     cu_seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-    cu_seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+    cu_seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device,
+                                     block_table.shape[0] * capacity if paged else k.shape[0],
+                                     max_len=capacity if paged else None)
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         _fail(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
               f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(m, int) or m < 0:
             _fail(f"{name} must be an int >= 0, got {m!r}")
+    if paged and max_seqlen_k > capacity:
+        _fail(f"max_seqlen_k ({max_seqlen_k}) exceeds what block_table can address "
+              f"({block_table.shape[1]} pages of {k.shape[1]} = {capacity} keys per sequence)")
     batch = cu_seqlens_q.shape[0] - 1
     softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
                                                 alibi_slopes, batch)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse)
+                softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse,
+                block_table)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,

@@ -129,6 +129,21 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=No
     return torch.cat(outs, 0), torch.cat(lses, -1)
 
 
+def gather_pages(cache, block_table, cu_seqlens_k):
+    """A paged cache ``(num_pages, page_size, h, d)`` as a packed ``(total_k, h, d)`` tensor:
+    key ``j`` of sequence ``b`` is ``cache[block_table[b, j // page_size], j % page_size]``,
+    sequence ``b`` having ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` keys. Reads the values
+    on the host (CPU path, tests, ``return_attn_probs``)."""
+    page_size = cache.shape[1]
+    lens = torch.diff(cu_seqlens_k).tolist()
+    parts = []
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, device=cache.device)
+        pages = block_table[b].to(torch.long)[pos // page_size]
+        parts.append(cache[pages, pos % page_size])
+    return torch.cat(parts, 0) if parts else cache.new_empty((0,) + cache.shape[2:])
+
+
 def standard_attention(q, k, v, softmax_scale=None, causal=False):
     """The seed's standard attention: S and P materialized in HBM, inputs' dtype.
 

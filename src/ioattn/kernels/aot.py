@@ -40,7 +40,7 @@ def compile_kernel(fn, dtype, constexprs, num_warps, num_stages, capability=(9, 
             sig[n] = "*" + dtype
         elif n in _FP32_PTR_ARGS:
             sig[n] = "*fp32"
-        elif n.startswith("CU_SEQLENS"):
+        elif n.startswith("CU_SEQLENS") or n == "BLOCK_TABLE":
             sig[n] = "*i32"
         elif n == "RNG":
             sig[n] = "*i64"
@@ -92,6 +92,7 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
     use_tma = flags.get("tma", capability[0] >= 9 and configs.tma_tiles(common["BLOCK_D"], torch_dtype.itemsize,
                                                                           common["IS_VARLEN"]))
     tma = dict(USE_TMA=True) if use_tma else dict(USE_TMA=False, K_DESC=None, V_DESC=None)
+    tma.update(BLOCK_TABLE=None, PAGE_SIZE=0)  # dense K/V (paged: flash_attn_varlen_func's block_table)
     # without GQA the launch passes group == 1, which Triton specializes as a constant
     group = {} if gqa else {"group": 1}
     return [

@@ -39,6 +39,34 @@ def _load_rows(base, offs_n, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
+def _page_rows(bt_row, start_n, offs_n, stride_page, stride_s, seqlen, PAGE_SIZE: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Offsets of keys offs_n = start_n + [0, BLOCK_N) in a paged cache: page
+    bt_row[j // PAGE_SIZE], row j % PAGE_SIZE. When BLOCK_N divides the page size the tile
+    lies in one page (one table entry); otherwise each row looks its page up (any page size)."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        page = tl.load(bt_row + start_n // PAGE_SIZE).to(tl.int64)
+        rows = page * stride_page + (offs_n % PAGE_SIZE) * stride_s
+    else:
+        pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen, other=0).to(tl.int64)
+        rows = pages * stride_page + (offs_n % PAGE_SIZE) * stride_s
+    return rows
+
+
+@triton.jit
+def _load_paged(base, rows, offs_n, offs_d, seqlen, HEAD_DIM: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
+    """_load_rows for row offsets from _page_rows (always masked: cheap next to the gather)."""
+    if TRANSPOSED:
+        ptrs = base + rows[None, :] + offs_d[:, None]  # [D, BN]
+        ok = (offs_n[None, :] < seqlen) & (offs_d[:, None] < HEAD_DIM)
+    else:
+        ptrs = base + rows[:, None] + offs_d[None, :]  # [BN, D]
+        ok = (offs_n[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
 def _softmax_step(acc, l_i, m_i, qk, v, start_m, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
                   sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -90,22 +118,30 @@ def _softmax_step(acc, l_i, m_i, qk, v, start_m, offs_m, start_n, offs_n, seqlen
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, b, hk,
                     start, end, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                     sm_scale, softcap, slope, window_left, window_right,
-                    seed, salt, dropout_p,
+                    seed, salt, dropout_p, bt_row, stride_kp, stride_vp,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+                    USE_TMA: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Fold key blocks [start, end) into the running softmax state."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        if USE_TMA:  # one bulk copy per tile; rows past the sequence and padded dims read 0
+        if PAGE_SIZE > 0:  # paged K/V (block_table): rows gathered page by page
+            kT = _load_paged(k_base, _page_rows(bt_row, start_n, offs_n, stride_kp, stride_ks, seqlen_k,
+                                               PAGE_SIZE, BLOCK_N),
+                             offs_n, offs_d, seqlen_k, HEAD_DIM, True)
+        elif USE_TMA:  # one bulk copy per tile; rows past the sequence and padded dims read 0
             kT = tl.trans(tl.reshape(k_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D)))
         else:
             kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
         qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
-        if USE_TMA:
+        if PAGE_SIZE > 0:
+            v = _load_paged(v_base, _page_rows(bt_row, start_n, offs_n, stride_vp, stride_vs, seqlen_k,
+                                              PAGE_SIZE, BLOCK_N),
+                            offs_n, offs_d, seqlen_k, HEAD_DIM, False)
+        elif USE_TMA:
             v = tl.reshape(v_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D))
         else:
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
@@ -117,19 +153,22 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_de
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V_DESC,
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V_DESC, BLOCK_TABLE,
               stride_qb, stride_qs, stride_qh,
               stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh,
               stride_ob, stride_os, stride_oh,
-              stride_lb, stride_lh, stride_ab,
+              stride_lb, stride_lh, stride_ab, stride_bt,
               seqlen_q_dense, seqlen_k_dense, nheads, group,
               sm_scale, softcap, window_left, window_right, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+              PAGE_SIZE: tl.constexpr = 0):
+    # PAGE_SIZE > 0: K, V are paged caches (num_pages, PAGE_SIZE, heads, dim) whose pages for
+    # sequence b are BLOCK_TABLE[b, :]; stride_kb / stride_vb are then the page strides
     # the last query blocks have the most keys to visit under a causal mask: start them first
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -142,8 +181,14 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
     hk = h // group
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
-    k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
-    v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    if PAGE_SIZE > 0:  # keys are positions in the sequence's pages (_page_rows)
+        k_base = K + hk * stride_kh
+        v_base = V + hk * stride_vh
+        bt_row = BLOCK_TABLE + b64 * stride_bt
+    else:
+        k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+        v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+        bt_row = BLOCK_TABLE  # None
     o_base = O + b64 * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh
     lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
 
@@ -172,25 +217,28 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
                                     K_DESC, V_DESC, b, hk,
                                     lo, full_lo, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
-                                    seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    seed, salt, dropout_p, bt_row, stride_kb, stride_vb,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA, PAGE_SIZE)
     # 2) blocks every row sees in full: no mask arithmetic
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
                                     full_lo, full_hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
-                                    seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    seed, salt, dropout_p, bt_row, stride_kb, stride_vb,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA, PAGE_SIZE)
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
                                     full_hi, hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
-                                    seed, salt, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    seed, salt, dropout_p, bt_row, stride_kb, stride_vb,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA)
+                                    HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA, PAGE_SIZE)
 
     # epilogue: rows that saw no key get out = 0 and lse = -inf
     empty = l_i == 0.0
@@ -243,13 +291,15 @@ def softcap_mode(softcap, dtype):
 
 def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q, max_seqlen_k,
                       softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
-                      alibi_slopes=None, dropout_p=0.0, rng_state=None):
-    """Launch the forward kernel. See docs/ARCHITECTURE.md for the contract."""
+                      alibi_slopes=None, dropout_p=0.0, rng_state=None, block_table=None):
+    """Launch the forward kernel. See docs/ARCHITECTURE.md for the contract. With
+    ``block_table`` (int32 (batch, max_pages); varlen only), k and v are paged caches
+    (num_pages, page_size, nheads_k, headdim) and cu_seqlens_k gives each sequence's length."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
         _, nheads, head_dim = q.shape
-        nheads_k = k.shape[1]
+        nheads_k = k.shape[1] if block_table is None else k.shape[2]
         lse = configs.new_empty((nheads, q.shape[0]), torch.float32, q.device)
         stride_lb, stride_lh = 0, lse.stride(0)
     else:
@@ -271,11 +321,14 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
                and _tma_ok(k, head_dim) and _tma_ok(v, head_dim))
     if use_tma:
         k_desc, v_desc = _kv_descriptors(k, v, [1, cfg["BLOCK_N"], 1, block_d])
+    paged = dict(PAGE_SIZE=k.shape[1]) if block_table is not None else {}
+    strides_k, strides_v = (k.stride()[:3], v.stride()[:3]) if paged else (
+        _dense_or_varlen_strides(k, varlen), _dense_or_varlen_strides(v, varlen))
     configs.last_compiled["fwd"] = _attn_fwd[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, k_desc, v_desc,
-        *_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
-        *_dense_or_varlen_strides(v, varlen), *_dense_or_varlen_strides(out, varlen),
-        stride_lb, stride_lh, stride_ab,
+        block_table, *_dense_or_varlen_strides(q, varlen), *strides_k, *strides_v,
+        *_dense_or_varlen_strides(out, varlen),
+        stride_lb, stride_lh, stride_ab, block_table.stride(0) if paged else 0,
         max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k,
         softmax_scale, softcap, window_left, window_right, dropout_p,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -283,7 +336,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_mode(dropout_p, q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), USE_TMA=use_tma,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **paged,
     )
     return out, lse
 
