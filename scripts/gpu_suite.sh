@@ -157,9 +157,9 @@ case "$mode" in
     timeout 200 python3 benchmarks/carveout_check.py --out "$OUT/carveout.json" 2>&1 | grep -v "^carveout set: 0" | tail -n 25 ;;
   s5a)  # session 5 (H200): GPU tests of the differentiable lse and paged varlen, their costs,
         # the quick side-by-side at hdim 128 on this GPU
-    timeout 110 python3 -m pytest tests/test_lse_grad.py tests/test_paged_varlen.py -q -x -p no:cacheprovider 2>&1 | tail -n 4
-    timeout 60 python3 benchmarks/bench_paged.py --out "$OUT/paged.json" 2>&1 | tail -n 8
-    timeout 90 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 4096,16384 --out "$OUT/quick.json" 2>&1 | tail -n 10 ;;
+    timeout 90 python3 -m pytest tests/test_lse_grad.py tests/test_paged_varlen.py -q -x -p no:cacheprovider 2>&1 | tail -n 4
+    timeout 45 python3 benchmarks/bench_paged.py --out "$OUT/paged.json" 2>&1 | tail -n 8
+    timeout 80 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 4096,16384 --out "$OUT/quick.json" 2>&1 | tail -n 10 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150
