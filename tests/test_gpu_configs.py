@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(configs.interpreting(), reason="ahead-of-time co
 
 FLAGS = [{}, {"gqa": True}, {"dropout": True}, {"dropout": True, "gqa": True},
          {"window": True, "softcap": True, "alibi": True, "varlen": True, "gqa": True},
-         {"seqlen_k": 1024, "dropout": True}, {"seqlen_k": 1024, "softcap": True, "alibi": True}]
+         {"seqlen_k": 1024, "dropout": True}, {"seqlen_k": 1024, "softcap": True, "alibi": True},
+         {"varlen": True, "page_size": 16}, {"varlen": True, "page_size": 256, "gqa": True}]
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])

@@ -92,7 +92,8 @@ def default_launches(head_dim, dtype, capability=(9, 0), **flags):
     use_tma = flags.get("tma", capability[0] >= 9 and configs.tma_tiles(common["BLOCK_D"], torch_dtype.itemsize,
                                                                           common["IS_VARLEN"]))
     tma = dict(USE_TMA=True) if use_tma else dict(USE_TMA=False, K_DESC=None, V_DESC=None)
-    tma.update(BLOCK_TABLE=None, PAGE_SIZE=0)  # dense K/V (paged: flash_attn_varlen_func's block_table)
+    # paged K/V (flash_attn_varlen_func's block_table, varlen only): a pointer and the page size
+    tma.update(dict(PAGE_SIZE=flags["page_size"]) if flags.get("page_size") else dict(BLOCK_TABLE=None, PAGE_SIZE=0))
     # without GQA the launch passes group == 1, which Triton specializes as a constant
     group = {} if gqa else {"group": 1}
     return [
