@@ -246,27 +246,30 @@ def _ddp_worker(rank, world, port, tmpdir, steps, cpu):
         json.dump(result, f)
 
 
-def ddp_check(steps, cpu=False):
-    world = 2
+def _spawn_ranks(worker, world, *args):
+    """Runs worker(rank, world, port, tmpdir, *args) in `world` processes; each writes
+    rank<r>.json to tmpdir. Returns (spawn error or None, the ranks' results, seconds)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmpdir:
         try:
-            mp.spawn(_ddp_worker, args=(world, port, tmpdir, steps, cpu), nprocs=world, join=True)
-        except Exception as e:  # noqa: BLE001 -- a crashed worker is a FAIL, reported below
-            spawn_error = f"{type(e).__name__}: {e}"
-        else:
+            mp.spawn(worker, args=(world, port, tmpdir, *args), nprocs=world, join=True)
             spawn_error = None
-        ranks = []
-        for r in range(world):
-            path = os.path.join(tmpdir, f"rank{r}.json")
-            ranks.append(json.load(open(path)) if os.path.exists(path) else dict(rank=r, ok=False, error="no result"))
-    ok = spawn_error is None and all(r["ok"] for r in ranks)
+        except Exception as e:  # noqa: BLE001 -- a crashed worker is a FAIL, reported by the caller
+            spawn_error = f"{type(e).__name__}: {e}"
+        ranks = [json.load(open(p)) if os.path.exists(p := os.path.join(tmpdir, f"rank{r}.json"))
+                 else dict(rank=r, ok=False, error="no result") for r in range(world)]
+    return spawn_error, ranks, round(time.perf_counter() - t0, 1)
+
+
+def ddp_check(steps, cpu=False):
+    world = 2
+    spawn_error, ranks, seconds = _spawn_ranks(_ddp_worker, world, steps, cpu)
     return dict(name=f"DDP: {world} ranks x {'gloo (CPU)' if cpu else 'NCCL'}, {steps} steps, grads vs single GPU",
-                ok=ok,
-                spawn_error=spawn_error, ranks=ranks, seconds=round(time.perf_counter() - t0, 1))
+                ok=spawn_error is None and all(r["ok"] for r in ranks),
+                spawn_error=spawn_error, ranks=ranks, seconds=seconds)
 
 
 def _cp_worker(rank, world, port, tmpdir, cpu):
@@ -305,21 +308,10 @@ def _cp_worker(rank, world, port, tmpdir, cpu):
 
 def cp_check(cpu=False):
     world = 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmpdir:
-        try:
-            mp.spawn(_cp_worker, args=(world, port, tmpdir, cpu), nprocs=world, join=True)
-            spawn_error = None
-        except Exception as e:  # noqa: BLE001
-            spawn_error = f"{type(e).__name__}: {e}"
-        ranks = [json.load(open(p)) if os.path.exists(p := os.path.join(tmpdir, f"rank{r}.json"))
-                 else dict(rank=r, ok=False, error="no result") for r in range(world)]
+    spawn_error, ranks, seconds = _spawn_ranks(_cp_worker, world, cpu)
     return dict(name=f"context parallel: {world} ranks x {'gloo (CPU)' if cpu else 'NCCL'}, zigzag causal, "
                      f"shard vs whole sequence", ok=spawn_error is None and all(r["ok"] for r in ranks),
-                spawn_error=spawn_error, cp_ranks=ranks, seconds=round(time.perf_counter() - t0, 1))
+                spawn_error=spawn_error, cp_ranks=ranks, seconds=seconds)
 
 
 def _summary(r):

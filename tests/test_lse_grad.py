@@ -145,3 +145,55 @@ def test_unused_lse_changes_nothing(device):
     want = torch.autograd.grad(ioattn.flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+# --------------------------------------------------------------------------- attention sinks
+
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(6, 0), causal=True), dict()],
+                         ids=["causal", "sliding_window", "bidirectional"])
+def test_sinks_match_reference(opts, device):
+    """GPT-OSS's sinks: values, lse and the gradients of q, k, v and of the sinks themselves."""
+    q, k, v = randn(1, 40, 4, 32, device=device), randn(1, 45, 2, 32, device=device), randn(1, 45, 2, 32, device=device)
+    sinks = (torch.randn(4, device=device) * 2).requires_grad_()
+    inputs = (q, k, v, sinks)
+    out, lse = ioattn.flash_attn_func(q, k, v, sinks=sinks, return_lse=True, **opts)
+    ref, ref_lse = attention_ref(q, k, v, sinks=sinks, **opts)
+    low, low_lse = attention_ref(q, k, v, sinks=sinks, upcast=False, **opts)
+    assert_close("out", out, ref, low, torch.float32)
+    assert_close("lse", lse, ref_lse, low_lse, torch.float32)
+    dout, dlse = torch.randn_like(out, dtype=torch.float64), torch.randn_like(lse, dtype=torch.float64)
+    got = _grads_with_lse(out, lse, inputs, dout, dlse)
+    want = _grads_with_lse(ref, ref_lse, inputs, dout, dlse)
+    lowg = _grads_with_lse(low, low_lse, inputs, dout, dlse)
+    for name, g, r, lg in zip(("dq", "dk", "dv", "dsinks"), got, want, lowg):
+        assert_close(name, g, r, lg, torch.float32)
+
+
+def test_sinks_varlen_and_rows_without_keys(device):
+    lens_q, lens_k = [7, 20, 0], [3, 20, 5]
+    cu_q = torch.tensor([0, 7, 27, 27], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 3, 23, 28], dtype=torch.int32, device=device)
+    q, k, v = randn(27, 2, 16, device=device), randn(28, 2, 16, device=device), randn(28, 2, 16, device=device)
+    sinks = torch.tensor([0.5, -1.0], device=device, requires_grad=True)
+    out, lse = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 20, causal=True, sinks=sinks,
+                                             return_lse=True)
+    ref, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True, sinks=sinks)
+    low, low_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True, sinks=sinks, upcast=False)
+    assert_close("out", out, ref, low, torch.float32)
+    assert torch.equal(out[:4], torch.zeros_like(out[:4]))  # causal, 7 queries over 3 keys
+    assert_close("lse", lse, ref_lse, low_lse, torch.float32)  # the empty rows: lse = the sink
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, sinks), dout)
+    want = torch.autograd.grad(ref, (q, k, v, sinks), dout.double())
+    lowg = torch.autograd.grad(low, (q, k, v, sinks), dout)
+    for name, g, r, lg in zip(("dq", "dk", "dv", "dsinks"), got, want, lowg):
+        assert_close(name, g, r, lg, torch.float32)
+
+
+def test_sinks_errors():
+    q = torch.randn(1, 8, 2, 16)
+    for bad, exc, match in ((torch.zeros(3), ValueError, r"shape \(nheads,\) = \(2,\)"),
+                            (torch.zeros(2, dtype=torch.int32), TypeError, "floating-point"),
+                            ([0.0, 0.0], TypeError, "must be a tensor")):
+        with pytest.raises(exc, match=match):
+            ioattn.flash_attn_func(q, q, q, sinks=bad)

@@ -121,6 +121,21 @@ def test_gemma2_softcap_alternating_window(calls):
     assert calls == {"dense": 0, "varlen": 2}
 
 
+def test_gpt_oss_sinks_and_alternating_window(calls):
+    """GPT-OSS: attention sinks (s_aux, learned: their gradients are compared too), sliding and
+    full layers, biased projections, a mixture of experts; padding in one row."""
+    eager, ours = pair("GptOssConfig", sliding_window=6, num_local_experts=4, num_experts_per_tok=2,
+                       layer_types=["sliding_attention", "full_attention"], rope_parameters=None)
+    for model in (eager, ours):  # the sinks start at 0 in the configs' init: make them matter
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.5, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    assert_same(eager, ours, tokens(2, 20), attention_mask=mask)
+    assert_same(eager, ours, tokens(2, 20, seed=5))
+    assert calls == {"dense": 2, "varlen": 2}
+
+
 @pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
 def test_packed_sequences(calls, source):
     """Padding-free batch: 3 sequences in one row, each attending only to itself. The
@@ -227,8 +242,6 @@ def test_errors():
         ours(ids, attention_mask=mask4d)
     q = torch.randn(1, 4, 8, 16, device=DEVICE)
     k = torch.randn(1, 2, 8, 16, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        ioattn_hf.attention_forward(ours.model.layers[0].self_attn, q, k, k, None, s_aux=torch.zeros(4))
     with pytest.warns(UserWarning, match="attention weights"):
         out, weights = ioattn_hf.attention_forward(ours.model.layers[0].self_attn, q, k, k, None,
                                                    output_attentions=True)

@@ -379,13 +379,15 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
 
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
          causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse=False,
-         block_table=None):
+         block_table=None, sinks=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     window = _window(causal, window_size)
     rng_state = _rng_state(dropout_p, q.device)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
                           float(dropout_p), rng_state, block_table)
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, sinks, varlen=cu_seqlens_q is not None)
     if not return_attn_probs:
         return (out, lse) if return_lse else out
     with torch.no_grad():
@@ -396,9 +398,38 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
     return out, lse, probs
 
 
+def _check_sinks(sinks, q):
+    """Returns the (nheads,) fp32 sink logits, or None."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a tensor of shape (nheads,), got {type(sinks).__name__}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+    if tuple(sinks.shape) != (q.shape[-2],):
+        _fail(f"sinks must have shape (nheads,) = ({q.shape[-2]},), got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        _fail(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    return sinks
+
+
+def _apply_sinks(out, lse, sinks, varlen):
+    """Attention sinks (GPT-OSS): one more logit per head in every row's softmax, with no value.
+    With the kernels' (out, lse) over the keys, the sink takes exp(sink) / (exp(lse) + exp(sink))
+    of each row's mass, so out *= sigmoid(lse - sink) and lse becomes logaddexp(lse, sink).
+    Differentiable in out, lse (the kernels' backward takes lse's gradient) and sinks; a row
+    that sees no key (lse = -inf) keeps out = 0."""
+    s = sinks.float()
+    lse_rows = lse.transpose(0, 1) if varlen else lse.transpose(1, 2)  # (..., seqlen, nheads)
+    keep = torch.sigmoid(lse_rows - s)
+    out = (out.float() * keep.unsqueeze(-1)).to(out.dtype)
+    s_lse = s.view(-1, 1) if varlen else s.view(1, -1, 1)
+    return out, torch.logaddexp(lse, s_lse)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                    return_lse=False):
+                    return_lse=False, sinks=None):
     """Exact attention, FlashAttention-2 compatible.
 
     Args:
@@ -418,6 +449,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             materializing anything else: ``(out, lse)``. For merging partial attentions
             (:func:`merge_attention_states`, ring / context-parallel attention).
 
+        sinks: (keyword only) ``(nheads,)`` attention-sink logits (GPT-OSS's ``s_aux``): each row's
+            softmax gets one more logit per head that carries no value; the returned lse
+            includes it. Differentiable (sinks are usually trained parameters).
+
     The returned lse is differentiable: a loss that uses it gets its gradient in dq and dk
     (d lse_i / d scores_ij = P_ij), at no cost when it is not used.
 
@@ -435,33 +470,34 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_scale, alibi_slopes = _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p,
                                                 alibi_slopes, batch)
     return _run(q, k, v, None, None, seqlen_q, k.shape[1], dropout_p, softmax_scale, causal,
-                window_size, softcap, alibi_slopes, return_attn_probs, return_lse)
+                window_size, softcap, alibi_slopes, return_attn_probs, return_lse,
+                sinks=_check_sinks(sinks, q))
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                               deterministic=False, return_attn_probs=False, *,
-                              return_lse=False):
+                              return_lse=False, sinks=None):
     """:func:`flash_attn_func` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)``."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         _fail(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got "
               f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, sinks=sinks)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False, *,
-                             return_lse=False):
+                             return_lse=False, sinks=None):
     """:func:`flash_attn_func` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         _fail(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got "
               f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, sinks=sinks)
 
 
 def _check_block_table(block_table, device, num_pages, page_size, cu_seqlens_q):
@@ -511,7 +547,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
                            return_attn_probs=False, block_table=None, *,
-                           return_lse=False):
+                           return_lse=False, sinks=None):
     """Variable-length attention over packed sequences (no padding).
 
     Args:
@@ -566,13 +602,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                                 alibi_slopes, batch)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                 softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse,
-                block_table)
+                block_table, _check_sinks(sinks, q))
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                      causal=False, window_size=(-1, -1), softcap=0.0,
                                      alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                                     *, return_lse=False):
+                                     *, return_lse=False, sinks=None):
     """Varlen with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
         _fail(f"qkv must have shape (total, 3, nheads, headdim), got "
@@ -580,14 +616,14 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen,
                                   max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, sinks=sinks)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     dropout_p=0.0, softmax_scale=None, causal=False,
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                     deterministic=False, return_attn_probs=False, *,
-                                    return_lse=False):
+                                    return_lse=False, sinks=None):
     """Varlen with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
         _fail(f"kv must have shape (total_k, 2, nheads_k, headdim), got "
@@ -595,4 +631,4 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, sinks=sinks)

@@ -65,7 +65,7 @@ def _repeat_kv(x: torch.Tensor, nheads_q: int) -> torch.Tensor:
 
 
 def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                  alibi_slopes=None, dropout_p=0.0, dropout_mask=None, upcast=True):
+                  alibi_slopes=None, dropout_p=0.0, dropout_mask=None, sinks=None, upcast=True):
     """Attention with every option of :func:`ioattn.flash_attn_func`, materialized.
 
     Args:
@@ -73,6 +73,8 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
         dropout_mask: boolean ``(b, hq, sq, sk)``, True where a probability is
             kept; required when ``dropout_p > 0`` (the reference has no RNG of
             its own, it replays the kernel's mask).
+        sinks: ``(hq,)`` logits of an extra "sink" key per head that takes part in the
+            softmax and contributes no value (GPT-OSS's attention sinks), or None.
         upcast: compute in float64 (True) or in the inputs' dtype (False).
 
     Returns:
@@ -93,9 +95,14 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
         scores = scores + alibi_bias(alibi_slopes, b, hq, sq, sk, dtype=dtype)
     mask = visible_mask(sq, sk, causal, window_size, device=q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # one more logit per row; its probability multiplies no value
+        sink = sinks.to(scores.dtype).view(1, hq, 1, 1).expand(b, hq, sq, 1)
+        scores = torch.cat([scores, sink], dim=-1)
     lse = torch.logsumexp(scores.float() if not upcast else scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows that see no key
+    if sinks is not None:
+        probs = probs[..., :sk]
     if dropout_p > 0.0:
         if dropout_mask is None:
             raise ValueError("attention_ref needs dropout_mask when dropout_p > 0")

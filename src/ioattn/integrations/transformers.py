@@ -28,11 +28,12 @@ What :func:`attention_forward` does, as transformers' FlashAttention-2 integrati
   restart (batch 1), each sequence attending only to itself;
 * ``sliding_window = w``: each query sees ``w`` keys (itself included), so
   ``window_size = (w - 1, w - 1)`` (right = 0 when causal); ``softcap`` as Gemma-2's;
-  a value head dim smaller than the query's is zero-padded and the output cropped.
+  a value head dim smaller than the query's is zero-padded and the output cropped;
+* attention sinks (``s_aux``, GPT-OSS): ioattn's ``sinks`` (trained through the lse's gradient).
 
 What raises: a 4-D or other non-2-D mask (custom patterns, prefix-LM / bidirectional
-blocks: ioattn only masks causally, by window and by sequence), attention sinks
-(``s_aux``) and additive position biases (``position_bias``): use ``"sdpa"`` or
+blocks: ioattn only masks causally, by window and by sequence) and additive position
+biases (``position_bias``): use ``"sdpa"`` or
 ``"eager"`` for those models. ``output_attentions=True`` gets no weights (None), with a
 warning, as with FlashAttention-2.
 """
@@ -133,9 +134,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Returns:
         ``(attn_output (batch, q_len, heads, dim), None)``.
     """
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("ioattn: attention sinks (s_aux) are not supported; "
-                                  "use attn_implementation='eager' or 'sdpa' for this model")
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("ioattn: additive position biases (position_bias) are not supported; "
                                   "use attn_implementation='eager' or 'sdpa' for this model")
@@ -162,6 +160,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         window = (int(sliding_window) - 1, int(sliding_window) - 1)
     opts = dict(dropout_p=float(dropout or 0.0), softmax_scale=scaling, causal=causal,
                 window_size=window, softcap=float(softcap or 0.0))
+    if kwargs.get("s_aux") is not None:  # GPT-OSS's attention sinks, one logit per query head
+        opts["sinks"] = kwargs["s_aux"]
 
     if attention_mask is not None:
         mask = attention_mask.bool()
