@@ -59,7 +59,7 @@ def logical_cache(cache, block_table, cache_batch_idx, batch):
 def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                 cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                 softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                rotary_interleaved=True, alibi_slopes=None):
+                rotary_interleaved=True, alibi_slopes=None, sinks=None):
     """Returns (out fp64, lse fp64, k_logical, v_logical): the caches as they must be after the
     append (in the cache dtype), in logical (batch, capacity, hk, d) layout."""
     batch, seqlen_q, nheads, _ = q.shape
@@ -92,13 +92,15 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
         start = 0 if cache_leftpad is None else int(cache_leftpad[b])
         end = int(lens[b]) + seqlen_new
         if end <= start:
+            if sinks is not None:  # only the sink: out 0, lse = the sink logit
+                lse[b] = sinks.double().view(-1, 1)
             continue
         slopes = alibi_slopes
         if slopes is not None and slopes.dim() == 2:
             slopes = slopes[b]
         o, l = attention_ref(q64[b:b + 1], k_log[b:b + 1, start:end], v_log[b:b + 1, start:end],
                              softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                             softcap=softcap, alibi_slopes=slopes)
+                             softcap=softcap, alibi_slopes=slopes, sinks=sinks)
         out[b], lse[b] = o[0], l[0]
     return out, lse, k_log, v_log
 
@@ -283,6 +285,16 @@ def test_leftpad_window(gen):
 def test_cache_batch_idx(gen):
     inputs = make_inputs(seqlen_q=2, seqlen_new=2, batch_idx=True, rotary_dim=16, gen=gen)
     check(inputs, rotary_interleaved=False)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_sinks(page_size, gen):
+    """GPT-OSS's attention sinks while decoding (a batch row with an empty cache included)."""
+    inputs = make_inputs(seqlen_q=2, seqlen_new=2, lens=[0, 30, 60], page_size=page_size, gen=gen)
+    check(inputs, causal=True, window_size=(8, 0), sinks=torch.randn(4, generator=gen) * 2)
+    empty = make_inputs(seqlen_q=1, lens=[0, 12, 40], gen=gen)  # row 0: no key at all
+    out, lse = check(empty, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
 
 
 def test_num_splits_agree(gen):

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from .interface import plain_eager
+from .interface import _apply_sinks, _check_sinks, plain_eager
 from .kernels import configs
 from .merge import _weights
 
@@ -47,7 +47,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
                             block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
                             softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                            return_softmax_lse=False, *, validate_values=False):
+                            return_softmax_lse=False, *, validate_values=False, sinks=None):
     """Attention of ``q`` over a KV cache, after appending ``k``/``v`` to it in place.
 
     Arguments (FlashAttention-2's)::
@@ -82,6 +82,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                     from the shapes and the SM count.
         validate_values: check block_table / cache_seqlens / leftpad / batch_idx values
                     also on CUDA (synchronizes; breaks CUDA-graph capture). Always on CPU.
+        sinks:      (keyword only) fp (nheads,) attention-sink logits (GPT-OSS), as in
+                    :func:`ioattn.flash_attn_func`; the returned lse includes them.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype, and with return_softmax_lse
@@ -98,6 +100,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         out, lse = _fwd_kvcache(*op_args)  # the op's body without its dispatch (host time)
     else:
         out, lse = torch.ops.ioattn.fwd_kvcache(*op_args)
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, _check_sinks(sinks, q), varlen=False)
     return (out, lse) if return_softmax_lse else out
 
 
