@@ -160,6 +160,10 @@ case "$mode" in
     timeout 90 python3 -m pytest tests/test_lse_grad.py tests/test_paged_varlen.py -q -x -p no:cacheprovider 2>&1 | tail -n 4
     timeout 45 python3 benchmarks/bench_paged.py --out "$OUT/paged.json" 2>&1 | tail -n 8
     timeout 80 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 4096,16384 --out "$OUT/quick.json" 2>&1 | tail -n 10 ;;
+  s6a)  # session 6: the Gluon Hopper forward (correctness vs fp32, then timing vs Triton / cuDNN / FA2),
+        # the paged forward after the page-index prefetch
+    timeout 300 python3 benchmarks/gluon_check.py --out "$OUT/gluon.json" 2>&1 | tee "$OUT/gluon.log" | grep -v "^PASS"
+    timeout 60 python3 benchmarks/bench_paged.py --out "$OUT/paged.json" 2>&1 | tail -n 8 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

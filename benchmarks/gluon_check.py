@@ -1,0 +1,151 @@
+"""The Gluon Hopper forward (kernels/forward_sm90.py) on the GPU: numbers, then speed.
+
+1. Correctness: out and lse against an fp32 SDPA-math reference (outputs pre-filled with
+   NaN), over odd lengths, seqlen_q != seqlen_k, GQA/MQA, causal or not, bf16/fp16, hdim 64/128.
+2. Timing in one process (forward only, 16k tokens, bf16): the Gluon kernel, the Triton
+   kernel (forward.attention_forward with the Gluon path off), SDPA cuDNN and SDPA flash.
+
+    python benchmarks/gluon_check.py [--out f.json] [--skip-bench]
+"""
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ioattn.kernels import forward, forward_sm90
+
+
+def reference(q, k, v, causal, scale):
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    g = qf.shape[1] // kf.shape[1]
+    kf, vf = kf.repeat_interleave(g, 1), vf.repeat_interleave(g, 1)
+    s = qf @ kf.transpose(-1, -2) * scale
+    sq, sk = s.shape[-2:]
+    if causal:
+        keep = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + sk - sq
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ vf).transpose(1, 2), lse
+
+
+def run_gluon(q, k, v, causal, scale):
+    b, sq, h, d = q.shape
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, h, sq), float("nan"), device=q.device, dtype=torch.float32)
+    forward_sm90.attention_forward_sm90(q, k, v, out, lse, softmax_scale=scale, causal=causal)
+    return out, lse
+
+
+def check(rows):
+    cases = []
+    for d in (64, 128):
+        for dtype in (torch.bfloat16, torch.float16):
+            for (b, sq, sk, h, hk) in ((2, 128, 128, 4, 4), (1, 257, 300, 4, 2), (2, 1000, 1000, 2, 1),
+                                       (1, 64, 777, 4, 4), (1, 513, 129, 2, 2), (1, 1, 200, 4, 1), (3, 2048, 2048, 2, 2)):
+                for causal in (False, True):
+                    cases.append((d, dtype, b, sq, sk, h, hk, causal))
+    n_fail = 0
+    for d, dtype, b, sq, sk, h, hk, causal in cases:
+        torch.manual_seed(len(rows))
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+        k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+        v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+        scale = 1 / math.sqrt(d)
+        ok_sup = forward_sm90.supported(q, k, v, varlen=False, window_left=-1, window_right=0 if causal else -1,
+                                        softcap=0.0, alibi_slopes=None, dropout_p=0.0, block_table=None)
+        try:
+            out, lse = run_gluon(q, k, v, causal, scale)
+            torch.cuda.synchronize()
+            ro, rl = reference(q, k, v, causal, scale)
+            err_o = (out.float() - ro).abs().max().item()
+            finite = torch.isfinite(rl)
+            err_l = (lse - rl)[finite].abs().max().item() if finite.any() else 0.0
+            lse_inf_ok = bool(torch.equal(torch.isinf(lse), ~finite))
+            # tolerance: a few ulps of the output dtype relative to |out| <= max|v|
+            tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+            good = (not math.isnan(err_o)) and err_o <= tol and err_l <= 1e-3 and lse_inf_ok
+            # the Triton kernel's error on the same case, for scale
+            t_out, _ = forward.attention_forward(q, k, v, max_seqlen_q=sq, max_seqlen_k=sk, softmax_scale=scale,
+                                                 window_left=-1, window_right=0 if causal else -1)
+            err_t = (t_out.float() - ro).abs().max().item()
+        except Exception as exc:  # noqa: BLE001
+            good, err_o, err_l, err_t = False, float("nan"), float("nan"), float("nan")
+            print("ERROR", repr(exc)[:300])
+        n_fail += not good
+        row = dict(kind="check", hdim=d, dtype=str(dtype), batch=b, seqlen_q=sq, seqlen_k=sk, nheads=h,
+                   nheads_k=hk, causal=causal, supported=ok_sup, err_out=err_o, err_lse=err_l, err_triton=err_t,
+                   ok=good)
+        rows.append(row)
+        print(("PASS" if good else "FAIL"), row, flush=True)
+    print(f"gluon check: {len(cases) - n_fail}/{len(cases)} passed", flush=True)
+    return n_fail
+
+
+def flops(b, h, n, d, causal):
+    return 4 * b * h * n * n * d / (2 if causal else 1)
+
+
+def bench(rows):
+    for d in (128, 64):
+        h = 2048 // d
+        for n in (1024, 4096, 16384):
+            b = 16384 // n
+            for causal in (False, True):
+                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                scale = 1 / math.sqrt(d)
+                out = torch.empty_like(q)
+                lse = torch.empty(b, h, n, device="cuda", dtype=torch.float32)
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                fns = {
+                    "gluon": lambda: forward_sm90.attention_forward_sm90(q, k, v, out, lse, softmax_scale=scale,
+                                                                         causal=causal),
+                    "triton": lambda: forward.attention_forward(q, k, v, max_seqlen_q=n, max_seqlen_k=n,
+                                                                softmax_scale=scale, window_left=-1,
+                                                                window_right=0 if causal else -1),
+                }
+                for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+                    def f(backend=backend):
+                        with sdpa_kernel(backend):
+                            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    fns[name] = f
+                res = {}
+                for name, fn in fns.items():
+                    try:
+                        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                        res[name] = flops(b, h, n, d, causal) / ms / 1e9
+                    except Exception as exc:  # noqa: BLE001
+                        print(name, "failed", repr(exc)[:200])
+                        res[name] = float("nan")
+                    rows.append(dict(kind="bench", provider=name, mode="fwd", hdim=d, seqlen=n, batch=b, nheads=h,
+                                     causal=causal, tflops=res[name]))
+                print(f"fwd hdim {d} n {n:5d} causal {causal!s:5}: " +
+                      "  ".join(f"{k} {v:6.1f}" for k, v in res.items()) +
+                      f"  gluon/cudnn {res['gluon'] / res['sdpa_cudnn']:.2f}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-bench", action="store_true")
+    args = ap.parse_args(argv)
+    rows = []
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    n_fail = check(rows)
+    if not args.skip_bench:
+        bench(rows)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=rows), fh, indent=1)
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

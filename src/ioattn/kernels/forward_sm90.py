@@ -1,0 +1,310 @@
+"""Hopper (sm_90) forward written in Gluon: warp-specialized, with asynchronous wgmma.
+
+Why a second forward: the Triton kernel (forward.py) compiles to a loop that waits on every
+wgmma and synchronizes the whole CTA each iteration, so the softmax never overlaps a matrix
+product (docs/PERF_NOTES.md). Gluon (Triton's lower-level dialect, shipped in the same
+wheel) lets the kernel say what runs where:
+
+- a producer warp issues the TMA loads of Q, K and V into rings of shared-memory stages,
+  each guarded by a "ready" mbarrier (TMA byte count) and an "empty" mbarrier that the
+  consumers arrive on once the tensor cores are done reading the stage;
+- two consumer warpgroups (4 warps each) own 64 query rows apiece of the CTA's 128-row
+  block and share the K/V stages. Each runs its own online softmax, so neither waits for the
+  other; and inside a warpgroup, the scores of block j+1 (Q K^T, issued asynchronously) are
+  computed by the tensor cores while the warpgroup does the softmax of block j, and P V of
+  block j runs while it rescales (FlashAttention-3's intra-warpgroup overlap).
+
+Scope: dense (batch, seqlen, heads, dim) bf16/fp16 tensors, head dims 64 and 128, causal
+(bottom-right aligned) or not, GQA/MQA; the same outputs as forward.py (out, and lse in
+natural log, (batch, heads, seqlen_q)), so the backward is shared. Everything else (varlen,
+windows, softcap, ALiBi, dropout, paged K/V, other head dims, fp32) keeps the Triton kernel.
+Gluon kernels do not run in the interpreter: tests/test_gpu_configs.py compiles this one for
+sm_90a on the CPU, and the GPU suite (benchmarks/gpu_check.py) checks its numbers.
+"""
+
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+HALF_M = 64  # query rows per consumer warpgroup (the CTA holds two)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# IOATTN_GLUON=0 keeps the Triton forward on Hopper too (A/B in benchmarks)
+ENABLED = os.environ.get("IOATTN_GLUON", "1") != "0"
+
+
+@gluon.constexpr_function
+def _wgmma_layout(n):
+    """Accumulator layout of a warpgroup's m64 x n wgmma (4 warps along the rows)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, int(n), 16])
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
+              b, h, hk, m0, n_blocks):
+    # (constexpr arguments do not survive gl.warp_specialize: the tile sizes come from the types)
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m0 + w * q_desc.block_type.shape[1], h, 0], q_bars.index(w),
+                                        q_smem.index(w))
+    for j in range(n_blocks):
+        s = j % STAGES
+        # a fresh barrier counts as having completed the phase before its first one, so the
+        # first pass over the ring does not wait
+        ph = ((j // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(s), ph)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), ph)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal):
+    keys = gl.expand_dims(n0 + offs_n, 0)
+    ok = (keys < seqlen_k) & ((keys <= gl.expand_dims(offs_m, 1) + diag) | (causal == 0))
+    return gl.where(ok, s, float("-inf"))
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qk_scale):
+    """Online softmax of one block of raw scores: (P, new max, new sum, rescale factor)."""
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    # rows that have seen no key yet keep m = -inf: use 0 so exp2 gives 0, never NaN
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use * qk_scale, 1))
+    alpha = gl.exp2((m_i - m_use) * qk_scale)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+              WG: gl.constexpr):
+    dtype: gl.constexpr = o_desc.dtype
+    ROWS: gl.constexpr = o_desc.block_type.shape[1]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
+    HEAD_DIM: gl.constexpr = k_smem.shape[4]
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    # 2-D views of the (1, rows, 1, dim) TMA tiles: rows of 128 or 256 bytes, 128-byte swizzle
+    q2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    kv2_layout: gl.constexpr = q2_layout
+
+    r0 = m0 + WG * ROWS
+    diag = seqlen_k - seqlen_q
+    # key blocks every row of this warpgroup sees in full (no mask arithmetic)
+    n_full = seqlen_k // BLOCK_N
+    if causal != 0:
+        n_full = gl.minimum(n_full, gl.maximum(r0 + diag + 1, 0) // BLOCK_N)
+    offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+
+    q_tile = q_smem.index(WG)
+    q2 = q_tile._reinterpret(dtype, [ROWS, HEAD_DIM], q2_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+    o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+    mbarrier.wait(q_bars.index(WG), 0)
+
+    if n_blocks > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        k0 = k_smem.index(0)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        s_tok = warpgroup_mma(q2, k0.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0))
+        if 0 >= n_full:
+            s = _scores_mask(s, offs_m, offs_n, 0, seqlen_k, diag, causal)
+        p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
+        p = gl.convert_layout(p32.to(dtype), p_layout)
+
+    for j in range(1, n_blocks):
+        st = j % STAGES
+        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        kj = k_smem.index(st)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        s_tok = warpgroup_mma(q2, kj.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        # P V of the previous block runs on the tensor cores behind the scores
+        sp = (j - 1) % STAGES
+        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+        vp = v_smem.index(sp)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        o_tok = warpgroup_mma(p, vp, o, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
+        mbarrier.arrive(k_empty.index(st))
+        if j >= n_full:
+            s = _scores_mask(s, offs_m, offs_n, j * BLOCK_N, seqlen_k, diag, causal)
+        p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
+        p_next = gl.convert_layout(p32.to(dtype), p_layout)
+        o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+        mbarrier.arrive(v_empty.index(sp))
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p = p_next
+
+    if n_blocks > 0:
+        sl = (n_blocks - 1) % STAGES
+        mbarrier.wait(v_ready.index(sl), ((n_blocks - 1) // STAGES) & 1)
+        vl = v_smem.index(sl)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        o_tok = warpgroup_mma(p, vl, o, is_async=True)
+        o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+        mbarrier.arrive(v_empty.index(sl))
+
+    # epilogue: rows that saw no key get out = 0 and lse = -inf
+    empty = l_i == 0.0
+    inv_l = 1.0 / gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i * qk_scale + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
+    o = o * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
+    # the Q tile's buffer is free (its last product has retired): stage O there for a TMA
+    # store, which drops the rows past seqlen_q
+    q2.store(o.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, r0, h, 0], q_tile)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer_wg0(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+                  b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal):
+    _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, 0)
+
+
+@gluon.jit
+def _consumer_wg1(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+                  b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal):
+    _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, 1)
+
+
+@gluon.jit
+def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
+                   seqlen_q, seqlen_k, nheads, group, qk_scale,
+                   CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]
+    # the last query blocks have the most keys to visit under a causal mask: start them first
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * ROWS)
+    bh = gl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    hk = h // group
+    hi = seqlen_k
+    if CAUSAL:
+        hi = gl.minimum(hi, gl.minimum(m0 + 2 * ROWS, seqlen_q) + seqlen_k - seqlen_q)
+    n_blocks = (gl.maximum(hi, 0) + BLOCK_N - 1) // BLOCK_N
+    causal = 1 if CAUSAL else 0
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+
+    consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+                     b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal)
+    gl.warp_specialize([
+        (_consumer_wg0, consumer_args),
+        (_consumer_wg1, consumer_args),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
+                     b, h, hk, m0, n_blocks)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_bars.index(i))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+
+def config(head_dim):
+    """Tiles and register split of the Gluon forward for a head dim."""
+    return dict(BLOCK_N=128, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+
+
+def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p, block_table):
+    """Whether a forward call can take this kernel (else the Triton one runs)."""
+    if not ENABLED or varlen or block_table is not None or alibi_slopes is not None:
+        return False
+    if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
+        return False
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    from .forward import _tma_ok
+    return all(_tma_ok(t, q.shape[-1]) for t in (q, k, v))
+
+
+def _layout(block, dtype):
+    return gl.NVMMASharedLayout.get_default_for(block, {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype])
+
+
+def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal):
+    """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    cfg = config(head_dim)
+    q_block = [1, HALF_M, 1, head_dim]
+    kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), blk, _layout(blk, q.dtype))
+             for t, blk in ((q, q_block), (k, kv_block), (v, kv_block), (out, q_block))]
+    grid = (triton.cdiv(seqlen_q, 2 * HALF_M), batch * nheads)
+    return _attn_fwd_sm90[grid](
+        *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
+        softmax_scale * LOG2E, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
+        CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
+
+
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0)):
+    """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cfg = config(head_dim)
+    fn = _attn_fwd_sm90
+    q_block = [1, HALF_M, 1, head_dim]
+    kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
+
+    def desc(block):
+        return f"tensordesc<{dtype}[{','.join(map(str, block))}],{_layout(block, tdtype)!r}>"
+
+    sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
+               LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
+               group="i32", qk_scale="fp32")
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
+                      CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
+    names = fn.arg_names
+    for n in constexprs:
+        sig[n] = "constexpr"
+    sig = {n: sig[n] for n in names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    cc = capability[0] * 10 + capability[1]
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": cfg["num_warps"]})
