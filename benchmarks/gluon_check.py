@@ -43,9 +43,19 @@ def run_gluon(q, k, v, causal, scale):
     return out, lse
 
 
+def triton_forward(q, k, v, sq, sk, scale, causal):
+    """The Triton kernel (forward.py) on the same call, with the Gluon path switched off."""
+    prev, forward_sm90.ENABLED = forward_sm90.ENABLED, False
+    try:
+        return forward.attention_forward(q, k, v, max_seqlen_q=sq, max_seqlen_k=sk, softmax_scale=scale,
+                                         window_left=-1, window_right=0 if causal else -1)
+    finally:
+        forward_sm90.ENABLED = prev
+
+
 def check(rows):
     cases = []
-    for d in (64, 128):
+    for d in forward_sm90.HEAD_DIMS:
         for dtype in (torch.bfloat16, torch.float16):
             for (b, sq, sk, h, hk) in ((2, 128, 128, 4, 4), (1, 257, 300, 4, 2), (2, 1000, 1000, 2, 1),
                                        (1, 64, 777, 4, 4), (1, 513, 129, 2, 2), (1, 1, 200, 4, 1), (3, 2048, 2048, 2, 2)):
@@ -59,7 +69,8 @@ def check(rows):
         v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
         scale = 1 / math.sqrt(d)
         ok_sup = forward_sm90.supported(q, k, v, varlen=False, window_left=-1, window_right=0 if causal else -1,
-                                        softcap=0.0, alibi_slopes=None, dropout_p=0.0, block_table=None)
+                                        softcap=0.0, alibi_slopes=None, dropout_p=0.0, block_table=None,
+                                        capability=torch.cuda.get_device_capability())
         try:
             out, lse = run_gluon(q, k, v, causal, scale)
             torch.cuda.synchronize()
@@ -72,8 +83,7 @@ def check(rows):
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
             good = (not math.isnan(err_o)) and err_o <= tol and err_l <= 1e-3 and lse_inf_ok
             # the Triton kernel's error on the same case, for scale
-            t_out, _ = forward.attention_forward(q, k, v, max_seqlen_q=sq, max_seqlen_k=sk, softmax_scale=scale,
-                                                 window_left=-1, window_right=0 if causal else -1)
+            t_out, _ = triton_forward(q, k, v, sq, sk, scale, causal)
             err_t = (t_out.float() - ro).abs().max().item()
         except Exception as exc:  # noqa: BLE001
             good, err_o, err_l, err_t = False, float("nan"), float("nan"), float("nan")
@@ -93,7 +103,7 @@ def flops(b, h, n, d, causal):
 
 
 def bench(rows):
-    for d in (128, 64):
+    for d in (128, 64, 256):
         h = 2048 // d
         for n in (1024, 4096, 16384):
             b = 16384 // n
@@ -106,10 +116,16 @@ def bench(rows):
                 fns = {
                     "gluon": lambda: forward_sm90.attention_forward_sm90(q, k, v, out, lse, softmax_scale=scale,
                                                                          causal=causal),
-                    "triton": lambda: forward.attention_forward(q, k, v, max_seqlen_q=n, max_seqlen_k=n,
+                    "triton": lambda: triton_forward(q, k, v, n, n, scale, causal),
+                    # what ioattn's forward dispatches to (Gluon, or Triton where that is faster)
+                    "ioattn": lambda: forward.attention_forward(q, k, v, max_seqlen_q=n, max_seqlen_k=n,
                                                                 softmax_scale=scale, window_left=-1,
                                                                 window_right=0 if causal else -1),
                 }
+                if d <= 128:  # A/B: three K/V stages instead of two
+                    cfg3 = dict(forward_sm90.config(d), STAGES=3)
+                    fns["gluon_3stages"] = lambda cfg3=cfg3: forward_sm90.attention_forward_sm90(
+                        q, k, v, out, lse, softmax_scale=scale, causal=causal, cfg=cfg3)
                 for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
                     def f(backend=backend):
                         with sdpa_kernel(backend):

@@ -164,6 +164,11 @@ case "$mode" in
         # the paged forward after the page-index prefetch
     timeout 300 python3 benchmarks/gluon_check.py --out "$OUT/gluon.json" 2>&1 | tee "$OUT/gluon.log" | grep -v "^PASS"
     timeout 60 python3 benchmarks/bench_paged.py --out "$OUT/paged.json" 2>&1 | tail -n 8 ;;
+  s6b)  # session 6: the Gluon forward dispatched; its check + A/B (hdim 256, 3 stages), then the
+        # quick correctness grid (forward and backward through the public API)
+    timeout 330 python3 benchmarks/gluon_check.py --out "$OUT/gluon.json" 2>&1 | tee "$OUT/gluon.log" | grep -v "^PASS"
+    timeout 220 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 8 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

@@ -7,7 +7,7 @@ configuration that would fail at launch with OutOfResources fails here in CI.
 import pytest
 
 from ioattn.kernels import configs
-from ioattn.kernels.aot import SMEM_LIMIT, compile_kernel, default_launches
+from ioattn.kernels.aot import SMEM_LIMIT, compile_kernel, default_launches, ptxas_report
 
 pytestmark = pytest.mark.skipif(configs.interpreting(), reason="ahead-of-time compiles need the real Triton "
                                 "compiler, not the interpreter (scripts/test.sh runs this file without it)")
@@ -30,3 +30,19 @@ def test_default_configs_fit_shared_memory(head_dim, flags, capability):
             f"(BLOCK_M={consts['BLOCK_M']}, BLOCK_N={consts['BLOCK_N']}, stages={stages})")
         if capability == (9, 0):
             assert "wgmma" in kernel.asm["ptx"], f"{name}: no wgmma on Hopper"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gluon_forward_compiles_for_sm90a(head_dim, causal, dtype):
+    """The Gluon Hopper forward (kernels/forward_sm90.py) compiles for sm_90a: it fits the
+    shared memory, uses asynchronous wgmma, the TMA and the consumer/producer register split,
+    and does not spill. (Its numbers are checked on a GPU: benchmarks/gluon_check.py.)"""
+    forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
+    kernel = forward_sm90.compile_for(head_dim, dtype, causal)
+    assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
+    rep = ptxas_report(kernel)
+    assert rep["spill_bytes"] == 0, rep

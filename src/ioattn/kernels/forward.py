@@ -17,6 +17,15 @@ from . import configs
 from .configs import NO_SPECIALIZE
 from .masks import mma, drop_packed, dropout_keep, dropout_pairs, key_range, scores_log2, sequence_bounds, visible
 
+# The Gluon Hopper forward (forward_sm90.py) takes the dense calls it supports on sm_90; it
+# needs triton.experimental.gluon (triton >= 3.5) and a GPU, never the interpreter.
+_sm90 = None
+if not configs.interpreting():
+    try:
+        from . import forward_sm90 as _sm90
+    except ImportError:  # an older triton: the Triton kernel runs everywhere
+        _sm90 = None
+
 
 @triton.jit
 def _load_rows(base, offs_n, offs_d, stride_s, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -316,6 +325,13 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         stride_ab = alibi_slopes.stride(0)
     grid = (configs.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
     if grid[0] * grid[1] == 0:  # no query rows at all
+        return out, lse
+    if not varlen and _sm90 is not None and not configs.interpreting() and _sm90.supported(
+            q, k, v, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
+            alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_table=block_table,
+            capability=configs._capability(q.device)):
+        configs.last_compiled["fwd"] = _sm90.attention_forward_sm90(
+            q, k, v, out, lse, softmax_scale=softmax_scale, causal=window_right == 0)
         return out, lse
     k_desc = v_desc = None
     use_tma = (configs.tma_tiles(block_d, q.element_size(), varlen) and configs.use_tma(q.device)

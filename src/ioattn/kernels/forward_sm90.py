@@ -14,7 +14,7 @@ wheel) lets the kernel say what runs where:
   computed by the tensor cores while the warpgroup does the softmax of block j, and P V of
   block j runs while it rescales (FlashAttention-3's intra-warpgroup overlap).
 
-Scope: dense (batch, seqlen, heads, dim) bf16/fp16 tensors, head dims 64 and 128, causal
+Scope: dense (batch, seqlen, heads, dim) bf16/fp16 tensors, head dims 64, 128 and 256, causal
 (bottom-right aligned) or not, GQA/MQA; the same outputs as forward.py (out, and lse in
 natural log, (batch, heads, seqlen_q)), so the backward is shared. Everything else (varlen,
 windows, softcap, ALiBi, dropout, paged K/V, other head dims, fp32) keeps the Triton kernel.
@@ -242,20 +242,33 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
         mbarrier.invalidate(v_empty.index(i))
 
 
+HEAD_DIMS = (64, 128, 256)
+
+
 def config(head_dim):
-    """Tiles and register split of the Gluon forward for a head dim."""
-    return dict(BLOCK_N=128, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+    """Tiles and register split of the Gluon forward for a head dim. Key blocks of 128
+    (64 at head dim 256, where a 64 x 256 fp32 output accumulator already takes 128 registers
+    a thread); key blocks of 256 at head dim 64 spill. Shared memory on sm_90a (bf16): 82 KB
+    (hdim 64), 164 KB (128), 197 KB (256) with 2 stages."""
+    return dict(BLOCK_N=64 if head_dim > 128 else 128, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24,
+                num_warps=4)
 
 
-def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p, block_table):
-    """Whether a forward call can take this kernel (else the Triton one runs)."""
+def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p, block_table,
+              capability):
+    """Whether a forward call can take this kernel (else the Triton one runs). ``capability``
+    is the device's (major, minor) as configs sees it (IOATTN_PORTABLE=1 reports sm_80)."""
     if not ENABLED or varlen or block_table is not None or alibi_slopes is not None:
         return False
     if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0:
         return False
-    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return False
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if capability[0] != 9:
+        return False
+    # measured on the H200 (benchmarks/results/h200-session6): at head dim 64 the causal
+    # Triton kernel is faster up to 2k keys (298 vs 254 TFLOP/s at 1k), so it keeps those
+    if q.shape[-1] == 64 and window_right == 0 and k.shape[1] <= 2048:
         return False
     from .forward import _tma_ok
     return all(_tma_ok(t, q.shape[-1]) for t in (q, k, v))
@@ -265,12 +278,13 @@ def _layout(block, dtype):
     return gl.NVMMASharedLayout.get_default_for(block, {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype])
 
 
-def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal):
-    """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q)."""
+def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
+    """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q).
+    ``cfg`` overrides config(head_dim) (benchmarks' A/B runs)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    cfg = config(head_dim)
+    cfg = cfg or config(head_dim)
     q_block = [1, HALF_M, 1, head_dim]
     kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), blk, _layout(blk, q.dtype))
