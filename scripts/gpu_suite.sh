@@ -169,6 +169,10 @@ case "$mode" in
     timeout 330 python3 benchmarks/gluon_check.py --out "$OUT/gluon.json" 2>&1 | tee "$OUT/gluon.log" | grep -v "^PASS"
     timeout 220 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
     grep -E "FAIL|passed|compiled|Error" "$OUT/check.log" | tail -n 8 ;;
+  s6c)  # session 6: the Gluon backward (check through the public API vs fp32 + Triton path, timing),
+        # then the side-by-side quick benchmark with both Gluon kernels dispatched
+    timeout 200 python3 benchmarks/gluon_bwd_check.py --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
+    timeout 240 python3 benchmarks/quick_bench.py --hdim 64,128,256 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" | grep -E "fwd|bwd" | tail -n 40 ;;
   bench)
     mkdir -p /tmp/bench
     python3 benchmarks/bench_attention.py --out /tmp/bench/h100.json 2>&1 | tail -n 150

@@ -386,7 +386,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None, window_left=-1,
                        window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-                       rng_state=None, dlse=None):
+                       rng_state=None, dlse=None, deterministic=False):
     """Attention backward pass by recomputation; returns ``(dq, dk, dv)`` shaped like q, k, v.
 
     Same layouts and keyword arguments as :func:`attention_forward`; ``out`` and

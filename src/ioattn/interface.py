@@ -85,7 +85,8 @@ def on_device_of(t: torch.Tensor, fn, *args, **kwargs):
 
 
 def _forward_impl(q, k, v, *params):
-    """params: those of _PATH_KWARGS, then (optionally) block_table (paged k/v) or None."""
+    """params: those of _PATH_KWARGS, then (optionally) block_table (paged k/v) or None, then
+    (optionally) deterministic, which only the backward reads (zip drops it here)."""
     forward, _ = _path_modules(_use_triton(q))
     kwargs = dict(zip(_PATH_KWARGS + ("block_table",), params))
     index = q.get_device()  # Triton launches on the current GPU: q's, if not already (on_device_of)
@@ -96,11 +97,12 @@ def _forward_impl(q, k, v, *params):
 
 
 def _backward_impl(dout, q, k, v, out, lse, *params):
-    """params: those of _PATH_KWARGS, then (optionally) dlse, the gradient of lse or None."""
+    """params: those of _PATH_KWARGS, then (optionally) dlse, the gradient of lse or None, then
+    (optionally) deterministic: bit-reproducible gradients (no atomic dQ sums)."""
     _, backward = _path_modules(_use_triton(q))
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    kwargs = dict(zip(_PATH_KWARGS + ("dlse",), params))
+    kwargs = dict(zip(_PATH_KWARGS + ("dlse", "deterministic"), params))
     # autograd's engine runs a CUDA backward on a thread whose current device is the tensors';
     # a backward called otherwise (torch.func, a compiled graph) gets the same guard as the forward
     index = q.get_device()
@@ -119,7 +121,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             window_left: int, window_right: int, softcap: float,
             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
             rng_state: Optional[torch.Tensor],
-            block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            block_table: Optional[torch.Tensor] = None,
+            deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, window_left, window_right, softcap, alibi_slopes,
                          dropout_p, rng_state, block_table)
@@ -128,7 +131,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
               window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state,
-              block_table=None):
+              block_table=None, deterministic=False):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -145,10 +148,11 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             window_left: int, window_right: int, softcap: float,
             alibi_slopes: Optional[torch.Tensor], dropout_p: float,
             rng_state: Optional[torch.Tensor],
-            dlse: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dlse: Optional[torch.Tensor],
+            deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                          alibi_slopes, dropout_p, rng_state, dlse)
+                          alibi_slopes, dropout_p, rng_state, dlse, deterministic)
 
 
 @_bwd_op.register_fake
@@ -158,7 +162,7 @@ def _bwd_fake(dout, q, k, v, out, lse, *args):
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
              "softmax_scale", "window_left", "window_right", "softcap", "alibi_slopes",
-             "dropout_p", "rng_state", "block_table")
+             "dropout_p", "rng_state", "block_table", "deterministic")
 
 
 def _setup_context(ctx, inputs, output):
@@ -169,6 +173,7 @@ def _setup_context(ctx, inputs, output):
     ctx.params = [args[n] for n in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left",
                                     "window_right", "softcap")]
     ctx.dropout_p = args["dropout_p"]
+    ctx.deterministic = bool(args.get("deterministic", False))
 
 
 def _backward_args(ctx, dout, dlse):
@@ -182,7 +187,7 @@ def _backward_args(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng, dlse)
+    return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng, dlse, ctx.deterministic)
 
 
 _NO_GRADS = (None,) * (len(_FWD_ARGS) - 3)  # only q, k and v get gradients (never with block_table)
@@ -379,13 +384,13 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
 
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
          causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse=False,
-         block_table=None, sinks=None):
+         block_table=None, sinks=None, deterministic=False):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     window = _window(causal, window_size)
     rng_state = _rng_state(dropout_p, q.device)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, window[0], window[1], float(softcap), alibi_slopes,
-                          float(dropout_p), rng_state, block_table)
+                          float(dropout_p), rng_state, block_table, bool(deterministic))
     if sinks is not None:
         out, lse = _apply_sinks(out, lse, sinks, varlen=cu_seqlens_q is not None)
     if not return_attn_probs:
@@ -441,8 +446,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: ``(left, right)`` sliding window, -1 = unlimited.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope * |i + sk - sq - j|``.
-        deterministic: accepted for compatibility; ioattn's backward uses no atomics and is
-            always deterministic.
+        deterministic: bit-identical gradients on repeated calls. On Hopper GPUs the default
+            backward for dense bf16/fp16 calls at head dims 64/128 without window, softcap,
+            ALiBi or dropout (kernels/backward_sm90.py) adds dQ with atomics, whose order
+            varies; ``True`` takes the two-pass backward without atomics instead (slower:
+            README). Every other backward is deterministic either way.
         return_attn_probs: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` and the
             attention probabilities (materialized; for testing only; dropped entries negated).
         return_lse: (keyword only, not in FlashAttention-2) also return the log-sum-exp, without
@@ -471,7 +479,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                                 alibi_slopes, batch)
     return _run(q, k, v, None, None, seqlen_q, k.shape[1], dropout_p, softmax_scale, causal,
                 window_size, softcap, alibi_slopes, return_attn_probs, return_lse,
-                sinks=_check_sinks(sinks, q))
+                sinks=_check_sinks(sinks, q), deterministic=deterministic)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -602,7 +610,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                                 alibi_slopes, batch)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                 softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse,
-                block_table, _check_sinks(sinks, q))
+                block_table, _check_sinks(sinks, q), deterministic=deterministic)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,

@@ -21,6 +21,14 @@ from . import configs
 from .forward import _dense_or_varlen_strides, dot_precision, softcap_mode, upcast_dot
 from .masks import mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
 
+# The Gluon Hopper backward (backward_sm90.py): the dense calls it supports on sm_90
+_sm90 = None
+if not configs.interpreting():
+    try:
+        from . import backward_sm90 as _sm90
+    except ImportError:  # an older triton without Gluon
+        _sm90 = None
+
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh"])
 def _attn_bwd_preprocess(O, DO, DELTA, DLSE,
@@ -358,9 +366,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
 
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
-                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, dlse=None):
-    """Launch the three backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
-    ``dlse``: the gradient of the returned lse (its shape), or None."""
+                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, dlse=None,
+                       deterministic=False):
+    """Launch the backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
+    ``dlse``: the gradient of the returned lse (its shape), or None. On sm_90 the calls that
+    backward_sm90 supports take its one-pass kernel (dQ by atomics) unless ``deterministic``."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
@@ -402,6 +412,14 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
         HAS_DLSE=dlse is not None,
     )
+    if not varlen and _sm90 is not None and not configs.interpreting() and _sm90.supported(
+            q, k, v, dout, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
+            alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
+            capability=configs._capability(q.device)):
+        dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
+            dout, q, k, v, lse, delta, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
+        return dq.copy_(dq_accum), dk, dv
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
     c = cfg["dkdv"]

@@ -1,0 +1,309 @@
+"""Hopper (sm_90) backward written in Gluon: one pass for dK, dV and dQ.
+
+The Triton backward (backward.py) runs two programs, one keeping K/V on chip (dK, dV) and
+one keeping Q on chip (dQ), and so computes the scores and dP twice: 7 matrix products
+where 5 suffice. This kernel does the 5 in one program, FlashAttention-3's way:
+
+- a CTA owns 128 keys of one (batch, KV head); its two consumer warpgroups own 64 keys
+  each and keep their dK, dV in registers while the query blocks (64 rows, of every query
+  head of the GQA group) stream through a ring of shared-memory stages that a producer warp
+  fills by TMA (Q and dO per block; K, V once);
+- per query block each warpgroup computes, keys as rows: S^T = K Q^T and dP^T = V dO^T
+  (asynchronous wgmma), P^T = exp2(S^T log2e - lse), dS^T = P^T (dP^T - delta), then
+  dV += P^T dO and dK += dS^T Q with P^T and dS^T as register operands;
+- dQ = dS K needs all 128 keys: both warpgroups write their dS^T halves to a shared tile
+  (double-buffered, an mbarrier with one arrival per warpgroup says both halves are there),
+  and each computes the dQ of one half of the head dim (64 x 64 x 128 keys) and adds it to
+  an fp32 dQ accumulator in global memory (relaxed atomics; converted to the output dtype
+  afterwards). Atomic sums are not ordered, so this path is not bit-reproducible: calls
+  with ``deterministic=True`` keep the Triton backward.
+
+Scope: what forward_sm90 covers (dense bf16/fp16, causal or not, GQA/MQA) at head dims 64
+and 128 (at 256, dK and dV alone would take all of a warpgroup's registers). delta (the
+rowsum of dO * O, with dlse folded in) comes from backward.py's preprocess kernel.
+"""
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from . import forward_sm90
+
+BLOCK_M = 64  # query rows per streamed block
+HALF_N = 64  # keys per consumer warpgroup (the CTA holds two)
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+
+
+@gluon.constexpr_function
+def _wgmma_layout(n):
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, int(n), 16])
+
+
+@gluon.jit
+def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+    STAGES: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[2]
+    HALF_D: gl.constexpr = kc_smem.shape[4]
+    # K and V of both warpgroups, and K in two column halves for dQ: once per CTA
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
+                    + 2 * kc_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * k_desc.block_type.shape[1], hk, 0], kv_bar,
+                                        k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * v_desc.block_type.shape[1], hk, 0], kv_bar,
+                                        v_smem.index(w))
+        tma.async_copy_global_to_shared(kc_desc, [b, n0, hk, w * HALF_D], kv_bar, kc_smem.index(w))
+    n_iter = group * n_mblocks
+    for t in range(n_iter):
+        s = t % STAGES
+        h = hk * group + t // n_mblocks
+        m0 = (m_first + t % n_mblocks) * ROWS
+        mbarrier.wait(q_empty.index(s), ((t // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(s), q_smem.index(s))
+        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
+                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal,
+                  WG: gl.constexpr):
+    dtype: gl.constexpr = dk_desc.dtype
+    STAGES: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
+    KEYS: gl.constexpr = k_smem.shape[2]  # keys of this warpgroup
+    HEAD_DIM: gl.constexpr = k_smem.shape[4]
+    HALF_D: gl.constexpr = kc_smem.shape[4]
+    s_layout: gl.constexpr = _wgmma_layout(ROWS)  # S^T, dP^T: KEYS x ROWS
+    acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)  # dK, dV: KEYS x HEAD_DIM
+    dq_layout: gl.constexpr = _wgmma_layout(HALF_D)  # dQ half: ROWS x HALF_D
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    tile2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    half2: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS * 2, HALF_D], dtype)
+
+    k0 = n0 + WG * KEYS
+    diag = seqlen_k - seqlen_q
+    offs_k = k0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
+    offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+    offs_c = gl.arange(0, ROWS, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    dq_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, dq_layout))
+    dq_cols = WG * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, dq_layout))
+
+    kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
+    vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
+    kc = kc_smem.index(WG)._reinterpret(dtype, [KEYS * 2, HALF_D], half2)
+    dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
+    s_init = gl.zeros([KEYS, ROWS], gl.float32, s_layout)
+    dq_init = gl.zeros([ROWS, HALF_D], gl.float32, dq_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    n_iter = group * n_mblocks
+    for t in range(n_iter):
+        s = t % STAGES
+        h = hk * group + t // n_mblocks
+        m0 = (m_first + t % n_mblocks) * ROWS
+        # lse (log2 units; +inf for rows past the end or with no key, so P = 0) and delta, loaded
+        # one value a thread and spread to the scores' column layout only where they are used
+        # (held in that layout across the products they cost 32 registers and spill)
+        rows_c = m0 + offs_c
+        row_ptr = b.to(gl.int64) * stride_lb + h * stride_lh + rows_c
+        lse_c = gl.load(LSE + row_ptr, mask=rows_c < seqlen_q, other=float("inf"))
+        lse_c = gl.where(lse_c == float("-inf"), float("inf"), lse_c) * 1.4426950408889634
+        delta_c = gl.load(DELTA + row_ptr, mask=rows_c < seqlen_q, other=0.0)
+
+        mbarrier.wait(q_ready.index(s), (t // STAGES) & 1)
+        qs = q_smem.index(s)._reinterpret(dtype, [ROWS, HEAD_DIM], tile2)
+        dos = do_smem.index(s)._reinterpret(dtype, [ROWS, HEAD_DIM], tile2)
+        st_tok = warpgroup_mma(kw, qs.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(vw, dos.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(1, deps=(st_tok, ))
+        lse = gl.convert_layout(lse_c, gl.SliceLayout(0, s_layout))
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+        # a block needs the causal mask when its first query does not see this warpgroup's last key
+        if causal != 0:
+            if m0 + diag < k0 + KEYS - 1:
+                ok = gl.expand_dims(offs_k, 1) <= gl.expand_dims(m0 + offs_q, 0) + diag
+                pt = gl.where(ok, pt, 0.0)
+        dpt = warpgroup_mma_wait(0, deps=(dpt_tok, ))
+        delta = gl.convert_layout(delta_c, gl.SliceLayout(0, s_layout))
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(pt_a, dos, dv, is_async=True)
+        dst16 = dst.to(dtype)
+        # dS^T halves of both warpgroups into the shared tile, for dQ = dS K
+        dsb = ds_smem.index(t % 2)
+        dsb.slice(WG * KEYS, KEYS, dim=0).store(dst16)
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(t % 2))
+        dst_a = gl.convert_layout(dst16, a_layout)
+        dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
+        mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
+        dq_tok = warpgroup_mma(dsb.permute((1, 0)), kc, dq_init, use_acc=False, is_async=True)
+        dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
+        mbarrier.arrive(q_empty.index(s))
+        dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+        qrow = m0 + dq_rows
+        ptrs = (DQ + b.to(gl.int64) * stride_qb + gl.expand_dims(qrow, 1) * stride_qs + h * stride_qh
+                + gl.expand_dims(dq_cols, 0))
+        gl.atomic_add(ptrs, dq * sm_scale, mask=gl.expand_dims(qrow < seqlen_q, 1), sem="relaxed")
+
+    # epilogue: dK (scaled) and dV through the K/V tiles, which no product reads any more
+    kw.store((dk * sm_scale).to(dtype))
+    vw.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, k0, hk, 0], k_smem.index(WG))
+    tma.async_copy_shared_to_global(dv_desc, [b, k0, hk, 0], v_smem.index(WG))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _bwd_consumer_wg0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                      q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                      stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
+                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 0)
+
+
+@gluon.jit
+def _bwd_consumer_wg1(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                      q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                      stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
+                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 1)
+
+
+@gluon.jit
+def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, LSE, DELTA, DQ,
+                   stride_lb, stride_lh, stride_qb, stride_qs, stride_qh,
+                   seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale,
+                   CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]
+    KEYS: gl.constexpr = k_desc.block_type.shape[1]
+    n0 = gl.program_id(0) * (2 * KEYS)
+    bh = gl.program_id(1)
+    b = bh // nheads_k
+    hk = bh % nheads_k
+    m_first = 0
+    if CAUSAL:  # query i sees key j when j <= i + seqlen_k - seqlen_q
+        m_first = gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // ROWS
+    n_mblocks = gl.maximum((seqlen_q + ROWS - 1) // ROWS - m_first, 0)
+    causal = 1 if CAUSAL else 0
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+    kc_smem = gl.allocate_shared_memory(dtype, [2] + kc_desc.block_type.shape, kc_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * KEYS, ROWS], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * KEYS, ROWS], ds_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)
+
+    consumer_args = (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
+                     ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                     stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal)
+    gl.warp_specialize([
+        (_bwd_consumer_wg0, consumer_args),
+        (_bwd_consumer_wg1, consumer_args),
+        (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                         kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(ds_ready.index(i))
+
+
+def config(head_dim):
+    return dict(STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+
+
+# IOATTN_GLUON_BWD=0 keeps the Triton backward on Hopper (A/B in benchmarks)
+ENABLED = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "1") != "0"
+
+
+def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
+              deterministic, capability):
+    """Whether a backward call can take this kernel (else the Triton one runs)."""
+    if not ENABLED or deterministic or varlen or alibi_slopes is not None:
+        return False
+    if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0 or capability[0] != 9:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return False
+    from .forward import _tma_ok
+    return all(_tma_ok(t, q.shape[-1]) for t in (q, k, v, dout))
+
+
+def _blocks(head_dim):
+    return dict(q=(1, BLOCK_M, 1, head_dim), kv=(1, HALF_N, 1, head_dim), kc=(1, 2 * HALF_N, 1, head_dim // 2))
+
+
+def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
+    """dK, dV into dk, dv and dQ (times the scale) added into the zeroed fp32 dq_accum (q's shape)."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    cfg = cfg or config(head_dim)
+    blk = _blocks(head_dim)
+    d = forward_sm90._descriptor
+    descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
+             d(k, blk["kc"], q.dtype), d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
+    grid = (-(-seqlen_k // (2 * HALF_N)), batch * nheads_k)
+    return _attn_bwd_sm90[grid](
+        *descs, lse, delta, dq_accum, lse.stride(0), lse.stride(1), *dq_accum.stride()[:3],
+        seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
+        CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
+
+
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0)):
+    """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cfg = config(head_dim)
+    blk = _blocks(head_dim)
+
+    def desc(block):
+        return f"tensordesc<{dtype}[{','.join(map(str, block))}],{forward_sm90._layout(block, tdtype)!r}>"
+
+    fn = _attn_bwd_sm90
+    sig = dict(q_desc=desc(blk["q"]), do_desc=desc(blk["q"]), k_desc=desc(blk["kv"]), v_desc=desc(blk["kv"]),
+               kc_desc=desc(blk["kc"]), dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
+               LSE="*fp32", DELTA="*fp32", DQ="*fp32", stride_lb="i32", stride_lh="i32", stride_qb="i32",
+               stride_qs="i32", stride_qh="i32", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
+               qk_scale="fp32", sm_scale="fp32")
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+                      PRODUCER_REGS=cfg["PRODUCER_REGS"])
+    names = fn.arg_names
+    for n in constexprs:
+        sig[n] = "constexpr"
+    sig = {n: sig[n] for n in names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+                          options={"num_warps": cfg["num_warps"]})
