@@ -412,27 +412,32 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
         HAS_DLSE=dlse is not None,
     )
-    if not varlen and _sm90 is not None and not configs.interpreting() and _sm90.supported(
-            q, k, v, dout, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
-            alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
-            capability=configs._capability(q.device)):
+    use_sm90 = not varlen and _sm90 is not None and not configs.interpreting() and _sm90.supported(
+        q, k, v, dout, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
+        alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
+        capability=configs._capability(q.device))
+    if use_sm90 and _sm90.MODE == "atomic":  # one Gluon pass, dQ summed by atomics
         dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
             dout, q, k, v, lse, delta, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
         return dq.copy_(dq_accum), dk, dv
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
-    c = cfg["dkdv"]
-    configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
-        *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
-        stride_lb, stride_lh, stride_ab,
-        max_seqlen_q, max_seqlen_k, nheads, nheads_k, nheads // nheads_k,
-        softmax_scale, softcap, window_left, window_right, dropout_p,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], RELOAD_KV=c.get("RELOAD_KV", False),
-        QROWS=c.get("QROWS", False), **flags,
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
-    )
+    if use_sm90:  # dK, dV by the Gluon kernel; dQ below
+        configs.last_compiled["dkdv"] = _sm90.attention_backward_sm90(
+            dout, q, k, v, lse, delta, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
+    else:
+        c = cfg["dkdv"]
+        configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
+            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+            *strides_in, *_dense_or_varlen_strides(dk, varlen), *_dense_or_varlen_strides(dv, varlen),
+            stride_lb, stride_lh, stride_ab,
+            max_seqlen_q, max_seqlen_k, nheads, nheads_k, nheads // nheads_k,
+            softmax_scale, softcap, window_left, window_right, dropout_p,
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], RELOAD_KV=c.get("RELOAD_KV", False),
+            QROWS=c.get("QROWS", False), **flags,
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )
     c = cfg["dq"]
     configs.last_compiled["dq"] = _attn_bwd_dq[(configs.cdiv(max_seqlen_q, c["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,

@@ -47,19 +47,23 @@ def _wgmma_layout(n):
 
 @gluon.jit
 def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, WITH_DQ: gl.constexpr):
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]
     HALF_D: gl.constexpr = kc_smem.shape[4]
-    # K and V of both warpgroups, and K in two column halves for dQ: once per CTA
-    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
-                    + 2 * kc_desc.block_type.nbytes)
+    # K and V of both warpgroups, and (for dQ) K in two column halves: once per CTA
+    if WITH_DQ:
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
+                        + 2 * kc_desc.block_type.nbytes)
+    else:
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     for w in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, n0 + w * k_desc.block_type.shape[1], hk, 0], kv_bar,
                                         k_smem.index(w))
         tma.async_copy_global_to_shared(v_desc, [b, n0 + w * v_desc.block_type.shape[1], hk, 0], kv_bar,
                                         v_smem.index(w))
-        tma.async_copy_global_to_shared(kc_desc, [b, n0, hk, w * HALF_D], kv_bar, kc_smem.index(w))
+        if WITH_DQ:
+            tma.async_copy_global_to_shared(kc_desc, [b, n0, hk, w * HALF_D], kv_bar, kc_smem.index(w))
     n_iter = group * n_mblocks
     for t in range(n_iter):
         s = t % STAGES
@@ -75,7 +79,7 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_s
 def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
                   ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal,
-                  WG: gl.constexpr):
+                  WG: gl.constexpr, WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -139,22 +143,28 @@ def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds
         pt_a = gl.convert_layout(pt.to(dtype), a_layout)
         dv_tok = warpgroup_mma(pt_a, dos, dv, is_async=True)
         dst16 = dst.to(dtype)
-        # dS^T halves of both warpgroups into the shared tile, for dQ = dS K
-        dsb = ds_smem.index(t % 2)
-        dsb.slice(WG * KEYS, KEYS, dim=0).store(dst16)
-        fence_async_shared()
-        mbarrier.arrive(ds_ready.index(t % 2))
-        dst_a = gl.convert_layout(dst16, a_layout)
-        dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
-        mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
-        dq_tok = warpgroup_mma(dsb.permute((1, 0)), kc, dq_init, use_acc=False, is_async=True)
-        dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
-        mbarrier.arrive(q_empty.index(s))
-        dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-        qrow = m0 + dq_rows
-        ptrs = (DQ + b.to(gl.int64) * stride_qb + gl.expand_dims(qrow, 1) * stride_qs + h * stride_qh
-                + gl.expand_dims(dq_cols, 0))
-        gl.atomic_add(ptrs, dq * sm_scale, mask=gl.expand_dims(qrow < seqlen_q, 1), sem="relaxed")
+        if WITH_DQ:
+            # dS^T halves of both warpgroups into the shared tile, for dQ = dS K
+            dsb = ds_smem.index(t % 2)
+            dsb.slice(WG * KEYS, KEYS, dim=0).store(dst16)
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(t % 2))
+            dst_a = gl.convert_layout(dst16, a_layout)
+            dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
+            mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
+            dq_tok = warpgroup_mma(dsb.permute((1, 0)), kc, dq_init, use_acc=False, is_async=True)
+            dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
+            mbarrier.arrive(q_empty.index(s))
+            dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+            qrow = m0 + dq_rows
+            ptrs = (DQ + b.to(gl.int64) * stride_qb + gl.expand_dims(qrow, 1) * stride_qs + h * stride_qh
+                    + gl.expand_dims(dq_cols, 0))
+            gl.atomic_add(ptrs, dq * sm_scale, mask=gl.expand_dims(qrow < seqlen_q, 1), sem="relaxed")
+        else:  # dK and dV only (the Triton dQ kernel runs after)
+            dst_a = gl.convert_layout(dst16, a_layout)
+            dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            mbarrier.arrive(q_empty.index(s))
 
     # epilogue: dK (scaled) and dV through the K/V tiles, which no product reads any more
     kw.store((dk * sm_scale).to(dtype))
@@ -171,7 +181,7 @@ def _bwd_consumer_wg0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem
                       stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
     _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
                   ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 0)
+                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 0, True)
 
 
 @gluon.jit
@@ -180,14 +190,46 @@ def _bwd_consumer_wg1(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem
                       stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
     _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
                   ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 1)
+                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 1, True)
+
+
+@gluon.jit
+def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                           q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                           stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
+                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 0, False)
+
+
+@gluon.jit
+def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                           q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                           stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
+                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 1, False)
+
+
+@gluon.jit
+def _bwd_producer_dq(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                     kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+    _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, True)
+
+
+@gluon.jit
+def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                       kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+    _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, False)
 
 
 @gluon.jit
 def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, LSE, DELTA, DQ,
                    stride_lb, stride_lh, stride_qb, stride_qs, stride_qh,
                    seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale,
-                   CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
@@ -223,12 +265,14 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, L
     consumer_args = (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
                      ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                      stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal)
-    gl.warp_specialize([
-        (_bwd_consumer_wg0, consumer_args),
-        (_bwd_consumer_wg1, consumer_args),
-        (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                         kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                     kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)
+    if WITH_DQ:
+        gl.warp_specialize([(_bwd_consumer_wg0, consumer_args), (_bwd_consumer_wg1, consumer_args),
+                            (_bwd_producer_dq, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_bwd_consumer_wg0_dkdv, consumer_args), (_bwd_consumer_wg1_dkdv, consumer_args),
+                            (_bwd_producer_dkdv, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):
@@ -242,14 +286,18 @@ def config(head_dim):
     return dict(STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
 
 
-# IOATTN_GLUON_BWD=0 keeps the Triton backward on Hopper (A/B in benchmarks)
-ENABLED = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "1") != "0"
+# Which backward runs on Hopper for the calls this kernel supports (IOATTN_GLUON_BWD):
+#   "split"  (default) this kernel for dK/dV only, then the Triton dQ kernel: deterministic
+#   "atomic" this kernel for dK, dV and dQ in one pass (dQ by atomics: not bit-reproducible)
+#   "0"      the Triton backward (two Triton kernels)
+MODE = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "split")
+ENABLED = MODE in ("split", "atomic")
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
               deterministic, capability):
     """Whether a backward call can take this kernel (else the Triton one runs)."""
-    if not ENABLED or deterministic or varlen or alibi_slopes is not None:
+    if MODE not in ("split", "atomic") or (deterministic and MODE == "atomic") or varlen or alibi_slopes is not None:
         return False
     if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0 or capability[0] != 9:
         return False
@@ -264,7 +312,9 @@ def _blocks(head_dim):
 
 
 def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
-    """dK, dV into dk, dv and dQ (times the scale) added into the zeroed fp32 dq_accum (q's shape)."""
+    """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
+    zeroed fp32 tensor of q's shape."""
+    with_dq = dq_accum is not None
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim)
@@ -274,13 +324,14 @@ def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, soft
              d(k, blk["kc"], q.dtype), d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
     grid = (-(-seqlen_k // (2 * HALF_N)), batch * nheads_k)
     return _attn_bwd_sm90[grid](
-        *descs, lse, delta, dq_accum, lse.stride(0), lse.stride(1), *dq_accum.stride()[:3],
+        *descs, lse, delta, dq_accum if with_dq else lse, lse.stride(0), lse.stride(1),
+        *(dq_accum.stride()[:3] if with_dq else q.stride()[:3]),
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
 
 
-def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0)):
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -298,7 +349,8 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0)):
                LSE="*fp32", DELTA="*fp32", DQ="*fp32", stride_lb="i32", stride_lh="i32", stride_qb="i32",
                stride_qs="i32", stride_qh="i32", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
                qk_scale="fp32", sm_scale="fp32")
-    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
+                      CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"])
     names = fn.arg_names
     for n in constexprs:
