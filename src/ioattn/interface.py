@@ -446,11 +446,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: ``(left, right)`` sliding window, -1 = unlimited.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope * |i + sk - sq - j|``.
-        deterministic: bit-identical gradients on repeated calls. On Hopper GPUs the default
-            backward for dense bf16/fp16 calls at head dims 64/128 without window, softcap,
-            ALiBi or dropout (kernels/backward_sm90.py) adds dQ with atomics, whose order
-            varies; ``True`` takes the two-pass backward without atomics instead (slower:
-            README). Every other backward is deterministic either way.
+        deterministic: bit-identical gradients on repeated calls. Every backward ioattn runs
+            by default is deterministic (no atomics); the opt-in one-pass Hopper backward
+            (``IOATTN_GLUON_BWD=atomic``, kernels/backward_sm90.py) adds dQ with atomics, and
+            ``True`` bypasses it.
         return_attn_probs: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` and the
             attention probabilities (materialized; for testing only; dropped entries negated).
         return_lse: (keyword only, not in FlashAttention-2) also return the log-sum-exp, without

@@ -287,10 +287,10 @@ def config(head_dim):
 
 
 # Which backward runs on Hopper for the calls this kernel supports (IOATTN_GLUON_BWD):
-#   "split"  (default) this kernel for dK/dV only, then the Triton dQ kernel: deterministic
+#   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
 #   "atomic" this kernel for dK, dV and dQ in one pass (dQ by atomics: not bit-reproducible)
-#   "0"      the Triton backward (two Triton kernels)
-MODE = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "split")
+#   "0"      (default: the fastest measured, benchmarks/results/h200-session6c) the Triton backward
+MODE = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "0")
 ENABLED = MODE in ("split", "atomic")
 
 
