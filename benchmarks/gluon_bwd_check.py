@@ -60,12 +60,13 @@ def check(rows):
     configs.poison_outputs = True
     cases = []
     for d in backward_sm90.HEAD_DIMS:
-        for dtype in (torch.bfloat16, torch.float16):
-            shapes = ((1, 257, 300, 4, 2), (2, 1000, 1000, 2, 1), (1, 513, 129, 2, 2), (1, 1, 200, 4, 1),
-                      (3, 2048, 2048, 2, 2), (1, 300, 70, 4, 4))
-            for (b, sq, sk, h, hk) in (shapes if dtype == torch.bfloat16 else shapes[1:2]):
-                for causal in (False, True):
-                    cases.append((d, dtype, b, sq, sk, h, hk, causal))
+        # (session 6c checked the one-pass kernel on 43 shapes; each case here compiles three
+        # backwards, so the grid is small: odd lengths with GQA, seqlen_q > seqlen_k with rows
+        # that see no key, several key blocks per CTA)
+        for (b, sq, sk, h, hk) in ((1, 257, 300, 4, 2), (1, 300, 70, 4, 4), (3, 2048, 2048, 2, 2)):
+            for causal in (False, True):
+                cases.append((d, torch.bfloat16, b, sq, sk, h, hk, causal))
+        cases.append((d, torch.float16, 2, 1000, 1000, 2, 1, True))
     n_fail = 0
     for d, dtype, b, sq, sk, h, hk, causal in cases:
         torch.manual_seed(len(rows))
