@@ -46,7 +46,9 @@ def reference_grads(q, k, v, dout, causal):
     return torch.autograd.grad(out, (qf, kf, vf), dout.float())
 
 
-MODES = ("split", "atomic", "0")
+# modes checked and timed; the one-pass "atomic" mode was checked and timed in session 6c
+# (results/h200-session6c) and is left out to fit the device time: --modes split,atomic,0
+MODES = ("split", "0")
 
 
 def ioattn_grads(q, k, v, dout, causal, mode):
@@ -86,7 +88,7 @@ def check(rows):
                 torch.cuda.synchronize()
                 errs[mode] = [rel(x, r) for x, r in zip(g, ref)]
             good = all(math.isfinite(eg) and eg <= 2 * et + 1e-3
-                       for mode in MODES[:2] for eg, et in zip(errs[mode], errs["0"]))
+                       for mode in MODES if mode != "0" for eg, et in zip(errs[mode], errs["0"]))
         except Exception as exc:  # noqa: BLE001
             good, errs = False, {}
             print("ERROR", repr(exc)[:400], flush=True)
@@ -141,10 +143,13 @@ def bench(rows):
 
 
 def main(argv=None):
+    global MODES
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args(argv)
+    MODES = tuple(args.modes.split(","))
     rows = []
     t0 = time.time()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
