@@ -49,6 +49,7 @@ def reference_grads(q, k, v, dout, causal):
 # modes checked and timed; the one-pass "atomic" mode was checked and timed in session 6c
 # (results/h200-session6c) and is left out to fit the device time: --modes split,atomic,0
 MODES = ("split", "0")
+SEQLENS = (1024, 4096, 16384)
 
 
 def ioattn_grads(q, k, v, dout, causal, mode):
@@ -65,10 +66,8 @@ def check(rows):
         # (session 6c checked the one-pass kernel on 43 shapes; each case here compiles three
         # backwards, so the grid is small: odd lengths with GQA, seqlen_q > seqlen_k with rows
         # that see no key, several key blocks per CTA)
-        for (b, sq, sk, h, hk) in ((1, 257, 300, 4, 2), (1, 300, 70, 4, 4), (3, 2048, 2048, 2, 2)):
-            for causal in (False, True):
-                cases.append((d, torch.bfloat16, b, sq, sk, h, hk, causal))
-        cases.append((d, torch.float16, 2, 1000, 1000, 2, 1, True))
+        cases += [(d, torch.bfloat16, 1, 257, 300, 4, 2, False), (d, torch.bfloat16, 1, 300, 70, 4, 4, True),
+                  (d, torch.bfloat16, 3, 2048, 2048, 2, 2, True), (d, torch.float16, 2, 1000, 1000, 2, 1, False)]
     n_fail = 0
     for d, dtype, b, sq, sk, h, hk, causal in cases:
         torch.manual_seed(len(rows))
@@ -109,7 +108,7 @@ def flops(b, h, n, d, causal):
 def bench(rows):
     for d in (128, 64):
         h = 2048 // d
-        for n in (1024, 4096, 16384):
+        for n in SEQLENS:
             b = 16384 // n
             for causal in (False, True):
                 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -143,13 +142,15 @@ def bench(rows):
 
 
 def main(argv=None):
-    global MODES
+    global MODES, SEQLENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--seqlens", default=",".join(map(str, SEQLENS)))
     args = ap.parse_args(argv)
     MODES = tuple(args.modes.split(","))
+    SEQLENS = tuple(int(x) for x in args.seqlens.split(","))
     rows = []
     t0 = time.time()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
