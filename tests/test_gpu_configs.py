@@ -62,3 +62,37 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert ("atom.global" in ptx) == with_dq  # the dQ sums (without dQ: the Triton dQ kernel's)
     rep = ptxas_report(kernel)
     assert rep["spill_bytes"] <= 32, rep
+
+
+def test_gluon_dispatch_rules():
+    """Which calls the launchers hand to the Gluon kernels (decided on the host, so testable
+    with CPU tensors and a given capability)."""
+    import torch
+    fwd = pytest.importorskip("ioattn.kernels.forward_sm90")
+    bwd = pytest.importorskip("ioattn.kernels.backward_sm90")
+
+    def t(d, n=4096, dtype=torch.bfloat16):
+        return torch.zeros(1, n, 2, d, dtype=dtype)
+
+    dense = dict(varlen=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0)
+    f = lambda d, cap=(9, 0), n=4096, dtype=torch.bfloat16, **kw: fwd.supported(  # noqa: E731
+        t(d, n, dtype), t(d, n, dtype), t(d, n, dtype), **{**dense, "block_table": None, **kw}, capability=cap)
+    assert fwd.ENABLED
+    assert f(128) and f(64) and f(256) and f(128, window_right=0)
+    assert not f(128, cap=(8, 0)) and not f(128, cap=(10, 0))
+    assert not f(96) and not f(128, dtype=torch.float32)
+    assert not f(64, n=2048, window_right=0)  # hdim 64 causal up to 2k keys: the Triton kernel
+    assert not f(128, window_left=256, window_right=0) and not f(128, softcap=30.0)
+    assert not f(128, dropout_p=0.1) and not f(128, varlen=True)
+    assert not f(128, alibi_slopes=torch.ones(2))
+
+    b = lambda d, deterministic=False, **kw: bwd.supported(  # noqa: E731
+        t(d), t(d), t(d), t(d), **{**dense, **kw}, deterministic=deterministic, capability=(9, 0))
+    assert bwd.MODE == "auto"
+    assert b(128) and b(128, deterministic=True) and b(128, window_right=0)  # split mode: no atomics
+    assert not b(64) and not b(256) and not b(128, dropout_p=0.1) and not b(128, softcap=5.0)
+    bwd.MODE = "atomic"
+    try:
+        assert b(64) and b(128) and not b(128, deterministic=True)
+    finally:
+        bwd.MODE = "auto"

@@ -1,8 +1,8 @@
-"""Hopper (sm_90) backward written in Gluon: one pass for dK, dV and dQ.
+"""Hopper (sm_90) backward written in Gluon: dK and dV, and optionally dQ, in one kernel.
 
 The Triton backward (backward.py) runs two programs, one keeping K/V on chip (dK, dV) and
 one keeping Q on chip (dQ), and so computes the scores and dP twice: 7 matrix products
-where 5 suffice. This kernel does the 5 in one program, FlashAttention-3's way:
+where 5 suffice. This kernel:
 
 - a CTA owns 128 keys of one (batch, KV head); its two consumer warpgroups own 64 keys
   each and keep their dK, dV in registers while the query blocks (64 rows, of every query
@@ -11,12 +11,15 @@ where 5 suffice. This kernel does the 5 in one program, FlashAttention-3's way:
 - per query block each warpgroup computes, keys as rows: S^T = K Q^T and dP^T = V dO^T
   (asynchronous wgmma), P^T = exp2(S^T log2e - lse), dS^T = P^T (dP^T - delta), then
   dV += P^T dO and dK += dS^T Q with P^T and dS^T as register operands;
-- dQ = dS K needs all 128 keys: both warpgroups write their dS^T halves to a shared tile
-  (double-buffered, an mbarrier with one arrival per warpgroup says both halves are there),
-  and each computes the dQ of one half of the head dim (64 x 64 x 128 keys) and adds it to
-  an fp32 dQ accumulator in global memory (relaxed atomics; converted to the output dtype
-  afterwards). Atomic sums are not ordered, so this path is not bit-reproducible: calls
-  with ``deterministic=True`` keep the Triton backward.
+- with ``WITH_DQ`` (mode "atomic", FlashAttention-3's one pass): dQ = dS K needs all 128
+  keys, so both warpgroups write their dS^T halves to a shared tile (double-buffered, an
+  mbarrier with one arrival per warpgroup says both halves are there), and each computes
+  the dQ of one half of the head dim (64 x 64 x 128 keys) and adds it to an fp32 dQ
+  accumulator in global memory (relaxed atomics; converted to the output dtype afterwards).
+  Atomic sums are not ordered, so this mode is not bit-reproducible (``deterministic=True``
+  bypasses it), and it measured slower than the Triton backward (docs/PERF_NOTES.md);
+- without (mode "split", the default at head dim 128): dK and dV only, and the Triton dQ
+  kernel runs after; no atomics, no barrier between the warpgroups.
 
 Scope: what forward_sm90 covers (dense bf16/fp16, causal or not, GQA/MQA) at head dims 64
 and 128 (at 256, dK and dV alone would take all of a warpgroup's registers). delta (the
@@ -287,17 +290,24 @@ def config(head_dim):
 
 
 # Which backward runs on Hopper for the calls this kernel supports (IOATTN_GLUON_BWD):
+#   "auto"   (default) "split" at head dim 128, the Triton backward at 64: what measured
+#            fastest on the H200 (benchmarks/results/h200-session6d: split vs Triton at hdim
+#            128 +0.4..+3.7%, at hdim 64 -4..-7%)
 #   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
-#   "atomic" this kernel for dK, dV and dQ in one pass (dQ by atomics: not bit-reproducible)
-#   "0"      (default: the fastest measured, benchmarks/results/h200-session6c) the Triton backward
-MODE = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "0")
-ENABLED = MODE in ("split", "atomic")
+#   "atomic" this kernel for dK, dV and dQ in one pass (dQ by atomics: not bit-reproducible;
+#            0.71-0.74x cuDNN, slower than both others: results/h200-session6c)
+#   "0"      the Triton backward (two Triton kernels)
+MODE = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "auto")
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
               deterministic, capability):
     """Whether a backward call can take this kernel (else the Triton one runs)."""
-    if MODE not in ("split", "atomic") or (deterministic and MODE == "atomic") or varlen or alibi_slopes is not None:
+    if MODE not in ("auto", "split", "atomic") or (deterministic and MODE == "atomic"):
+        return False
+    if MODE == "auto" and q.shape[-1] != 128:
+        return False
+    if varlen or alibi_slopes is not None:
         return False
     if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0 or capability[0] != 9:
         return False
