@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import forward_sm90
+from .configs import tma_ok
 
 BLOCK_M = 64  # query rows per streamed block
 HALF_N = 64  # keys per consumer warpgroup (the CTA holds two)
@@ -313,8 +314,8 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return False
-    from .forward import _tma_ok
-    return all(_tma_ok(t, q.shape[-1]) for t in (q, k, v, dout))
+    d = q.shape[-1]
+    return tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d) and tma_ok(dout, d)
 
 
 def _blocks(head_dim):

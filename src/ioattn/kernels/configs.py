@@ -41,6 +41,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tma_ok(t, head_dim):
+    """Whether a (batch, seqlen, heads, dim) tensor meets the TMA's rules: 16-byte aligned base
+    and strides, contiguous last dim, rows of at least 16 bytes, no broadcast (stride 0) dims.
+    (Here rather than in forward.py: the Gluon launchers call it on every call, and a
+    function-level import of forward costs ~16 us.)"""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and head_dim * size >= 16 and t.numel() > 0
+            and all(s * size % 16 == 0 and (s > 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape)))
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b); triton.cdiv does the same at ~1.5 us a call (a constexpr_function wrapper)."""
     return -(-a // b)

@@ -366,12 +366,7 @@ def _kv_descriptors(k, v, box):
             TensorDescriptor(v, list(v.shape), list(v.stride()), box))
 
 
-def _tma_ok(t, head_dim):
-    """Whether a (batch, seqlen, heads, dim) tensor meets the TMA's rules: 16-byte aligned base
-    and strides, contiguous last dim, rows of at least 16 bytes, no broadcast (stride 0) dims."""
-    size = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and head_dim * size >= 16 and t.numel() > 0
-            and all(s * size % 16 == 0 and (s > 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape)))
+_tma_ok = configs.tma_ok
 
 
 @triton.jit

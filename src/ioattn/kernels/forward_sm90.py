@@ -33,6 +33,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .configs import tma_ok
+
 HALF_M = 64  # query rows per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -272,8 +274,8 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     # Triton kernel is faster up to 2k keys (298 vs 254 TFLOP/s at 1k), so it keeps those
     if q.shape[-1] == 64 and window_right == 0 and k.shape[1] <= 2048:
         return False
-    from .forward import _tma_ok
-    return all(_tma_ok(t, q.shape[-1]) for t in (q, k, v))
+    d = q.shape[-1]
+    return tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d)
 
 
 @functools.cache
@@ -289,7 +291,7 @@ def _layout(block, dtype):
 def _descriptor(t, block, dtype):
     """A TMA descriptor of t without TensorDescriptor's ~6 us of re-validation: supported()
     has checked what it asserts (16-byte aligned base and strides, contiguous last dim, no
-    empty dims) through forward._tma_ok."""
+    empty dims) through configs.tma_ok."""
     d = object.__new__(TensorDescriptor)
     d.base, d.shape, d.strides, d.block_shape = t, list(t.shape), list(t.stride()), block
     d.layout, d.padding = _layout(block, dtype), "zero"
