@@ -179,6 +179,8 @@ def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds
     tma.store_wait(0)
 
 
+# One wrapper per (warpgroup, mode): gl.warp_specialize passes its arguments as run-time
+# values, so the constexprs WG and WITH_DQ must be spelled in a function of their own.
 @gluon.jit
 def _bwd_consumer_wg0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
                       q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
