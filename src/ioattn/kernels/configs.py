@@ -47,8 +47,13 @@ def tma_ok(t, head_dim):
     (Here rather than in forward.py: the Gluon launchers call it on every call, and a
     function-level import of forward costs ~16 us.)"""
     size = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and head_dim * size >= 16 and t.numel() > 0
-            and all(s * size % 16 == 0 and (s > 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape)))
+    strides, shape = t.stride(), t.shape
+    if strides[-1] != 1 or t.data_ptr() % 16 or head_dim * size < 16 or 0 in shape:
+        return False
+    for s, n in zip(strides[:-1], shape):
+        if (s * size) % 16 or (s <= 0 and n != 1):
+            return False
+    return True
 
 
 def cdiv(a: int, b: int) -> int:
