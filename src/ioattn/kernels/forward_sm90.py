@@ -270,7 +270,7 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
         return False
     if capability[0] != 9:
         return False
-    # measured on the H200 (benchmarks/results/h200-session6): at head dim 64 the causal
+    # measured on the H200 (benchmarks/results/h200-session6b): at head dim 64 the causal
     # Triton kernel is faster at 1k keys (294 vs 253 TFLOP/s), level at 4k (366 vs 374); the
     # limit of 2k between them is a guess (2k not measured yet), so it keeps those
     if q.shape[-1] == 64 and window_right == 0 and k.shape[1] <= 2048:
