@@ -370,7 +370,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
                        deterministic=False):
     """Launch the backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
     ``dlse``: the gradient of the returned lse (its shape), or None. On sm_90 the calls that
-    backward_sm90 supports take its one-pass kernel (dQ by atomics) unless ``deterministic``."""
+    backward_sm90 supports take its dK/dV kernel (or, with IOATTN_GLUON_BWD=atomic and not
+    ``deterministic``, its one pass with atomic dQ)."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
@@ -412,7 +413,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
         HAS_DLSE=dlse is not None,
     )
-    use_sm90 = not varlen and _sm90 is not None and not configs.interpreting() and _sm90.supported(
+    use_sm90 = _sm90 is not None and _sm90.supported(  # (None under the interpreter)
         q, k, v, dout, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
         capability=configs._capability(q.device))

@@ -26,27 +26,22 @@ and 128 (at 256, dK and dV alone would take all of a warpgroup's registers). del
 rowsum of dO * O, with dlse folded in) comes from backward.py's preprocess kernel.
 """
 
-import functools
+import os
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
 from . import forward_sm90
-from .configs import tma_ok
+from .configs import cdiv, tma_ok
+from .forward_sm90 import _wgmma_layout
 
 BLOCK_M = 64  # query rows per streamed block
 HALF_N = 64  # keys per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
-
-
-@gluon.constexpr_function
-def _wgmma_layout(n):
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, int(n), 16])
 
 
 @gluon.jit
@@ -300,7 +295,7 @@ def config(head_dim):
 #   "atomic" this kernel for dK, dV and dQ in one pass (dQ by atomics: not bit-reproducible;
 #            0.71-0.74x cuDNN, slower than both others: results/h200-session6c)
 #   "0"      the Triton backward (two Triton kernels)
-MODE = forward_sm90.os.environ.get("IOATTN_GLUON_BWD", "auto")
+MODE = os.environ.get("IOATTN_GLUON_BWD", "auto")
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
@@ -335,7 +330,7 @@ def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, soft
     d = forward_sm90._descriptor
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
              d(k, blk["kc"], q.dtype), d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
-    grid = (-(-seqlen_k // (2 * HALF_N)), batch * nheads_k)
+    grid = (cdiv(seqlen_k, 2 * HALF_N), batch * nheads_k)
     return _attn_bwd_sm90[grid](
         *descs, lse, delta, dq_accum if with_dq else lse, lse.stride(0), lse.stride(1),
         *(dq_accum.stride()[:3] if with_dq else q.stride()[:3]),

@@ -18,7 +18,8 @@ from .configs import NO_SPECIALIZE
 from .masks import mma, drop_packed, dropout_keep, dropout_pairs, key_range, scores_log2, sequence_bounds, visible
 
 # The Gluon Hopper forward (forward_sm90.py) takes the dense calls it supports on sm_90; it
-# needs triton.experimental.gluon (triton >= 3.5) and a GPU, never the interpreter.
+# needs triton.experimental.gluon (triton >= 3.5) and a GPU, never the interpreter, so it is
+# not even imported there.
 _sm90 = None
 if not configs.interpreting():
     try:
@@ -326,7 +327,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     grid = (configs.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
     if grid[0] * grid[1] == 0:  # no query rows at all
         return out, lse
-    if not varlen and _sm90 is not None and not configs.interpreting() and _sm90.supported(
+    if _sm90 is not None and _sm90.supported(  # (None under the interpreter)
             q, k, v, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
             alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_table=block_table,
             capability=configs._capability(q.device)):

@@ -33,7 +33,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .configs import tma_ok
+from .configs import cdiv, tma_ok
 
 HALF_M = 64  # query rows per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
@@ -308,7 +308,7 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     q_block = [1, HALF_M, 1, head_dim]
     kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
     descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q, q_block), (k, kv_block), (v, kv_block), (out, q_block))]
-    grid = (-(-seqlen_q // (2 * HALF_M)), batch * nheads)
+    grid = (cdiv(seqlen_q, 2 * HALF_M), batch * nheads)
     return _attn_fwd_sm90[grid](
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
         softmax_scale * LOG2E, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
