@@ -46,9 +46,9 @@ def reference_grads(q, k, v, dout, causal):
     return torch.autograd.grad(out, (qf, kf, vf), dout.float())
 
 
-# modes checked and timed; the one-pass "atomic" mode was checked and timed in session 6c
-# (results/h200-session6c) and is left out to fit the device time: --modes split,atomic,0
-MODES = ("split", "0")
+# modes checked and timed: "atomic" is the one-pass kernel (dQ by TMA reductions since session 7;
+# by scalar atomics in session 6c, results/h200-session6c)
+MODES = ("atomic", "split", "0")
 SEQLENS = (1024, 4096, 16384)
 N_CASES = 4  # per head dim
 
@@ -140,7 +140,37 @@ def bench(rows):
                                      causal=causal, tflops=res[name]))
                 print(f"bwd hdim {d} n {n:5d} causal {causal!s:5}: " +
                       "  ".join(f"{k} {v:6.1f}" for k, v in res.items()) +
-                      f"  split/cudnn {res['ioattn_split'] / res['sdpa_cudnn']:.2f}", flush=True)
+                      "  " + "  ".join(f"{m}/cudnn {res[m] / res['sdpa_cudnn']:.2f}" for m in res
+                                       if m.startswith("ioattn")), flush=True)
+
+
+def profile(rows, d=128, n=4096, causal=False):
+    """Where each mode's backward spends its GPU time: kernels and their mean time per call
+    (torch.profiler over 10 calls), to tell the Gluon kernel's share from the rest."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    h, b = 2048 // d, 16384 // n
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+    out = ioattn.flash_attn_func(q, k, v, causal=causal)
+    for mode in MODES:
+        backward_sm90.MODE = mode
+        for _ in range(3):
+            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            torch.cuda.synchronize()
+        kern = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kern[e.name] = kern.get(e.name, 0.0) + e.device_time / 10
+        total = sum(kern.values())
+        print(f"profile hdim {d} n {n} causal {causal} mode {mode}: {total:.0f} us per backward, "
+              f"{flops(b, h, n, d, causal) / total / 1e6:.0f} TFLOP/s by GPU time", flush=True)
+        for name, us in sorted(kern.items(), key=lambda kv: -kv[1])[:6]:
+            print(f"    {us:8.1f} us  {name[:90]}", flush=True)
+        rows.append(dict(kind="profile", mode=mode, hdim=d, seqlen=n, causal=causal, total_us=total, kernels=kern))
 
 
 def main(argv=None):
@@ -148,6 +178,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="kernel times per mode (hdim 128, 4k) before timing")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--seqlens", default=",".join(map(str, SEQLENS)))
     ap.add_argument("--cases", type=int, default=N_CASES, help="check cases per head dim (at most 4)")
@@ -160,6 +191,9 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     n_fail = check(rows)
     print(f"check took {time.time() - t0:.0f}s", flush=True)
+    if args.profile:
+        profile(rows)
+        profile(rows, causal=True)
     if not args.skip_bench:
         bench(rows)
     if args.out:

@@ -173,6 +173,9 @@ case "$mode" in
         # then the side-by-side quick benchmark with both Gluon kernels dispatched
     timeout 200 python3 benchmarks/gluon_bwd_check.py --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
     timeout 240 python3 benchmarks/quick_bench.py --hdim 64,128,256 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" | grep -E "fwd|bwd" | tail -n 40 ;;
+  s7a)  # session 7: the one-pass backward with dQ by bulk TMA reductions vs split vs Triton, kernel
+        # times per mode, then timing against cuDNN and FA2
+    timeout 420 python3 benchmarks/gluon_bwd_check.py --cases 3 --profile --seqlens 1024,4096,16384 --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS" ;;
   s6d)  # session 6: the three Hopper backwards (Gluon dK/dV + Triton dQ, one Gluon pass with atomic dQ,
         # Triton) checked against fp32 and timed side by side with cuDNN and FA2
     timeout 150 python3 benchmarks/gluon_bwd_check.py --cases 2 --seqlens 4096,16384 --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS" ;;

@@ -51,7 +51,7 @@ def test_gluon_forward_compiles_for_sm90a(head_dim, causal, dtype):
                                                      (64, False, False)])
 def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     """The Gluon Hopper backward (kernels/backward_sm90.py) compiles for sm_90a within the
-    shared memory, with asynchronous wgmma, TMA loads and stores, the register split, and at
+    shared memory, with asynchronous wgmma, TMA loads, stores and (for dQ) reductions, the register split, and at
     most a few bytes of spills (16 B at hdim 128 causal, from its mask; GPU check:
     benchmarks/gluon_bwd_check.py)."""
     backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
@@ -59,7 +59,9 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
-    assert ("atom.global" in ptx) == with_dq  # the dQ sums (without dQ: the Triton dQ kernel's)
+    # the dQ sums: bulk TMA reductions of each warpgroup's tile, no per-element atomics
+    assert ("cp.reduce.async.bulk.tensor" in ptx and ".add" in ptx) == with_dq
+    assert "atom.global" not in ptx
     rep = ptxas_report(kernel)
     assert rep["spill_bytes"] <= 32, rep
 

@@ -31,6 +31,8 @@ import os
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton._C.libtriton import ir
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -42,6 +44,16 @@ BLOCK_M = 64  # query rows per streamed block
 HALF_N = 64  # keys per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Add the shared-memory tile src into global memory at coord (a bulk TMA reduction,
+    cp.reduce.async.bulk.tensor; rows and columns out of the tensor's bounds are dropped).
+    Gluon 3.6 builds the op but does not export a function for it. Asynchronous like a TMA
+    store: tma.store_wait before src is written again."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -75,10 +87,9 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_s
 
 
 @gluon.jit
-def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
-                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal,
-                  WG: gl.constexpr, WITH_DQ: gl.constexpr):
+def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
+                  ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, qk_scale, sm_scale, causal, WG: gl.constexpr, WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -97,12 +108,13 @@ def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds
     offs_k = k0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
     offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
     offs_c = gl.arange(0, ROWS, layout=gl.BlockedLayout([1], [32], [4], [0]))
-    dq_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, dq_layout))
-    dq_cols = WG * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, dq_layout))
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     kc = kc_smem.index(WG)._reinterpret(dtype, [KEYS * 2, HALF_D], half2)
+    if WITH_DQ:
+        dqw = dq_smem.index(WG)._reinterpret(gl.float32, [ROWS, HALF_D],
+                                             gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
     dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     s_init = gl.zeros([KEYS, ROWS], gl.float32, s_layout)
@@ -155,10 +167,12 @@ def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds
             dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
             mbarrier.arrive(q_empty.index(s))
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-            qrow = m0 + dq_rows
-            ptrs = (DQ + b.to(gl.int64) * stride_qb + gl.expand_dims(qrow, 1) * stride_qs + h * stride_qh
-                    + gl.expand_dims(dq_cols, 0))
-            gl.atomic_add(ptrs, dq * sm_scale, mask=gl.expand_dims(qrow < seqlen_q, 1), sem="relaxed")
+            # into the fp32 accumulator by one bulk TMA reduction of the tile (the reduction of
+            # the previous block has long read the buffer: the wait is for form's sake)
+            tma.store_wait(0)
+            dqw.store(dq * sm_scale)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [b, m0, h, WG * HALF_D], dq_smem.index(WG))
         else:  # dK and dV only (the Triton dQ kernel runs after)
             dst_a = gl.convert_layout(dst16, a_layout)
             dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
@@ -177,39 +191,39 @@ def _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds
 # One wrapper per (warpgroup, mode): gl.warp_specialize passes its arguments as run-time
 # values, so the constexprs WG and WITH_DQ must be spelled in a function of their own.
 @gluon.jit
-def _bwd_consumer_wg0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                      q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                      stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
-                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 0, True)
+def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
+                      q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
+                      seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 0, True)
 
 
 @gluon.jit
-def _bwd_consumer_wg1(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                      q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                      stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
-                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 1, True)
+def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
+                      q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
+                      seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 1, True)
 
 
 @gluon.jit
-def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                           q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                           stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
-                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 0, False)
+def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
+                           q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
+                           seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 0, False)
 
 
 @gluon.jit
-def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                           q_empty, ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                           stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
-                  ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal, 1, False)
+def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
+                           q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
+                           seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 1, False)
 
 
 @gluon.jit
@@ -227,8 +241,8 @@ def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem
 
 
 @gluon.jit
-def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, LSE, DELTA, DQ,
-                   stride_lb, stride_lh, stride_qb, stride_qs, stride_qh,
+def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, LSE, DELTA,
+                   stride_lb, stride_lh,
                    seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
@@ -253,6 +267,10 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, L
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * KEYS, ROWS], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * KEYS, ROWS], ds_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    if WITH_DQ:  # each warpgroup's fp32 dQ tile on its way to the bulk reduction
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
+    else:
+        dq_smem = kv_bar  # not used
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -263,9 +281,9 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, L
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)
 
-    consumer_args = (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
-                     ds_ready, LSE, DELTA, DQ, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                     stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, qk_scale, sm_scale, causal)
+    consumer_args = (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
+                     q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                     stride_lb, stride_lh, qk_scale, sm_scale, causal)
     producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
                      kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)
     if WITH_DQ:
@@ -316,7 +334,8 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
 
 
 def _blocks(head_dim):
-    return dict(q=(1, BLOCK_M, 1, head_dim), kv=(1, HALF_N, 1, head_dim), kc=(1, 2 * HALF_N, 1, head_dim // 2))
+    return dict(q=(1, BLOCK_M, 1, head_dim), kv=(1, HALF_N, 1, head_dim), kc=(1, 2 * HALF_N, 1, head_dim // 2),
+                dq=(1, BLOCK_M, 1, head_dim // 2))
 
 
 def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
@@ -330,10 +349,10 @@ def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, soft
     d = forward_sm90._descriptor
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
              d(k, blk["kc"], q.dtype), d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
+    descs.append(d(dq_accum, blk["dq"], torch.float32) if with_dq else descs[-1])  # (not read without dQ)
     grid = (cdiv(seqlen_k, 2 * HALF_N), batch * nheads_k)
     return _attn_bwd_sm90[grid](
-        *descs, lse, delta, dq_accum if with_dq else lse, lse.stride(0), lse.stride(1),
-        *(dq_accum.stride()[:3] if with_dq else q.stride()[:3]),
+        *descs, lse, delta, lse.stride(0), lse.stride(1),
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
@@ -348,14 +367,14 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
     cfg = config(head_dim)
     blk = _blocks(head_dim)
 
-    def desc(block):
-        return f"tensordesc<{dtype}[{','.join(map(str, block))}],{forward_sm90._layout(block, tdtype)!r}>"
+    def desc(block, dt=dtype, tdt=tdtype):
+        return f"tensordesc<{dt}[{','.join(map(str, block))}],{forward_sm90._layout(block, tdt)!r}>"
 
     fn = _attn_bwd_sm90
     sig = dict(q_desc=desc(blk["q"]), do_desc=desc(blk["q"]), k_desc=desc(blk["kv"]), v_desc=desc(blk["kv"]),
                kc_desc=desc(blk["kc"]), dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
-               LSE="*fp32", DELTA="*fp32", DQ="*fp32", stride_lb="i32", stride_lh="i32", stride_qb="i32",
-               stride_qs="i32", stride_qh="i32", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
+               dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
+               LSE="*fp32", DELTA="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
                qk_scale="fp32", sm_scale="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],

@@ -281,7 +281,8 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
 
 @functools.cache
 def _layout_cached(block, dtype):
-    return gl.NVMMASharedLayout.get_default_for(list(block), {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype])
+    return gl.NVMMASharedLayout.get_default_for(list(block), {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+                                                         torch.float32: gl.float32}[dtype])
 
 
 def _layout(block, dtype):
