@@ -53,8 +53,17 @@ SEQLENS = (1024, 4096, 16384)
 N_CASES = 4  # per head dim
 
 
-def ioattn_grads(q, k, v, dout, causal, mode):
+def set_mode(mode):
+    """MODE, or MODE@BLOCK_M: the query rows per block at head dim 64 (an A/B knob)."""
+    mode, _, bm = mode.partition("@")
     backward_sm90.MODE = mode
+    backward_sm90.BLOCK_M_OVERRIDE.clear()
+    if bm:
+        backward_sm90.BLOCK_M_OVERRIDE[64] = int(bm)
+
+
+def ioattn_grads(q, k, v, dout, causal, mode):
+    set_mode(mode)
     qi, ki, vi = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = ioattn.flash_attn_func(qi, ki, vi, causal=causal)
     return torch.autograd.grad(out, (qi, ki, vi), dout)
@@ -77,7 +86,7 @@ def check(rows):
         k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
         v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
         dout = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
-        backward_sm90.MODE = "split"
+        set_mode("split")
         sup = backward_sm90.supported(q, k, v, dout, varlen=False, window_left=-1, window_right=0 if causal else -1,
                                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, deterministic=False,
                                       capability=torch.cuda.get_device_capability())
@@ -118,7 +127,8 @@ def bench(rows):
                 dout = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
                 qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
                 out = ioattn.flash_attn_func(q, k, v, causal=causal)
-                outs = {f"ioattn_{m if m != '0' else 'triton'}": (out, (q, k, v), dout, m) for m in MODES}
+                outs = {f"ioattn_{m if m != '0' else 'triton'}": (out, (q, k, v), dout, m) for m in MODES
+                        if "@" not in m or d == 64}  # (the @BLOCK_M knob is for hdim 64)
                 for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                                       ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
                     with sdpa_kernel(backend):
@@ -127,7 +137,7 @@ def bench(rows):
                 res = {}
                 for name, (out, inputs, g, mode) in outs.items():
                     if mode is not None:
-                        backward_sm90.MODE = mode
+                        set_mode(mode)
                     try:
                         ms = triton.testing.do_bench(
                             lambda: torch.autograd.grad(out, inputs, g, retain_graph=True),
@@ -153,7 +163,7 @@ def profile(rows, d=128, n=4096, causal=False):
     dout = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
     out = ioattn.flash_attn_func(q, k, v, causal=causal)
     for mode in MODES:
-        backward_sm90.MODE = mode
+        set_mode(mode)
         for _ in range(3):
             torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
         torch.cuda.synchronize()

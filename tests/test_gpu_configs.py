@@ -88,13 +88,21 @@ def test_gluon_dispatch_rules():
     assert not f(128, dropout_p=0.1) and not f(128, varlen=True)
     assert not f(128, alibi_slopes=torch.ones(2))
 
-    b = lambda d, deterministic=False, **kw: bwd.supported(  # noqa: E731
-        t(d), t(d), t(d), t(d), **{**dense, **kw}, deterministic=deterministic, capability=(9, 0))
+    b = lambda d, deterministic=False, cap=(9, 0), **kw: bwd.supported(  # noqa: E731
+        t(d), t(d), t(d), t(d), **{**dense, **kw}, deterministic=deterministic, capability=cap)
     assert bwd.MODE == "auto"
-    assert b(128) and b(128, deterministic=True) and b(128, window_right=0)  # split mode: no atomics
-    assert not b(64) and not b(256) and not b(128, dropout_p=0.1) and not b(128, softcap=5.0)
+    assert b(128) == "atomic" and b(128, window_right=0) == "atomic"  # one pass, dQ by TMA reductions
+    assert b(128, deterministic=True) == "split"  # no order-dependent sums
+    assert b(128, cap=(8, 0)) is None
+    for kw in (dict(dropout_p=0.1), dict(softcap=5.0), dict(window_left=64, window_right=0), dict(varlen=True)):
+        assert b(128, **kw) is None, kw
+    assert b(64) is None and b(256) is None  # the Triton backward
     bwd.MODE = "atomic"
     try:
-        assert b(64) and b(128) and not b(128, deterministic=True)
+        assert b(64) == "atomic" and b(128) == "atomic" and b(128, deterministic=True) == "split"
+        bwd.MODE = "split"
+        assert b(128) == "split" and b(64) == "split"
+        bwd.MODE = "0"
+        assert b(128) is None
     finally:
         bwd.MODE = "auto"

@@ -413,18 +413,18 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
         HAS_DLSE=dlse is not None,
     )
-    use_sm90 = _sm90 is not None and _sm90.supported(  # (None under the interpreter)
+    use_sm90 = None if _sm90 is None else _sm90.supported(  # (None under the interpreter)
         q, k, v, dout, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
         capability=configs._capability(q.device))
-    if use_sm90 and _sm90.MODE == "atomic":  # one Gluon pass, dQ summed by atomics
+    if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
             dout, q, k, v, lse, delta, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
         return dq.copy_(dq_accum), dk, dv
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
-    if use_sm90:  # dK, dV by the Gluon kernel; dQ below
+    if use_sm90 == "split":  # dK, dV by the Gluon kernel; dQ below
         configs.last_compiled["dkdv"] = _sm90.attention_backward_sm90(
             dout, q, k, v, lse, delta, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
     else:

@@ -15,10 +15,10 @@ where 5 suffice. This kernel:
   keys, so both warpgroups write their dS^T halves to a shared tile (double-buffered, an
   mbarrier with one arrival per warpgroup says both halves are there), and each computes
   the dQ of one half of the head dim (64 x 64 x 128 keys) and adds it to an fp32 dQ
-  accumulator in global memory (relaxed atomics; converted to the output dtype afterwards).
-  Atomic sums are not ordered, so this mode is not bit-reproducible (``deterministic=True``
-  bypasses it), and it measured slower than the Triton backward (docs/PERF_NOTES.md);
-- without (mode "split", the default at head dim 128): dK and dV only, and the Triton dQ
+  accumulator in global memory by a bulk TMA reduction of the tile (converted to the output
+  dtype afterwards). The additions come in no fixed order, so this mode is not
+  bit-reproducible: the default when ``deterministic=False`` (as FlashAttention's atomic dQ);
+- without (mode "split", what ``deterministic=True`` runs): dK and dV only, and the Triton dQ
   kernel runs after; no atomics, no barrier between the warpgroups.
 
 Scope: what forward_sm90 covers (dense bf16/fp16, causal or not, GQA/MQA) at head dims 64
@@ -40,7 +40,9 @@ from . import forward_sm90
 from .configs import cdiv, tma_ok
 from .forward_sm90 import _wgmma_layout
 
-BLOCK_M = 64  # query rows per streamed block
+# query rows per streamed block, by head dim (BLOCK_M_OVERRIDE: benchmarks' A/B runs)
+BLOCK_M = {64: 64, 128: 64}
+BLOCK_M_OVERRIDE = {}
 HALF_N = 64  # keys per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -87,6 +89,27 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_s
 
 
 @gluon.jit
+def _load_row_stats(LSE, DELTA, b, h, rows, seqlen_q, stride_lb, stride_lh):
+    """lse in log2 units (+inf where a row is past the end or sees no key, so that P = 0) and
+    delta of the given query rows of head h."""
+    ptr = b.to(gl.int64) * stride_lb + h * stride_lh + rows
+    m = rows < seqlen_q
+    lse = gl.load(LSE + ptr, mask=m, other=float("inf"))
+    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    return lse, gl.load(DELTA + ptr, mask=m, other=0.0)
+
+
+@gluon.jit
+def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
+    """Add a warpgroup's fp32 dQ tile into the accumulator by one bulk TMA reduction. The
+    buffer's previous reduction was issued a block earlier: the wait finds it done."""
+    tma.store_wait(0)
+    dqw.store(dq)
+    fence_async_shared()
+    _tma_reduce_add(dq_desc, [b, m0, h, c0], dq_buf)
+
+
+@gluon.jit
 def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
                   ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   stride_lb, stride_lh, qk_scale, sm_scale, causal, WG: gl.constexpr, WITH_DQ: gl.constexpr):
@@ -114,7 +137,7 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     kc = kc_smem.index(WG)._reinterpret(dtype, [KEYS * 2, HALF_D], half2)
     if WITH_DQ:
         dqw = dq_smem.index(WG)._reinterpret(gl.float32, [ROWS, HALF_D],
-                                             gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
+                                             gl.NVMMASharedLayout.get_default_for([ROWS, HALF_D], gl.float32))
     dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
     s_init = gl.zeros([KEYS, ROWS], gl.float32, s_layout)
@@ -126,14 +149,10 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         s = t % STAGES
         h = hk * group + t // n_mblocks
         m0 = (m_first + t % n_mblocks) * ROWS
-        # lse (log2 units; +inf for rows past the end or with no key, so P = 0) and delta, loaded
-        # one value a thread and spread to the scores' column layout only where they are used
-        # (held in that layout across the products they cost 32 registers and spill)
-        rows_c = m0 + offs_c
-        row_ptr = b.to(gl.int64) * stride_lb + h * stride_lh + rows_c
-        lse_c = gl.load(LSE + row_ptr, mask=rows_c < seqlen_q, other=float("inf"))
-        lse_c = gl.where(lse_c == float("-inf"), float("inf"), lse_c) * 1.4426950408889634
-        delta_c = gl.load(DELTA + row_ptr, mask=rows_c < seqlen_q, other=0.0)
+        # lse and delta one value a thread, spread to the scores' column layout only where they
+        # are used (held in that layout across the products they cost 32 registers and spill;
+        # loaded a block ahead, the two registers spill 36-48 bytes at hdim 128)
+        lse_c, delta_c = _load_row_stats(LSE, DELTA, b, h, m0 + offs_c, seqlen_q, stride_lb, stride_lh)
 
         mbarrier.wait(q_ready.index(s), (t // STAGES) & 1)
         qs = q_smem.index(s)._reinterpret(dtype, [ROWS, HEAD_DIM], tile2)
@@ -155,7 +174,9 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         dv_tok = warpgroup_mma(pt_a, dos, dv, is_async=True)
         dst16 = dst.to(dtype)
         if WITH_DQ:
-            # dS^T halves of both warpgroups into the shared tile, for dQ = dS K
+            # dS^T halves of both warpgroups into the shared tile, for dQ = dS K (double-buffered:
+            # the dQ products of block t - 2 that read this buffer were waited for before either
+            # warpgroup arrived on block t - 1's barrier, which this one has passed)
             dsb = ds_smem.index(t % 2)
             dsb.slice(WG * KEYS, KEYS, dim=0).store(dst16)
             fence_async_shared()
@@ -166,13 +187,10 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
             dq_tok = warpgroup_mma(dsb.permute((1, 0)), kc, dq_init, use_acc=False, is_async=True)
             dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
             mbarrier.arrive(q_empty.index(s))
+            # (waiting for this product at the next block's start instead, behind its S^T and
+            # dP^T, spills 600 bytes at hdim 128: the dQ tile would be live next to both)
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-            # into the fp32 accumulator by one bulk TMA reduction of the tile (the reduction of
-            # the previous block has long read the buffer: the wait is for form's sake)
-            tma.store_wait(0)
-            dqw.store(dq * sm_scale)
-            fence_async_shared()
-            _tma_reduce_add(dq_desc, [b, m0, h, WG * HALF_D], dq_smem.index(WG))
+            _dq_out(dq_desc, dqw, dq_smem.index(WG), dq * sm_scale, b, h, m0, WG * HALF_D)
         else:  # dK and dV only (the Triton dQ kernel runs after)
             dst_a = gl.convert_layout(dst16, a_layout)
             dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
@@ -302,40 +320,44 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
 
 
 def config(head_dim):
-    return dict(STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+    return dict(BLOCK_M=BLOCK_M_OVERRIDE.get(head_dim, BLOCK_M[head_dim]), STAGES=2, CONSUMER_REGS=240,
+                PRODUCER_REGS=24, num_warps=4)
 
 
 # Which backward runs on Hopper for the calls this kernel supports (IOATTN_GLUON_BWD):
-#   "auto"   (default) "split" at head dim 128, the Triton backward at 64: what measured
-#            fastest on the H200 (benchmarks/results/h200-session6d: split vs Triton at hdim
-#            128 +0.4..+3.7%, at hdim 64 -4..-7%)
+#   "auto"   (default) what measured fastest on the H200 (benchmarks/results/h200-session7a):
+#            at head dim 128 the one pass ("atomic", 0.90-0.95x cuDNN) unless deterministic=True,
+#            then "split" (+0..+4% over the Triton backward); at 64 the Triton backward
+#   "atomic" this kernel for dK, dV and dQ in one pass (dQ by bulk TMA reductions: the order of
+#            the additions varies, so not bit-reproducible; deterministic=True takes "split")
 #   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
-#   "atomic" this kernel for dK, dV and dQ in one pass (dQ by atomics: not bit-reproducible;
-#            0.71-0.74x cuDNN, slower than both others: results/h200-session6c)
 #   "0"      the Triton backward (two Triton kernels)
 MODE = os.environ.get("IOATTN_GLUON_BWD", "auto")
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
               deterministic, capability):
-    """Whether a backward call can take this kernel (else the Triton one runs)."""
-    if MODE not in ("auto", "split", "atomic") or (deterministic and MODE == "atomic"):
-        return False
+    """Which Gluon backward a call takes: "atomic" (one pass), "split" (Gluon dK/dV, Triton dQ),
+    or None (the Triton backward)."""
+    if MODE not in ("auto", "split", "atomic"):
+        return None
     if MODE == "auto" and q.shape[-1] != 128:
-        return False
+        return None
     if varlen or alibi_slopes is not None:
-        return False
+        return None
     if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0 or capability[0] != 9:
-        return False
+        return None
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        return False
+        return None
     d = q.shape[-1]
-    return tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d) and tma_ok(dout, d)
+    if not (tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d) and tma_ok(dout, d)):
+        return None
+    return "split" if deterministic or MODE == "split" else "atomic"
 
 
-def _blocks(head_dim):
-    return dict(q=(1, BLOCK_M, 1, head_dim), kv=(1, HALF_N, 1, head_dim), kc=(1, 2 * HALF_N, 1, head_dim // 2),
-                dq=(1, BLOCK_M, 1, head_dim // 2))
+def _blocks(head_dim, block_m):
+    return dict(q=(1, block_m, 1, head_dim), kv=(1, HALF_N, 1, head_dim), kc=(1, 2 * HALF_N, 1, head_dim // 2),
+                dq=(1, block_m, 1, head_dim // 2))
 
 
 def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
@@ -345,7 +367,7 @@ def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, soft
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim)
-    blk = _blocks(head_dim)
+    blk = _blocks(head_dim, cfg["BLOCK_M"])
     d = forward_sm90._descriptor
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
              d(k, blk["kc"], q.dtype), d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
@@ -358,14 +380,14 @@ def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, soft
         PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
 
 
-def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True):
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = config(head_dim)
-    blk = _blocks(head_dim)
+    blk = _blocks(head_dim, block_m or cfg["BLOCK_M"])
 
     def desc(block, dt=dtype, tdt=tdtype):
         return f"tensordesc<{dt}[{','.join(map(str, block))}],{forward_sm90._layout(block, tdt)!r}>"
