@@ -446,10 +446,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: ``(left, right)`` sliding window, -1 = unlimited.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope * |i + sk - sq - j|``.
-        deterministic: bit-identical gradients on repeated calls. Every backward ioattn runs
-            by default is deterministic (no atomics); the opt-in one-pass Hopper backward
-            (``IOATTN_GLUON_BWD=atomic``, kernels/backward_sm90.py) adds dQ with atomics, and
-            ``True`` bypasses it.
+        deterministic: bit-identical gradients on repeated calls. With ``False`` (the default)
+            the Hopper backward at head dim 128 (kernels/backward_sm90.py) runs one pass that
+            adds dQ by TMA reductions in no fixed order (last-bit differences between runs);
+            ``True`` runs dQ as a second pass there. Every other backward is deterministic.
         return_attn_probs: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` and the
             attention probabilities (materialized; for testing only; dropped entries negated).
         return_lse: (keyword only, not in FlashAttention-2) also return the log-sum-exp, without
