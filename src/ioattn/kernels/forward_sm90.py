@@ -39,6 +39,9 @@ HALF_M = 64  # query rows per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# the 2-D view of a (1, rows, 1, dim) bf16/fp16 TMA tile
+_TILE2 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+
 # IOATTN_GLUON=0 keeps the Triton forward on Hopper too (A/B in benchmarks)
 ENABLED = os.environ.get("IOATTN_GLUON", "1") != "0"
 
@@ -92,22 +95,20 @@ def _softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
-def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              WG: gl.constexpr):
-    dtype: gl.constexpr = o_desc.dtype
-    ROWS: gl.constexpr = o_desc.block_type.shape[1]
+def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, r0, seqlen_q, seqlen_k, qk_scale,
+            causal):
+    """One warpgroup's 64 query rows (from row r0) against key blocks 0 .. n_blocks - 1, which
+    the producer puts in the K/V rings as blocks c0, c0 + 1, ... of this CTA: the unnormalized
+    output, the running max and the running sum."""
+    dtype: gl.constexpr = q2.dtype
+    ROWS: gl.constexpr = q2.shape[0]
+    HEAD_DIM: gl.constexpr = q2.shape[1]
     STAGES: gl.constexpr = k_smem.shape[0]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
-    HEAD_DIM: gl.constexpr = k_smem.shape[4]
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    # 2-D views of the (1, rows, 1, dim) TMA tiles: rows of 128 or 256 bytes, 128-byte swizzle
-    q2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    kv2_layout: gl.constexpr = q2_layout
-
-    r0 = m0 + WG * ROWS
+    kv2_layout: gl.constexpr = _TILE2
     diag = seqlen_k - seqlen_q
     # key blocks every row of this warpgroup sees in full (no mask arithmetic)
     n_full = seqlen_k // BLOCK_N
@@ -115,35 +116,33 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
         n_full = gl.minimum(n_full, gl.maximum(r0 + diag + 1, 0) // BLOCK_N)
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-
-    q_tile = q_smem.index(WG)
-    q2 = q_tile._reinterpret(dtype, [ROWS, HEAD_DIM], q2_layout)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-    mbarrier.wait(q_bars.index(WG), 0)
 
     if n_blocks > 0:
-        mbarrier.wait(k_ready.index(0), 0)
-        k0 = k_smem.index(0)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        st = c0 % STAGES
+        mbarrier.wait(k_ready.index(st), (c0 // STAGES) & 1)
+        k0 = k_smem.index(st)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
         s_tok = warpgroup_mma(q2, k0.permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(0))
+        mbarrier.arrive(k_empty.index(st))
         if 0 >= n_full:
             s = _scores_mask(s, offs_m, offs_n, 0, seqlen_k, diag, causal)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
         p = gl.convert_layout(p32.to(dtype), p_layout)
 
     for j in range(1, n_blocks):
-        st = j % STAGES
-        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        c = c0 + j
+        st = c % STAGES
+        mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
         kj = k_smem.index(st)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
         s_tok = warpgroup_mma(q2, kj.permute((1, 0)), s_init, use_acc=False, is_async=True)
         # P V of the previous block runs on the tensor cores behind the scores
-        sp = (j - 1) % STAGES
-        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+        sp = (c - 1) % STAGES
+        mbarrier.wait(v_ready.index(sp), ((c - 1) // STAGES) & 1)
         vp = v_smem.index(sp)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
         o_tok = warpgroup_mma(p, vp, o, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
@@ -158,24 +157,49 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
         p = p_next
 
     if n_blocks > 0:
-        sl = (n_blocks - 1) % STAGES
-        mbarrier.wait(v_ready.index(sl), ((n_blocks - 1) // STAGES) & 1)
+        c = c0 + n_blocks - 1
+        sl = c % STAGES
+        mbarrier.wait(v_ready.index(sl), (c // STAGES) & 1)
         vl = v_smem.index(sl)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
         o_tok = warpgroup_mma(p, vl, o, is_async=True)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(sl))
+    return o, m_i, l_i
 
-    # epilogue: rows that saw no key get out = 0 and lse = -inf
+
+@gluon.jit
+def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale):
+    """Normalize a warpgroup's output and start its TMA store from the Q tile's buffer (free:
+    its last product has retired; the store drops rows past seqlen_q); rows that saw no key
+    get out = 0 and lse = -inf. The caller waits for the store (tma.store_wait)."""
+    ROWS: gl.constexpr = q2.shape[0]
+    o_layout: gl.constexpr = o.type.layout
+    s_layout: gl.constexpr = m_i.type.layout.parent
+    offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     empty = l_i == 0.0
     inv_l = 1.0 / gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), (m_i * qk_scale + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
     o = o * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
-    # the Q tile's buffer is free (its last product has retired): stage O there for a TMA
-    # store, which drops the rows past seqlen_q
-    q2.store(o.to(dtype))
+    q2.store(o.to(q2.dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [b, r0, h, 0], q_tile)
+
+
+@gluon.jit
+def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+              WG: gl.constexpr):
+    ROWS: gl.constexpr = o_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.shape[4]
+    r0 = m0 + WG * ROWS
+    q_tile = q_smem.index(WG)
+    # 2-D view of the (1, rows, 1, dim) TMA tile: rows of 128 or 256 bytes, 128-byte swizzle
+    q2 = q_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM], _TILE2)
+    mbarrier.wait(q_bars.index(WG), 0)
+    o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
+                          seqlen_k, qk_scale, causal)
+    _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale)
     tma.store_wait(0)
 
 
