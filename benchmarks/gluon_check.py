@@ -35,12 +35,22 @@ def reference(q, k, v, causal, scale):
     return (p @ vf).transpose(1, 2), lse
 
 
-def run_gluon(q, k, v, causal, scale):
+def run_gluon(q, k, v, causal, scale, cfg=None):
     b, sq, h, d = q.shape
     out = torch.full_like(q, float("nan"))
     lse = torch.full((b, h, sq), float("nan"), device=q.device, dtype=torch.float32)
-    forward_sm90.attention_forward_sm90(q, k, v, out, lse, softmax_scale=scale, causal=causal)
+    forward_sm90.attention_forward_sm90(q, k, v, out, lse, softmax_scale=scale, causal=causal, cfg=cfg)
     return out, lse
+
+
+def variants(d):
+    """The Gluon configurations checked and timed at head dim d: the default and, at d <= 128
+    (where its double-buffered Q fits in shared memory), the persistent kernel."""
+    cfg = forward_sm90.config(d)
+    v = {"gluon": None}
+    if d <= 128:
+        v["gluon_persistent"] = dict(cfg, PERSISTENT=True)
+    return v
 
 
 def triton_forward(q, k, v, sq, sk, scale, causal):
@@ -55,7 +65,7 @@ def triton_forward(q, k, v, sq, sk, scale, causal):
 
 def check(rows):
     cases = []
-    for d in forward_sm90.HEAD_DIMS:
+    for d in HDIMS:
         for dtype in (torch.bfloat16, torch.float16):
             for (b, sq, sk, h, hk) in ((2, 128, 128, 4, 4), (1, 257, 300, 4, 2), (2, 1000, 1000, 2, 1),
                                        (1, 64, 777, 4, 4), (1, 513, 129, 2, 2), (1, 1, 200, 4, 1), (3, 2048, 2048, 2, 2)):
@@ -72,26 +82,30 @@ def check(rows):
                                         softcap=0.0, alibi_slopes=None, dropout_p=0.0, block_table=None,
                                         capability=torch.cuda.get_device_capability())
         try:
-            out, lse = run_gluon(q, k, v, causal, scale)
-            torch.cuda.synchronize()
             ro, rl = reference(q, k, v, causal, scale)
-            err_o = (out.float() - ro).abs().max().item()
             finite = torch.isfinite(rl)
-            err_l = (lse - rl)[finite].abs().max().item() if finite.any() else 0.0
-            lse_inf_ok = bool(torch.equal(torch.isinf(lse), ~finite))
             # tolerance: a few ulps of the output dtype relative to |out| <= max|v|
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-            good = (not math.isnan(err_o)) and err_o <= tol and err_l <= 1e-3 and lse_inf_ok
+            good, errs = True, {}
+            for name, cfg in variants(d).items():
+                out, lse = run_gluon(q, k, v, causal, scale, cfg)
+                torch.cuda.synchronize()
+                e_o = (out.float() - ro).abs().max().item()
+                e_l = (lse - rl)[finite].abs().max().item() if finite.any() else 0.0
+                lse_inf_ok = bool(torch.equal(torch.isinf(lse), ~finite))
+                good = good and (not math.isnan(e_o)) and e_o <= tol and e_l <= 1e-3 and lse_inf_ok
+                errs[name] = (e_o, e_l)
+            err_o, err_l = errs["gluon"]
             # the Triton kernel's error on the same case, for scale
             t_out, _ = triton_forward(q, k, v, sq, sk, scale, causal)
             err_t = (t_out.float() - ro).abs().max().item()
         except Exception as exc:  # noqa: BLE001
-            good, err_o, err_l, err_t = False, float("nan"), float("nan"), float("nan")
+            good, err_o, err_l, err_t, errs = False, float("nan"), float("nan"), float("nan"), {}
             print("ERROR", repr(exc)[:300])
         n_fail += not good
         row = dict(kind="check", hdim=d, dtype=str(dtype), batch=b, seqlen_q=sq, seqlen_k=sk, nheads=h,
                    nheads_k=hk, causal=causal, supported=ok_sup, err_out=err_o, err_lse=err_l, err_triton=err_t,
-                   ok=good)
+                   err_variants=errs if good or errs else None, ok=good)
         rows.append(row)
         print(("PASS" if good else "FAIL"), row, flush=True)
     print(f"gluon check: {len(cases) - n_fail}/{len(cases)} passed", flush=True)
@@ -102,10 +116,14 @@ def flops(b, h, n, d, causal):
     return 4 * b * h * n * n * d / (2 if causal else 1)
 
 
+HDIMS = (128, 64, 256)
+SEQLENS = (1024, 4096, 16384)
+
+
 def bench(rows):
-    for d in (128, 64, 256):
+    for d in HDIMS:
         h = 2048 // d
-        for n in (1024, 4096, 16384):
+        for n in SEQLENS:
             b = 16384 // n
             for causal in (False, True):
                 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -122,10 +140,10 @@ def bench(rows):
                                                                 softmax_scale=scale, window_left=-1,
                                                                 window_right=0 if causal else -1),
                 }
-                if d <= 128:  # A/B: three K/V stages instead of two
-                    cfg3 = dict(forward_sm90.config(d), STAGES=3)
-                    fns["gluon_3stages"] = lambda cfg3=cfg3: forward_sm90.attention_forward_sm90(
-                        q, k, v, out, lse, softmax_scale=scale, causal=causal, cfg=cfg3)
+                for name, cfg in variants(d).items():  # A/B: the persistent kernel
+                    if cfg is not None:
+                        fns[name] = lambda cfg=cfg: forward_sm90.attention_forward_sm90(
+                            q, k, v, out, lse, softmax_scale=scale, causal=causal, cfg=cfg)
                 for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
                     def f(backend=backend):
                         with sdpa_kernel(backend):
@@ -143,14 +161,20 @@ def bench(rows):
                                      causal=causal, tflops=res[name]))
                 print(f"fwd hdim {d} n {n:5d} causal {causal!s:5}: " +
                       "  ".join(f"{k} {v:6.1f}" for k, v in res.items()) +
-                      f"  gluon/cudnn {res['gluon'] / res['sdpa_cudnn']:.2f}", flush=True)
+                      "  " + "  ".join(f"{m}/cudnn {res[m] / res['sdpa_cudnn']:.2f}" for m in res
+                                       if m.startswith("gluon")), flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--hdims", default=",".join(map(str, HDIMS)))
+    ap.add_argument("--seqlens", default=",".join(map(str, SEQLENS)))
     args = ap.parse_args(argv)
+    global HDIMS, SEQLENS
+    HDIMS = tuple(int(x) for x in args.hdims.split(","))
+    SEQLENS = tuple(int(x) for x in args.seqlens.split(","))
     rows = []
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     n_fail = check(rows)

@@ -173,9 +173,11 @@ case "$mode" in
         # then the side-by-side quick benchmark with both Gluon kernels dispatched
     timeout 200 python3 benchmarks/gluon_bwd_check.py --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
     timeout 240 python3 benchmarks/quick_bench.py --hdim 64,128,256 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" | grep -E "fwd|bwd" | tail -n 40 ;;
-  s7b)  # session 7: hdim 64 query blocks of 128 vs 64 in the one pass; then Nsight Compute on the one-pass kernel
-    timeout 300 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,atomic@128,0 --seqlens 1024,4096,16384 --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
-    timeout 150 ncu --clock-control none --kernel-name regex:_attn_bwd_sm90 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis python3 benchmarks/ncu_bwd.py > "$OUT/ncu_bwd.txt" 2>&1
+  s7b)  # session 7: hdim 64 query blocks of 128 vs 64 in the one-pass backward; the persistent Gluon forward
+        # (check + timing vs cuDNN); then Nsight Compute on the one-pass backward kernel
+    timeout 200 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,atomic@128,0 --seqlens 1024,4096,16384 --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
+    timeout 220 python3 benchmarks/gluon_check.py --hdims 128,64 --out "$OUT/gluon_fwd.json" 2>&1 | tee "$OUT/gluon_fwd.log" | grep -v "^PASS"
+    timeout 120 ncu --clock-control none --kernel-name regex:_attn_bwd_sm90 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis python3 benchmarks/ncu_bwd.py > "$OUT/ncu_bwd.txt" 2>&1
     grep -v "^==PROF==" "$OUT/ncu_bwd.txt" | tail -n 90 ;;
   s7a)  # session 7: the one-pass backward with dQ by bulk TMA reductions vs split vs Triton, kernel
         # times per mode, then timing against cuDNN and FA2

@@ -270,6 +270,148 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
         mbarrier.invalidate(v_empty.index(i))
 
 
+# Persistent variant: one CTA per SM walks over (128-row block, batch x head) tiles, so the
+# producer loads the next tile's Q and first K/V blocks while the consumers finish the current
+# one, and a tile's output store overlaps the next tile's products. Q is double-buffered
+# across tiles (2 x 2 warpgroup halves); the K/V rings run on across tile boundaries.
+
+
+@gluon.jit
+def _tile(tile, n_mblocks, nheads, group, seqlen_q, seqlen_k, ROWS2: gl.constexpr, BLOCK_N: gl.constexpr,
+          causal):
+    """Coordinates of a tile: the 128-row blocks of one (batch, head) are consecutive, the
+    last (with the most keys under a causal mask) first."""
+    bh = tile // n_mblocks
+    m0 = (n_mblocks - 1 - tile % n_mblocks) * ROWS2
+    b = bh // nheads
+    h = bh % nheads
+    hi = seqlen_k
+    if causal != 0:
+        hi = gl.minimum(hi, gl.minimum(m0 + ROWS2, seqlen_q) + seqlen_k - seqlen_q)
+    return b, h, h // group, m0, (gl.maximum(hi, 0) + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
+def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                         v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal):
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
+    ROWS: gl.constexpr = q_smem.shape[2]
+    c = 0  # K/V blocks loaded by this CTA so far (position in the rings)
+    i = 0  # tiles so far (Q buffer i % 2)
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, hk, m0, n_blocks = _tile(tile, n_mblocks, nheads, group, seqlen_q, seqlen_k, 2 * ROWS, BLOCK_N,
+                                       causal)
+        qb = i % 2
+        mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready.index(qb),
+                                            q_smem.index(2 * qb + w))
+        for j in range(n_blocks):
+            s = c % STAGES
+            ph = ((c // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), ph)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), ph)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(s), v_smem.index(s))
+            c += 1
+        i += 1
+
+
+@gluon.jit
+def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                         LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                         qk_scale, causal, WG: gl.constexpr):
+    ROWS: gl.constexpr = o_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.shape[4]
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
+    c = 0
+    i = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, hk, m0, n_blocks = _tile(tile, n_mblocks, nheads, group, seqlen_q, seqlen_k, 2 * ROWS, BLOCK_N,
+                                       causal)
+        r0 = m0 + WG * ROWS
+        qb = i % 2
+        q_tile = q_smem.index(2 * qb + WG)
+        q2 = q_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM], _TILE2)
+        mbarrier.wait(q_ready.index(qb), (i // 2) & 1)
+        if i > 0:
+            # the previous tile's output store has read the other Q buffer: give it back
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(1 - qb))
+        o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
+                              seqlen_k, qk_scale, causal)
+        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale)
+        c += n_blocks
+        i += 1
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer_persistent_wg0(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                             LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                             qk_scale, causal):
+    _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                         LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                         qk_scale, causal, 0)
+
+
+@gluon.jit
+def _consumer_persistent_wg1(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                             LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                             qk_scale, causal):
+    _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                         LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                         qk_scale, causal, 1)
+
+
+@gluon.jit
+def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
+                              seqlen_q, seqlen_k, nheads, group, qk_scale, n_tiles, n_mblocks,
+                              CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    causal = 1 if CAUSAL else 0
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [4] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+
+    consumer_args = (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, LSE,
+                     n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal)
+    gl.warp_specialize([
+        (_consumer_persistent_wg0, consumer_args),
+        (_consumer_persistent_wg1, consumer_args),
+        (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                                v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -324,6 +466,15 @@ def _descriptor(t, block, dtype):
     return d
 
 
+@functools.cache
+def _num_sms_cached(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device):
+    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
     """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q).
     ``cfg`` overrides config(head_dim) (benchmarks' A/B runs)."""
@@ -333,20 +484,29 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     q_block = [1, HALF_M, 1, head_dim]
     kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
     descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q, q_block), (k, kv_block), (v, kv_block), (out, q_block))]
-    grid = (cdiv(seqlen_q, 2 * HALF_M), batch * nheads)
+    n_mblocks = cdiv(seqlen_q, 2 * HALF_M)
+    if cfg.get("PERSISTENT", False):
+        n_tiles = n_mblocks * batch * nheads
+        grid = (min(n_tiles, _num_sms(q.device)), )
+        return _attn_fwd_sm90_persistent[grid](
+            *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
+            softmax_scale * LOG2E, n_tiles, n_mblocks, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
+            STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
+            num_warps=cfg["num_warps"])
+    grid = (n_mblocks, batch * nheads)
     return _attn_fwd_sm90[grid](
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
         softmax_scale * LOG2E, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
 
 
-def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0)):
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False):
     """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = config(head_dim)
-    fn = _attn_fwd_sm90
+    fn = _attn_fwd_sm90_persistent if persistent else _attn_fwd_sm90
     q_block = [1, HALF_M, 1, head_dim]
     kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
 
@@ -355,13 +515,13 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0)):
 
     sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
-               group="i32", qk_scale="fp32")
+               group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
-    sig = {n: sig[n] for n in names}
+    sig = {n: sig[n] for n in names}  # (the non-persistent kernel has no n_tiles, n_mblocks)
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
     cc = capability[0] * 10 + capability[1]
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
