@@ -166,13 +166,13 @@ def bench(rows):
 
 
 def main(argv=None):
+    global HDIMS, SEQLENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--hdims", default=",".join(map(str, HDIMS)))
     ap.add_argument("--seqlens", default=",".join(map(str, SEQLENS)))
     args = ap.parse_args(argv)
-    global HDIMS, SEQLENS
     HDIMS = tuple(int(x) for x in args.hdims.split(","))
     SEQLENS = tuple(int(x) for x in args.seqlens.split(","))
     rows = []
