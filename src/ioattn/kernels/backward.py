@@ -30,14 +30,17 @@ if not configs.interpreting():
         _sm90 = None
 
 
-@triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh"])
-def _attn_bwd_preprocess(O, DO, DELTA, DLSE,
+@triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh", "stride_sb", "stride_sh"])
+def _attn_bwd_preprocess(O, DO, DELTA, DLSE, LSE, STATS,
                          stride_ob, stride_os, stride_oh,
                          stride_db, stride_ds, stride_dh,
-                         stride_lb, stride_lh,
+                         stride_lb, stride_lh, stride_sb, stride_sh, stride_sr,
                          CU_SEQLENS_Q, seqlen_q_dense, nheads,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr):
+                         IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_STATS: tl.constexpr):
+    """delta (and, with HAS_STATS, for the Gluon backward: STATS[b, h, 0, i] = lse_i in log2
+    units, +inf for a row that saw no key, and STATS[b, h, 1, i] = delta_i, rows 16-byte aligned
+    so that the TMA can load them)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // nheads
@@ -59,6 +62,12 @@ def _attn_bwd_preprocess(O, DO, DELTA, DLSE,
     if HAS_DLSE:
         delta -= tl.load(DLSE + row_offs, mask=offs_m < seqlen_q, other=0.0)
     tl.store(DELTA + row_offs, delta, mask=offs_m < seqlen_q)
+    if HAS_STATS:
+        lse = tl.load(LSE + row_offs, mask=offs_m < seqlen_q, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        stat_offs = b64 * stride_sb + h * stride_sh + rows
+        tl.store(STATS + stat_offs, lse2, mask=offs_m < seqlen_q)
+        tl.store(STATS + stride_sr + stat_offs, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -370,8 +379,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
                        deterministic=False):
     """Launch the backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
     ``dlse``: the gradient of the returned lse (its shape), or None. On sm_90 the calls that
-    backward_sm90 supports take its dK/dV kernel (or, with IOATTN_GLUON_BWD=atomic and not
-    ``deterministic``, its one pass with atomic dQ)."""
+    backward_sm90 supports take one of its modes (backward_sm90.supported: the one pass, or,
+    with ``deterministic``, its dK/dV kernel and then the Triton dQ kernel)."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
@@ -405,28 +414,30 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     if k.numel() == 0 or max_seqlen_k == 0:  # no keys: every row is empty
         return dq.zero_(), dk, dv
     strides_do = _dense_or_varlen_strides(dout, varlen)
-    pre_block = 64
-    _attn_bwd_preprocess[(configs.cdiv(max_seqlen_q, pre_block), batch * nheads)](
-        out, dout, delta, dlse,
-        *_dense_or_varlen_strides(out, varlen), *strides_do,
-        stride_lb, stride_lh, cu_seqlens_q, max_seqlen_q, nheads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
-        HAS_DLSE=dlse is not None,
-    )
     use_sm90 = None if _sm90 is None else _sm90.supported(  # (None under the interpreter)
         q, k, v, dout, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
         capability=configs._capability(q.device))
+    stats = _sm90.new_stats(batch, nheads, max_seqlen_q, q.device) if use_sm90 else None
+    pre_block = 64
+    _attn_bwd_preprocess[(configs.cdiv(max_seqlen_q, pre_block), batch * nheads)](
+        out, dout, delta, dlse, lse, stats if stats is not None else delta,
+        *_dense_or_varlen_strides(out, varlen), *strides_do,
+        stride_lb, stride_lh, *(stats.stride()[:3] if stats is not None else (0, 0, 0)),
+        cu_seqlens_q, max_seqlen_q, nheads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
+        HAS_DLSE=dlse is not None, HAS_STATS=stats is not None,
+    )
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
-            dout, q, k, v, lse, delta, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
+            dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
         return dq.copy_(dq_accum), dk, dv
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
     if use_sm90 == "split":  # dK, dV by the Gluon kernel; dQ below
         configs.last_compiled["dkdv"] = _sm90.attention_backward_sm90(
-            dout, q, k, v, lse, delta, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
+            dout, q, k, v, stats, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0)
     else:
         c = cfg["dkdv"]
         configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](

@@ -33,6 +33,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton._C.libtriton import ir
 from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -41,7 +42,7 @@ from .configs import cdiv, tma_ok
 from .forward_sm90 import _wgmma_layout
 
 # query rows per streamed block, by head dim (BLOCK_M_OVERRIDE: benchmarks' A/B runs)
-BLOCK_M = {64: 64, 128: 64}
+BLOCK_M = {64: 128, 128: 64}  # hdim 64: 128 rows measured 1.02-1.16x 64 rows (results/h200-session7b)
 BLOCK_M_OVERRIDE = {}
 HALF_N = 64  # keys per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
@@ -59,8 +60,8 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, WITH_DQ: gl.constexpr):
+def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, WITH_DQ: gl.constexpr):
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]
     HALF_D: gl.constexpr = kc_smem.shape[4]
@@ -83,20 +84,13 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_s
         h = hk * group + t // n_mblocks
         m0 = (m_first + t % n_mblocks) * ROWS
         mbarrier.wait(q_empty.index(s), ((t // STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                        + 2 * st_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(s), q_smem.index(s))
         tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(s), do_smem.index(s))
-
-
-@gluon.jit
-def _load_row_stats(LSE, DELTA, b, h, rows, seqlen_q, stride_lb, stride_lh):
-    """lse in log2 units (+inf where a row is past the end or sees no key, so that P = 0) and
-    delta of the given query rows of head h."""
-    ptr = b.to(gl.int64) * stride_lb + h * stride_lh + rows
-    m = rows < seqlen_q
-    lse = gl.load(LSE + ptr, mask=m, other=float("inf"))
-    lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    return lse, gl.load(DELTA + ptr, mask=m, other=0.0)
+        # the block's lse (log2 units) and delta rows (zero past seqlen_q, where Q and dO are too)
+        tma.async_copy_global_to_shared(st_desc, [b, h, 0, m0], q_ready.index(s), st_smem.index(2 * s))
+        tma.async_copy_global_to_shared(st_desc, [b, h, 1, m0], q_ready.index(s), st_smem.index(2 * s + 1))
 
 
 @gluon.jit
@@ -110,9 +104,9 @@ def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
 
 
 @gluon.jit
-def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready, q_empty,
-                  ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, qk_scale, sm_scale, causal, WG: gl.constexpr, WITH_DQ: gl.constexpr):
+def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                  q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  qk_scale, sm_scale, causal, WG: gl.constexpr, WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -130,7 +124,7 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     diag = seqlen_k - seqlen_q
     offs_k = k0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
     offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
-    offs_c = gl.arange(0, ROWS, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
@@ -149,18 +143,15 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         s = t % STAGES
         h = hk * group + t // n_mblocks
         m0 = (m_first + t % n_mblocks) * ROWS
-        # lse and delta one value a thread, spread to the scores' column layout only where they
-        # are used (held in that layout across the products they cost 32 registers and spill;
-        # loaded a block ahead, the two registers spill 36-48 bytes at hdim 128)
-        lse_c, delta_c = _load_row_stats(LSE, DELTA, b, h, m0 + offs_c, seqlen_q, stride_lb, stride_lh)
-
         mbarrier.wait(q_ready.index(s), (t // STAGES) & 1)
         qs = q_smem.index(s)._reinterpret(dtype, [ROWS, HEAD_DIM], tile2)
         dos = do_smem.index(s)._reinterpret(dtype, [ROWS, HEAD_DIM], tile2)
         st_tok = warpgroup_mma(kw, qs.permute((1, 0)), s_init, use_acc=False, is_async=True)
         dpt_tok = warpgroup_mma(vw, dos.permute((1, 0)), s_init, use_acc=False, is_async=True)
         st = warpgroup_mma_wait(1, deps=(st_tok, ))
-        lse = gl.convert_layout(lse_c, gl.SliceLayout(0, s_layout))
+        # lse and delta straight from the stage into the scores' column layout, where they are
+        # used (held in that layout across the products they would cost 32 registers)
+        lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         # a block needs the causal mask when its first query does not see this warpgroup's last key
         if causal != 0:
@@ -168,7 +159,7 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
                 ok = gl.expand_dims(offs_k, 1) <= gl.expand_dims(m0 + offs_q, 0) + diag
                 pt = gl.where(ok, pt, 0.0)
         dpt = warpgroup_mma_wait(0, deps=(dpt_tok, ))
-        delta = gl.convert_layout(delta_c, gl.SliceLayout(0, s_layout))
+        delta = st_smem.index(2 * s + 1)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
         dst = pt * (dpt - gl.expand_dims(delta, 0))
         pt_a = gl.convert_layout(pt.to(dtype), a_layout)
         dv_tok = warpgroup_mma(pt_a, dos, dv, is_async=True)
@@ -209,58 +200,57 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
 # One wrapper per (warpgroup, mode): gl.warp_specialize passes its arguments as run-time
 # values, so the constexprs WG and WITH_DQ must be spelled in a function of their own.
 @gluon.jit
-def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
-                      q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 0, True)
+def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
+                      kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                  q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  qk_scale, sm_scale, causal, 0, True)
 
 
 @gluon.jit
-def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
-                      q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 1, True)
+def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
+                      kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                  q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  qk_scale, sm_scale, causal, 1, True)
 
 
 @gluon.jit
-def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
-                           q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
-                           seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 0, False)
+def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
+                           st_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
+                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                  q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  qk_scale, sm_scale, causal, 0, False)
 
 
 @gluon.jit
-def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar,
-                           q_ready, q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks,
-                           seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                  q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  stride_lb, stride_lh, qk_scale, sm_scale, causal, 1, False)
+def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
+                           st_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
+                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                  q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                  qk_scale, sm_scale, causal, 1, False)
 
 
 @gluon.jit
-def _bwd_producer_dq(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                     kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
-    _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, True)
+def _bwd_producer_dq(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem,
+                     kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+    _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, True)
 
 
 @gluon.jit
-def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                       kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
-    _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, False)
+def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem,
+                       kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+    _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, False)
 
 
 @gluon.jit
-def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, LSE, DELTA,
-                   stride_lb, stride_lh,
+def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, st_desc,
                    seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
@@ -284,6 +274,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     kc_smem = gl.allocate_shared_memory(dtype, [2] + kc_desc.block_type.shape, kc_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * KEYS, ROWS], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * KEYS, ROWS], ds_layout)
+    st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape, st_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     if WITH_DQ:  # each warpgroup's fp32 dQ tile on its way to the bulk reduction
         dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
@@ -299,11 +290,11 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)
 
-    consumer_args = (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, kv_bar, q_ready,
-                     q_empty, ds_ready, dq_smem, LSE, DELTA, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                     stride_lb, stride_lh, qk_scale, sm_scale, causal)
-    producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                     kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)
+    consumer_args = (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                     q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                     qk_scale, sm_scale, causal)
+    producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
+                     st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)
     if WITH_DQ:
         gl.warp_specialize([(_bwd_consumer_wg0, consumer_args), (_bwd_consumer_wg1, consumer_args),
                             (_bwd_producer_dq, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -325,9 +316,10 @@ def config(head_dim):
 
 
 # Which backward runs on Hopper for the calls this kernel supports (IOATTN_GLUON_BWD):
-#   "auto"   (default) what measured fastest on the H200 (benchmarks/results/h200-session7a):
-#            at head dim 128 the one pass ("atomic", 0.90-0.95x cuDNN) unless deterministic=True,
-#            then "split" (+0..+4% over the Triton backward); at 64 the Triton backward
+#   "auto"   (default) what measured fastest on the H200 (benchmarks/results/h200-session7a, 7b):
+#            the one pass ("atomic"; hdim 128 0.90-0.95x cuDNN, hdim 64 with 128-row query blocks
+#            0.90-0.98x without a mask) unless deterministic=True, then "split" (+0..+4% over
+#            the Triton backward); hdim 64 causal with <= 4k keys keeps the Triton backward
 #   "atomic" this kernel for dK, dV and dQ in one pass (dQ by bulk TMA reductions: the order of
 #            the additions varies, so not bit-reproducible; deterministic=True takes "split")
 #   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
@@ -341,8 +333,9 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
     or None (the Triton backward)."""
     if MODE not in ("auto", "split", "atomic"):
         return None
-    if MODE == "auto" and q.shape[-1] != 128:
-        return None
+    causal = window_right == 0
+    if MODE == "auto" and q.shape[-1] == 64 and causal and k.shape[1] <= 4096:
+        return None  # the Triton backward: 1.00x / 0.87x cuDNN at 1k / 4k vs 0.88x / 0.87x
     if varlen or alibi_slopes is not None:
         return None
     if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0 or capability[0] != 9:
@@ -360,9 +353,25 @@ def _blocks(head_dim, block_m):
                 dq=(1, block_m, 1, head_dim // 2))
 
 
-def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
+_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
+
+
+def new_stats(batch, nheads, seqlen_q, device):
+    """The (batch, nheads, 2, seqlen_q) fp32 buffer the preprocess fills with lse (log2 units) and
+    delta for this kernel (rows padded to 16 bytes for the TMA)."""
+    return torch.empty(batch, nheads, 2, cdiv(seqlen_q, 4) * 4, dtype=torch.float32, device=device)[..., :seqlen_q]
+
+
+def _stats_descriptor(stats, rows):
+    d = object.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape = stats, list(stats.shape), list(stats.stride()), [1, 1, 1, rows]
+    d.layout, d.padding = _STATS_LAYOUT, "zero"
+    return d
+
+
+def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
-    zeroed fp32 tensor of q's shape."""
+    zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled."""
     with_dq = dq_accum is not None
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -372,9 +381,10 @@ def attention_backward_sm90(dout, q, k, v, lse, delta, dq_accum, dk, dv, *, soft
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
              d(k, blk["kc"], q.dtype), d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
     descs.append(d(dq_accum, blk["dq"], torch.float32) if with_dq else descs[-1])  # (not read without dQ)
+    descs.append(_stats_descriptor(stats, cfg["BLOCK_M"]))
     grid = (cdiv(seqlen_k, 2 * HALF_N), batch * nheads_k)
     return _attn_bwd_sm90[grid](
-        *descs, lse, delta, lse.stride(0), lse.stride(1),
+        *descs,
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
@@ -396,7 +406,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
     sig = dict(q_desc=desc(blk["q"]), do_desc=desc(blk["q"]), k_desc=desc(blk["kv"]), v_desc=desc(blk["kv"]),
                kc_desc=desc(blk["kc"]), dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
                dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
-               LSE="*fp32", DELTA="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
+               st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
                qk_scale="fp32", sm_scale="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],
