@@ -47,6 +47,16 @@ def test_gluon_forward_compiles_for_sm90a(head_dim, causal, dtype):
     assert rep["spill_bytes"] == 0, rep
 
 
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (256, False)])
+def test_gluon_varlen_forward_compiles_for_sm90a(head_dim, causal):
+    """The Gluon forward over packed sequences (per-sequence bounds from cu_seqlens, a masked
+    output store) compiles for sm_90a without spills."""
+    forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
+    kernel = forward_sm90.compile_for(head_dim, "bf16", causal, varlen=True)
+    assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    assert "wgmma.mma_async" in kernel.asm["ptx"] and ptxas_report(kernel)["spill_bytes"] == 0
+
+
 @pytest.mark.parametrize("head_dim,causal", [(64, False), (128, False), (128, True)])
 def test_gluon_persistent_forward_compiles_for_sm90a(head_dim, causal):
     """The persistent Gluon forward (a CTA per SM over the tiles, Q double-buffered across
@@ -100,7 +110,13 @@ def test_gluon_dispatch_rules():
     assert not f(96) and not f(128, dtype=torch.float32)
     assert not f(64, n=2048, window_right=0)  # hdim 64 causal up to 2k keys: the Triton kernel
     assert not f(128, window_left=256, window_right=0) and not f(128, softcap=30.0)
-    assert not f(128, dropout_p=0.1) and not f(128, varlen=True)
+    assert not f(128, dropout_p=0.1)
+    # packed variable-length batches: (total, heads, dim) tensors, not a paged cache
+    p = lambda d, **kw: fwd.supported(  # noqa: E731
+        *(torch.zeros(4096, 2, d, dtype=torch.bfloat16) for _ in range(3)),
+        **{**dense, "varlen": True, "block_table": None, "max_seqlen_k": 1024, **kw}, capability=(9, 0))
+    assert p(128) and p(64) and p(128, window_right=0) and not p(64, window_right=0)
+    assert not p(128, block_table=torch.zeros(1, 1, dtype=torch.int32))
     assert not f(128, alibi_slopes=torch.ones(2))
 
     b = lambda d, deterministic=False, cap=(9, 0), **kw: bwd.supported(  # noqa: E731

@@ -330,9 +330,10 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     if _sm90 is not None and _sm90.supported(  # (None under the interpreter)
             q, k, v, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
             alibi_slopes=alibi_slopes, dropout_p=dropout_p, block_table=block_table,
-            capability=configs._capability(q.device)):
+            capability=configs._capability(q.device), max_seqlen_k=max_seqlen_k):
         configs.last_compiled["fwd"] = _sm90.attention_forward_sm90(
-            q, k, v, out, lse, softmax_scale=softmax_scale, causal=window_right == 0)
+            q, k, v, out, lse, softmax_scale=softmax_scale, causal=window_right == 0, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
         return out, lse
     k_desc = v_desc = None
     use_tma = (configs.tma_tiles(block_d, q.element_size(), varlen) and configs.use_tma(q.device)

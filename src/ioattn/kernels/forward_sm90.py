@@ -42,8 +42,10 @@ LN2 = 0.6931471805599453
 # the 2-D view of a (1, rows, 1, dim) bf16/fp16 TMA tile
 _TILE2 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
 
-# IOATTN_GLUON=0 keeps the Triton forward on Hopper too (A/B in benchmarks)
+# IOATTN_GLUON=0 keeps the Triton forward on Hopper too (A/B in benchmarks); IOATTN_GLUON_VARLEN=0
+# only for packed variable-length batches
 ENABLED = os.environ.get("IOATTN_GLUON", "1") != "0"
+VARLEN = os.environ.get("IOATTN_GLUON_VARLEN", "1") != "0"
 
 
 @gluon.constexpr_function
@@ -54,14 +56,15 @@ def _wgmma_layout(n):
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
-              b, h, hk, m0, n_blocks):
+              b, h, hk, m0, n_blocks, q_off, k_off):
+    # (varlen: b = 0 and the sequence's rows start at q_off / k_off of the packed tensors)
     # (constexpr arguments do not survive gl.warp_specialize: the tile sizes come from the types)
     STAGES: gl.constexpr = k_smem.shape[0]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     for w in gl.static_range(2):
         mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, m0 + w * q_desc.block_type.shape[1], h, 0], q_bars.index(w),
-                                        q_smem.index(w))
+        tma.async_copy_global_to_shared(q_desc, [b, q_off + m0 + w * q_desc.block_type.shape[1], h, 0],
+                                        q_bars.index(w), q_smem.index(w))
     for j in range(n_blocks):
         s = j % STAGES
         # a fresh barrier counts as having completed the phase before its first one, so the
@@ -69,10 +72,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k
         ph = ((j // STAGES) & 1) ^ 1
         mbarrier.wait(k_empty.index(s), ph)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(s), k_smem.index(s))
+        tma.async_copy_global_to_shared(k_desc, [b, k_off + j * BLOCK_N, hk, 0], k_ready.index(s),
+                                        k_smem.index(s))
         mbarrier.wait(v_empty.index(s), ph)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(s), v_smem.index(s))
+        tma.async_copy_global_to_shared(v_desc, [b, k_off + j * BLOCK_N, hk, 0], v_ready.index(s),
+                                        v_smem.index(s))
 
 
 @gluon.jit
@@ -189,7 +194,7 @@ def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_l
 @gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              WG: gl.constexpr):
+              O, stride_os, stride_oh, WG: gl.constexpr, VARLEN: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     r0 = m0 + WG * ROWS
@@ -199,29 +204,77 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     mbarrier.wait(q_bars.index(WG), 0)
     o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
                           seqlen_k, qk_scale, causal)
-    _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale)
-    tma.store_wait(0)
+    if VARLEN:
+        # a TMA store of the tile would write into the next sequence: a masked store instead
+        # (a run-time branch between the two epilogues crashes the compiler's LLVM lowering)
+        _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale)
+    else:
+        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale)
+        tma.store_wait(0)
 
 
 @gluon.jit
+def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale):
+    """The varlen epilogue (O and LSE point at the sequence's first row): the normalized tile
+    goes through the Q tile's buffer into a row-major layout, then to memory by a store that
+    drops the rows past the sequence (a TMA store would write into the next one)."""
+    ROWS: gl.constexpr = q2.shape[0]
+    HEAD_DIM: gl.constexpr = q2.shape[1]
+    o_layout: gl.constexpr = o.type.layout
+    s_layout: gl.constexpr = m_i.type.layout.parent
+    offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    empty = l_i == 0.0
+    inv_l = 1.0 / gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i * qk_scale + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    gl.store(LSE + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
+    o = o * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
+    q2.store(o.to(q2.dtype))
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+    ot = q2.load(rows_layout)
+    rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
+    ptrs = O + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + h * stride_oh + gl.expand_dims(cols, 0)
+    gl.store(ptrs, ot, mask=gl.expand_dims(rows < seqlen_q, 1))
+
+
+# one wrapper per (warpgroup, varlen): constexprs do not pass through gl.warp_specialize
+@gluon.jit
 def _consumer_wg0(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-                  b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal):
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, 0)
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+              O, stride_os, stride_oh, 0, False)
+
+
+@gluon.jit
+def _consumer_wg0_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
+    _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+              O, stride_os, stride_oh, 0, True)
 
 
 @gluon.jit
 def _consumer_wg1(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-                  b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal):
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, 1)
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+              O, stride_os, stride_oh, 1, False)
+
+
+@gluon.jit
+def _consumer_wg1_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
+    _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+              O, stride_os, stride_oh, 1, True)
 
 
 @gluon.jit
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
-                   seqlen_q, seqlen_k, nheads, group, qk_scale,
+                   seqlen_q, seqlen_k, nheads, group, qk_scale, O, stride_os, stride_oh, CU_Q, CU_K,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IS_VARLEN: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     # the last query blocks have the most keys to visit under a causal mask: start them first
     m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * ROWS)
@@ -229,6 +282,19 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
     b = bh // nheads
     h = bh % nheads
     hk = h // group
+    q_off = 0
+    k_off = 0
+    if IS_VARLEN:
+        # packed (1, total, heads, dim) tensors: sequence b's rows from cu_seqlens
+        q_off = gl.load(CU_Q + b)
+        seqlen_q = gl.load(CU_Q + b + 1) - q_off
+        k_off = gl.load(CU_K + b)
+        seqlen_k = gl.load(CU_K + b + 1) - k_off
+        LSE += q_off
+        O += q_off.to(gl.int64) * stride_os
+        b = 0
+        if m0 >= seqlen_q:
+            return
     hi = seqlen_k
     if CAUSAL:
         hi = gl.minimum(hi, gl.minimum(m0 + 2 * ROWS, seqlen_q) + seqlen_k - seqlen_q)
@@ -253,13 +319,16 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
         mbarrier.init(v_empty.index(i), count=2)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-                     b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal)
-    gl.warp_specialize([
-        (_consumer_wg0, consumer_args),
-        (_consumer_wg1, consumer_args),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
-                     b, h, hk, m0, n_blocks)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+                     b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+                     O, stride_os, stride_oh)
+    producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
+                     b, h, hk, m0, n_blocks, q_off, k_off)
+    if IS_VARLEN:
+        gl.warp_specialize([(_consumer_wg0_varlen, consumer_args), (_consumer_wg1_varlen, consumer_args),
+                            (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_consumer_wg0, consumer_args), (_consumer_wg1, consumer_args),
+                            (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
     for i in gl.static_range(2):
         mbarrier.invalidate(q_bars.index(i))
@@ -434,10 +503,11 @@ def config(head_dim):
 
 
 def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p, block_table,
-              capability):
+              capability, max_seqlen_k=None):
     """Whether a forward call can take this kernel (else the Triton one runs). ``capability``
-    is the device's (major, minor) as configs sees it (IOATTN_PORTABLE=1 reports sm_80)."""
-    if not ENABLED or varlen or block_table is not None or alibi_slopes is not None:
+    is the device's (major, minor) as configs sees it (IOATTN_PORTABLE=1 reports sm_80).
+    varlen: packed (total, heads, dim) tensors (not a paged cache), ``max_seqlen_k`` given."""
+    if not ENABLED or block_table is not None or alibi_slopes is not None or (varlen and not VARLEN):
         return False
     if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0:
         return False
@@ -448,7 +518,7 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     # measured on the H200 (benchmarks/results/h200-session6b): at head dim 64 the causal
     # Triton kernel is faster at 1k keys (294 vs 253 TFLOP/s), level at 4k (366 vs 374); the
     # limit of 2k between them is a guess (2k not measured yet), so it keeps those
-    if q.shape[-1] == 64 and window_right == 0 and k.shape[1] <= 2048:
+    if q.shape[-1] == 64 and window_right == 0 and (max_seqlen_k if varlen else k.shape[1]) <= 2048:
         return False
     d = q.shape[-1]
     return tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d)
@@ -484,9 +554,14 @@ def _num_sms(device):
     return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None):
-    """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q).
+def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None, cu_seqlens_q=None,
+                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q);
+    varlen (cu_seqlens_q given): packed (total, heads, dim) tensors and lse (heads, total_q).
     ``cfg`` overrides config(head_dim) (benchmarks' A/B runs)."""
+    if cu_seqlens_q is not None:
+        return _forward_varlen(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale, causal, cfg)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim)
@@ -510,11 +585,32 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     grid = (n_mblocks, batch * nheads)
     return _attn_fwd_sm90[grid](
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-        softmax_scale * LOG2E, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
-        CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
+        softmax_scale * LOG2E, out, 0, 0, lse, lse, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
+        STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
+        IS_VARLEN=False, num_warps=cfg["num_warps"])
 
 
-def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False):
+def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, cfg):
+    """The per-tile kernel over packed sequences: descriptors on (1, total, heads, dim) views
+    (a tile that runs past its sequence reads the next one's rows: masked keys, unused query
+    rows), per-sequence bounds from cu_seqlens in the kernel (no host synchronization)."""
+    total_q, nheads, head_dim = q.shape
+    nheads_k = k.shape[1]
+    batch = cu_q.shape[0] - 1
+    cfg = cfg or config(head_dim)
+    q_block = [1, HALF_M, 1, head_dim]
+    kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
+    q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q4, q_block), (k4, kv_block), (v4, kv_block), (q4, q_block))]
+    grid = (cdiv(max_seqlen_q, 2 * HALF_M), batch * nheads)
+    return _attn_fwd_sm90[grid](
+        *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, softmax_scale * LOG2E,
+        out, out.stride(0), out.stride(1), cu_q, cu_k, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
+        STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
+        IS_VARLEN=True, num_warps=cfg["num_warps"])
+
+
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False):
     """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -529,9 +625,12 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
 
     sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
-               group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32")
+               group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", O=f"*{dtype}", stride_os="i32",
+               stride_oh="i32", CU_Q="*i32", CU_K="*i32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
+    if not persistent:
+        constexprs["IS_VARLEN"] = varlen
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
