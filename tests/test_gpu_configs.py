@@ -128,7 +128,10 @@ def test_gluon_dispatch_rules():
     for kw in (dict(dropout_p=0.1), dict(softcap=5.0), dict(window_left=64, window_right=0), dict(varlen=True)):
         assert b(128, **kw) is None, kw
     assert b(64) == "atomic" and b(64, deterministic=True) == "split"
-    assert b(64, window_right=0) is None and b(256) is None  # the Triton backward
+    assert b(64, window_right=0) == "atomic" and b(256) is None
+    causal64_2k = bwd.supported(t(64, 2048), t(64, 2048), t(64, 2048), t(64, 2048), **{**dense, "window_right": 0},
+                                deterministic=False, capability=(9, 0))
+    assert causal64_2k is None  # the Triton backward
     bwd.MODE = "atomic"
     try:
         assert b(64) == "atomic" and b(128) == "atomic" and b(128, deterministic=True) == "split"

@@ -319,7 +319,7 @@ def config(head_dim):
 #   "auto"   (default) what measured fastest on the H200 (benchmarks/results/h200-session7a, 7b):
 #            the one pass ("atomic"; hdim 128 0.90-0.95x cuDNN, hdim 64 with 128-row query blocks
 #            0.90-0.98x without a mask) unless deterministic=True, then "split" (+0..+4% over
-#            the Triton backward); hdim 64 causal with <= 4k keys keeps the Triton backward
+#            the Triton backward); hdim 64 causal with <= 2k keys keeps the Triton backward
 #   "atomic" this kernel for dK, dV and dQ in one pass (dQ by bulk TMA reductions: the order of
 #            the additions varies, so not bit-reproducible; deterministic=True takes "split")
 #   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
@@ -334,8 +334,10 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
     if MODE not in ("auto", "split", "atomic"):
         return None
     causal = window_right == 0
-    if MODE == "auto" and q.shape[-1] == 64 and causal and k.shape[1] <= 4096:
-        return None  # the Triton backward: 1.00x / 0.87x cuDNN at 1k / 4k vs 0.88x / 0.87x
+    if MODE == "auto" and q.shape[-1] == 64 and causal and k.shape[1] <= 2048:
+        # the Triton backward: at 1k keys 251 vs 219 TFLOP/s (h200-session7b, before lse and
+        # delta came by the TMA); at 4k the one pass is ahead (401 vs 329, h200-session7c)
+        return None
     if varlen or alibi_slopes is not None:
         return None
     if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0 or capability[0] != 9:
