@@ -173,6 +173,12 @@ case "$mode" in
         # then the side-by-side quick benchmark with both Gluon kernels dispatched
     timeout 200 python3 benchmarks/gluon_bwd_check.py --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
     timeout 240 python3 benchmarks/quick_bench.py --hdim 64,128,256 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" | grep -E "fwd|bwd" | tail -n 40 ;;
+  s7d)  # session 7: sliding windows in the Gluon forward and backward (checked vs fp32 next to the
+        # Triton kernels), then the feature costs, and the dense Gluon checks once more
+    timeout 120 python3 benchmarks/gluon_window_check.py --out "$OUT/window.json" 2>&1 | tee "$OUT/window.log" | grep -v "^PASS"
+    timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    tail -n 13 "$OUT/features.log"
+    timeout 70 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 3 ;;
   s7c)  # session 7: lse/delta through the TMA in the Gluon backward, hdim 64 one pass by default; the
         # persistent forward with the causal tile order by decreasing work; the Gluon varlen forward
         # (checked per sequence); feature costs (issue 4)

@@ -104,9 +104,9 @@ def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
 
 
 @gluon.jit
-def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem, kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, WG: gl.constexpr, WITH_DQ: gl.constexpr):
+                  qk_scale, sm_scale, causal, left, WG: gl.constexpr, WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -125,6 +125,10 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     offs_k = k0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
     offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    # whether a sliding window applies, a compile-time fact that gl.warp_specialize would turn
+    # into a run-time value as an argument: carried by the shape of a placeholder allocation
+    # (a run-time test spills 150-300 bytes more at hdim 64)
+    HAS_WINDOW: gl.constexpr = win_smem.shape[0] == 2
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
@@ -154,7 +158,13 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         # a block needs the causal mask when its first query does not see this warpgroup's last key
-        if causal != 0:
+        # or, under a sliding window of `left` keys, when its last query does not see the first key
+        if HAS_WINDOW:
+            if ((causal != 0) & (m0 + diag < k0 + KEYS - 1)) | (m0 + ROWS - 1 + diag - left > k0):
+                d_kq = gl.expand_dims(offs_k, 1) - gl.expand_dims(m0 + offs_q, 0) - diag  # key - query - diag
+                ok = ((d_kq <= 0) | (causal == 0)) & (d_kq >= -left)
+                pt = gl.where(ok, pt, 0.0)
+        elif causal != 0:
             if m0 + diag < k0 + KEYS - 1:
                 ok = gl.expand_dims(offs_k, 1) <= gl.expand_dims(m0 + offs_q, 0) + diag
                 pt = gl.where(ok, pt, 0.0)
@@ -201,38 +211,42 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
 # values, so the constexprs WG and WITH_DQ must be spelled in a function of their own.
 @gluon.jit
 def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
-                      kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                      win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
+                  kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, 0, True)
+                  qk_scale, sm_scale, causal, left, 0, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
-                      kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                      win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
+                  kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, 1, True)
+                  qk_scale, sm_scale, causal, left, 1, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
-                           st_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
-                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                           st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
+                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
+                  kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, 0, False)
+                  qk_scale, sm_scale, causal, left, 0, False)
 
 
 @gluon.jit
 def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
-                           st_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
-                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+                           st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
+                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
+                  kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, 1, False)
+                  qk_scale, sm_scale, causal, left, 1, False)
 
 
 @gluon.jit
@@ -251,9 +265,9 @@ def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem
 
 @gluon.jit
 def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, st_desc,
-                   seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale,
+                   seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale, left,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     n0 = gl.program_id(0) * (2 * KEYS)
@@ -263,7 +277,10 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     m_first = 0
     if CAUSAL:  # query i sees key j when j <= i + seqlen_k - seqlen_q
         m_first = gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // ROWS
-    n_mblocks = gl.maximum((seqlen_q + ROWS - 1) // ROWS - m_first, 0)
+    m_end = seqlen_q
+    if left >= 0:  # a sliding window of `left` keys: the last query that sees the last key
+        m_end = gl.minimum(m_end, n0 + 2 * KEYS - (seqlen_k - seqlen_q) + left)
+    n_mblocks = gl.maximum((gl.maximum(m_end, 0) + ROWS - 1) // ROWS - m_first, 0)
     causal = 1 if CAUSAL else 0
 
     dtype: gl.constexpr = q_desc.dtype
@@ -276,6 +293,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * KEYS, ROWS], ds_layout)
     st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape, st_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    win_smem = gl.allocate_shared_memory(gl.int64, [2 if HAS_WINDOW else 1], mbarrier.MBarrierLayout())  # (unused)
     if WITH_DQ:  # each warpgroup's fp32 dQ tile on its way to the bulk reduction
         dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -290,9 +308,10 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)
 
-    consumer_args = (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, kv_bar,
+    consumer_args = (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
+                     kv_bar,
                      q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                     qk_scale, sm_scale, causal)
+                     qk_scale, sm_scale, causal, left)
     producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
                      st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)
     if WITH_DQ:
@@ -340,7 +359,9 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None
     if varlen or alibi_slopes is not None:
         return None
-    if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0 or capability[0] != 9:
+    if softcap > 0 or dropout_p > 0 or window_right > 0 or capability[0] != 9:
+        return None  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
+    if window_left >= 0 and not forward_sm90.WINDOW:
         return None
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return None
@@ -371,7 +392,8 @@ def _stats_descriptor(stats, rows):
     return d
 
 
-def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
+def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
+                            window_left=-1):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
     zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled."""
     with_dq = dq_accum is not None
@@ -387,12 +409,12 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     grid = (cdiv(seqlen_k, 2 * HALF_N), batch * nheads_k)
     return _attn_bwd_sm90[grid](
         *descs,
-        seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale, window_left,
+        HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
 
 
-def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None):
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -409,8 +431,8 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
                kc_desc=desc(blk["kc"]), dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
                dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
                st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
-               qk_scale="fp32", sm_scale="fp32")
-    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
+               qk_scale="fp32", sm_scale="fp32", left="i32")
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, HAS_WINDOW=window,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"])
     names = fn.arg_names

@@ -46,6 +46,7 @@ _TILE2 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwi
 # only for packed variable-length batches
 ENABLED = os.environ.get("IOATTN_GLUON", "1") != "0"
 VARLEN = os.environ.get("IOATTN_GLUON_VARLEN", "1") != "0"
+WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (left, 0) / (left, -1)
 
 
 @gluon.constexpr_function
@@ -81,9 +82,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k
 
 
 @gluon.jit
-def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal):
+def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal, left):
+    """-inf where key n0 + offs_n is past the end, after the query (causal) or more than
+    ``left`` keys before it (a sliding window; left < 0: none), bottom-right aligned."""
     keys = gl.expand_dims(n0 + offs_n, 0)
-    ok = (keys < seqlen_k) & ((keys <= gl.expand_dims(offs_m, 1) + diag) | (causal == 0))
+    rows = gl.expand_dims(offs_m, 1) + diag
+    ok = (keys < seqlen_k) & ((keys <= rows) | (causal == 0)) & ((keys >= rows - left) | (left < 0))
     return gl.where(ok, s, float("-inf"))
 
 
@@ -101,10 +105,11 @@ def _softmax(s, m_i, l_i, qk_scale):
 
 @gluon.jit
 def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, r0, seqlen_q, seqlen_k, qk_scale,
-            causal):
-    """One warpgroup's 64 query rows (from row r0) against key blocks 0 .. n_blocks - 1, which
-    the producer puts in the K/V rings as blocks c0, c0 + 1, ... of this CTA: the unnormalized
-    output, the running max and the running sum."""
+            causal, left, n_lo):
+    """One warpgroup's 64 query rows (from row r0) against the n_blocks key blocks from key
+    n_lo on (n_lo > 0 only under a sliding window of ``left`` keys), which the producer puts
+    in the K/V rings as blocks c0, c0 + 1, ... of this CTA: the unnormalized output, the
+    running max and the running sum."""
     dtype: gl.constexpr = q2.dtype
     ROWS: gl.constexpr = q2.shape[0]
     HEAD_DIM: gl.constexpr = q2.shape[1]
@@ -115,10 +120,13 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     kv2_layout: gl.constexpr = _TILE2
     diag = seqlen_k - seqlen_q
-    # key blocks every row of this warpgroup sees in full (no mask arithmetic)
-    n_full = seqlen_k // BLOCK_N
+    # keys every row of this warpgroup sees: [win_lo, full_hi); blocks inside need no mask
+    full_hi = seqlen_k
     if causal != 0:
-        n_full = gl.minimum(n_full, gl.maximum(r0 + diag + 1, 0) // BLOCK_N)
+        full_hi = gl.minimum(full_hi, r0 + diag + 1)
+    win_lo = 0
+    if left >= 0:
+        win_lo = r0 + ROWS - 1 + diag - left
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -134,8 +142,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s_tok = warpgroup_mma(q2, k0.permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
-        if 0 >= n_full:
-            s = _scores_mask(s, offs_m, offs_n, 0, seqlen_k, diag, causal)
+        if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
+            s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
         p = gl.convert_layout(p32.to(dtype), p_layout)
 
@@ -152,8 +160,9 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         o_tok = warpgroup_mma(p, vp, o, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
-        if j >= n_full:
-            s = _scores_mask(s, offs_m, offs_n, j * BLOCK_N, seqlen_k, diag, causal)
+        kn = n_lo + j * BLOCK_N
+        if (kn + BLOCK_N > full_hi) | (kn < win_lo):
+            s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
         p_next = gl.convert_layout(p32.to(dtype), p_layout)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
@@ -194,7 +203,7 @@ def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_l
 @gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, WG: gl.constexpr, VARLEN: gl.constexpr):
+              O, stride_os, stride_oh, left, n_lo, WG: gl.constexpr, VARLEN: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     r0 = m0 + WG * ROWS
@@ -203,7 +212,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     q2 = q_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM], _TILE2)
     mbarrier.wait(q_bars.index(WG), 0)
     o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
-                          seqlen_k, qk_scale, causal)
+                          seqlen_k, qk_scale, causal, left, n_lo)
     if VARLEN:
         # a TMA store of the tile would write into the next sequence: a masked store instead
         # (a run-time branch between the two epilogues crashes the compiler's LLVM lowering)
@@ -240,39 +249,43 @@ def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride
 # one wrapper per (warpgroup, varlen): constexprs do not pass through gl.warp_specialize
 @gluon.jit
 def _consumer_wg0(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
+              left, n_lo):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, 0, False)
+              O, stride_os, stride_oh, left, n_lo, 0, False)
 
 
 @gluon.jit
 def _consumer_wg0_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
+              left, n_lo):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, 0, True)
+              O, stride_os, stride_oh, left, n_lo, 0, True)
 
 
 @gluon.jit
 def _consumer_wg1(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
+              left, n_lo):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, 1, False)
+              O, stride_os, stride_oh, left, n_lo, 1, False)
 
 
 @gluon.jit
 def _consumer_wg1_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
-              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh):
+              b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
+              left, n_lo):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, 1, True)
+              O, stride_os, stride_oh, left, n_lo, 1, True)
 
 
 @gluon.jit
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
-                   seqlen_q, seqlen_k, nheads, group, qk_scale, O, stride_os, stride_oh, CU_Q, CU_K,
+                   seqlen_q, seqlen_k, nheads, group, qk_scale, O, stride_os, stride_oh, CU_Q, CU_K, left,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IS_VARLEN: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
@@ -298,7 +311,12 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
     hi = seqlen_k
     if CAUSAL:
         hi = gl.minimum(hi, gl.minimum(m0 + 2 * ROWS, seqlen_q) + seqlen_k - seqlen_q)
-    n_blocks = (gl.maximum(hi, 0) + BLOCK_N - 1) // BLOCK_N
+    # a sliding window of `left` keys (left < 0: none): start at the block of the first row's first key
+    lo = 0
+    if left >= 0:
+        lo = gl.maximum(m0 + seqlen_k - seqlen_q - left, 0) // BLOCK_N
+    n_blocks = gl.maximum((gl.maximum(hi, 0) + BLOCK_N - 1) // BLOCK_N - lo, 0)
+    n_lo = lo * BLOCK_N
     causal = 1 if CAUSAL else 0
 
     dtype: gl.constexpr = q_desc.dtype
@@ -320,9 +338,9 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
                      b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-                     O, stride_os, stride_oh)
+                     O, stride_os, stride_oh, left, n_lo)
     producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
-                     b, h, hk, m0, n_blocks, q_off, k_off)
+                     b, h, hk, m0, n_blocks, q_off, k_off + n_lo)
     if IS_VARLEN:
         gl.warp_specialize([(_consumer_wg0_varlen, consumer_args), (_consumer_wg1_varlen, consumer_args),
                             (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -421,7 +439,7 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(1 - qb))
         o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
-                              seqlen_k, qk_scale, causal)
+                              seqlen_k, qk_scale, causal, -1, 0)
         _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale)
         c += n_blocks
         i += 1
@@ -509,8 +527,8 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     varlen: packed (total, heads, dim) tensors (not a paged cache), ``max_seqlen_k`` given."""
     if not ENABLED or block_table is not None or alibi_slopes is not None or (varlen and not VARLEN):
         return False
-    if softcap > 0 or dropout_p > 0 or window_left >= 0 or window_right > 0:
-        return False
+    if softcap > 0 or dropout_p > 0 or window_right > 0 or (window_left >= 0 and not WINDOW):
+        return False  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return False
     if capability[0] != 9:
@@ -555,13 +573,13 @@ def _num_sms(device):
 
 
 def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None, cu_seqlens_q=None,
-                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, window_left=-1):
     """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q);
     varlen (cu_seqlens_q given): packed (total, heads, dim) tensors and lse (heads, total_q).
     ``cfg`` overrides config(head_dim) (benchmarks' A/B runs)."""
     if cu_seqlens_q is not None:
         return _forward_varlen(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale, causal, cfg)
+                               softmax_scale, causal, cfg, window_left)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim)
@@ -572,7 +590,7 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     # the persistent kernel is opt-in (cfg PERSISTENT): against the per-tile grid it measured
     # +8..+17% at 1k-4k keys without a mask in one run (results/h200-session7b) and level or
     # -4% in the next two (h200-session7c), and slower under a causal mask in all of them
-    if cfg.get("PERSISTENT", False):
+    if cfg.get("PERSISTENT", False) and window_left < 0:
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
         return _attn_fwd_sm90_persistent[grid](
@@ -583,12 +601,13 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     grid = (n_mblocks, batch * nheads)
     return _attn_fwd_sm90[grid](
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-        softmax_scale * LOG2E, out, 0, 0, lse, lse, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
+        softmax_scale * LOG2E, out, 0, 0, lse, lse, window_left, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
         STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         IS_VARLEN=False, num_warps=cfg["num_warps"])
 
 
-def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, cfg):
+def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, cfg,
+                    window_left):
     """The per-tile kernel over packed sequences: descriptors on (1, total, heads, dim) views
     (a tile that runs past its sequence reads the next one's rows: masked keys, unused query
     rows), per-sequence bounds from cu_seqlens in the kernel (no host synchronization)."""
@@ -603,7 +622,7 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
     grid = (cdiv(max_seqlen_q, 2 * HALF_M), batch * nheads)
     return _attn_fwd_sm90[grid](
         *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, softmax_scale * LOG2E,
-        out, out.stride(0), out.stride(1), cu_q, cu_k, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
+        out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
         STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         IS_VARLEN=True, num_warps=cfg["num_warps"])
 
@@ -624,7 +643,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
                group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", O=f"*{dtype}", stride_os="i32",
-               stride_oh="i32", CU_Q="*i32", CU_K="*i32")
+               stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     if not persistent:
