@@ -67,18 +67,48 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k
         tma.async_copy_global_to_shared(q_desc, [b, q_off + m0 + w * q_desc.block_type.shape[1], h, 0],
                                         q_bars.index(w), q_smem.index(w))
     for j in range(n_blocks):
-        s = j % STAGES
-        # a fresh barrier counts as having completed the phase before its first one, so the
-        # first pass over the ring does not wait
-        ph = ((j // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(s), ph)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, k_off + j * BLOCK_N, hk, 0], k_ready.index(s),
-                                        k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), ph)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, k_off + j * BLOCK_N, hk, 0], v_ready.index(s),
-                                        v_smem.index(s))
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, j, b, k_off + j * BLOCK_N, hk)
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, b, row, hk):
+    """Put keys row .. row + BLOCK_N - 1 (K, then V) into ring position c once it is free."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    s = c % STAGES
+    # a fresh barrier counts as having completed the phase before its first one, so the
+    # first pass over the ring does not wait
+    ph = ((c // STAGES) & 1) ^ 1
+    mbarrier.wait(k_empty.index(s), ph)
+    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, row, hk, 0], k_ready.index(s), k_smem.index(s))
+    mbarrier.wait(v_empty.index(s), ph)
+    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [b, row, hk, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _kv_rings(k_desc, v_desc, STAGES: gl.constexpr):
+    """The K/V rings and their ready (TMA bytes) / empty (one arrival per consumer warpgroup)
+    barriers."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    return k_smem, v_smem, k_ready, k_empty, v_ready, v_empty
+
+
+@gluon.jit
+def _invalidate(bars):
+    N: gl.constexpr = bars.shape[0]
+    for i in gl.static_range(N):
+        mbarrier.invalidate(bars.index(i))
 
 
 @gluon.jit
@@ -321,20 +351,10 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
+    k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
                      b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
@@ -348,13 +368,11 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
         gl.warp_specialize([(_consumer_wg0, consumer_args), (_consumer_wg1, consumer_args),
                             (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
-    for i in gl.static_range(2):
-        mbarrier.invalidate(q_bars.index(i))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_ready.index(i))
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(k_empty.index(i))
-        mbarrier.invalidate(v_empty.index(i))
+    _invalidate(q_bars)
+    _invalidate(k_ready)
+    _invalidate(v_ready)
+    _invalidate(k_empty)
+    _invalidate(v_empty)
 
 
 # Persistent variant: one CTA per SM walks over (128-row block, batch x head) tiles, so the
@@ -390,7 +408,6 @@ def _tile(tile, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, ROWS2: gl
 @gluon.jit
 def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                          v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal):
-    STAGES: gl.constexpr = k_smem.shape[0]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     ROWS: gl.constexpr = q_smem.shape[2]
     c = 0  # K/V blocks loaded by this CTA so far (position in the rings)
@@ -405,14 +422,7 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
             tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready.index(qb),
                                             q_smem.index(2 * qb + w))
         for j in range(n_blocks):
-            s = c % STAGES
-            ph = ((c // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(s), ph)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(s), k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), ph)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(s), v_smem.index(s))
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, b, j * BLOCK_N, hk)
             c += 1
         i += 1
 
@@ -472,22 +482,12 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
     causal = 1 if CAUSAL else 0
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [4] + q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
+    k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, LSE,
                      n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal)
@@ -498,14 +498,12 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
                                 v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
-    for i in gl.static_range(2):
-        mbarrier.invalidate(q_ready.index(i))
-        mbarrier.invalidate(q_empty.index(i))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_ready.index(i))
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(k_empty.index(i))
-        mbarrier.invalidate(v_empty.index(i))
+    _invalidate(q_ready)
+    _invalidate(q_empty)
+    _invalidate(k_ready)
+    _invalidate(v_ready)
+    _invalidate(k_empty)
+    _invalidate(v_empty)
 
 
 HEAD_DIMS = (64, 128, 256)
