@@ -30,7 +30,9 @@ def rel(x, ref):
     return ((x.float() - ref).norm() / ref.norm().clamp_min(1e-6)).item()
 
 
-def reference_grads(q, k, v, dout, causal):
+def reference_grads(q, k, v, dout, causal, left=-1, with_out=False):
+    """fp32 dq, dk, dv (and out first, with_out) of attention, causal and/or with a sliding
+    window of ``left`` keys (left < 0: none), bottom-right aligned."""
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     g = q.shape[2] // k.shape[2]
     sq, sk = q.shape[1], k.shape[1]
@@ -38,12 +40,16 @@ def reference_grads(q, k, v, dout, causal):
     kt = kf.transpose(1, 2).repeat_interleave(g, 1)
     vt = vf.transpose(1, 2).repeat_interleave(g, 1)
     s = qt @ kt.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    d = torch.arange(sk, device=q.device)[None, :] - torch.arange(sq, device=q.device)[:, None] - (sk - sq)
+    keep = torch.ones_like(d, dtype=torch.bool)
     if causal:
-        keep = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + sk - sq
-        s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
+        keep &= d <= 0
+    if left >= 0:
+        keep &= d >= -left
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
     out = (p @ vt).transpose(1, 2)
-    return torch.autograd.grad(out, (qf, kf, vf), dout.float())
+    grads = torch.autograd.grad(out, (qf, kf, vf), dout.float())
+    return (out.detach(), *grads) if with_out else grads
 
 
 # modes checked and timed: "atomic" is the one-pass kernel (dQ by TMA reductions since session 7;

@@ -14,23 +14,7 @@ import torch
 
 import ioattn
 from ioattn.kernels import backward_sm90, configs, forward_sm90
-
-
-def reference(q, k, v, dout, causal, left):
-    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    g = q.shape[2] // k.shape[2]
-    sq, sk = q.shape[1], k.shape[1]
-    qt = qf.transpose(1, 2)
-    kt = kf.transpose(1, 2).repeat_interleave(g, 1)
-    vt = vf.transpose(1, 2).repeat_interleave(g, 1)
-    s = qt @ kt.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    d = torch.arange(sk, device=q.device)[None, :] - torch.arange(sq, device=q.device)[:, None] - (sk - sq)
-    keep = d >= -left
-    if causal:
-        keep &= d <= 0
-    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
-    out = (p @ vt).transpose(1, 2)
-    return (out.detach(), *torch.autograd.grad(out, (qf, kf, vf), dout.float()))
+from gluon_bwd_check import reference_grads  # (benchmarks/ is the script's folder)
 
 
 def run(q, k, v, dout, causal, left, gluon):
@@ -72,7 +56,7 @@ def main(argv=None):
                                                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, deterministic=False,
                                                  capability=torch.cuda.get_device_capability()))
         try:
-            ref = reference(q, k, v, dout, causal, left)
+            ref = reference_grads(q, k, v, dout, causal, left, with_out=True)
             eg = [rel(x, r) for x, r in zip(run(q, k, v, dout, causal, left, True), ref)]
             et = [rel(x, r) for x, r in zip(run(q, k, v, dout, causal, left, False), ref)]
             good = all(math.isfinite(a) and a <= 2 * t + 1e-3 for a, t in zip(eg, et))
