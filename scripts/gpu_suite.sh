@@ -173,6 +173,13 @@ case "$mode" in
         # then the side-by-side quick benchmark with both Gluon kernels dispatched
     timeout 200 python3 benchmarks/gluon_bwd_check.py --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
     timeout 240 python3 benchmarks/quick_bench.py --hdim 64,128,256 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" | grep -E "fwd|bwd" | tail -n 40 ;;
+  s8a)  # session 8: the Gluon backward over packed variable-length batches (checked per sequence vs
+        # fp32 next to the Triton kernels), windows and the dense one pass once more, feature costs
+    timeout 200 python3 benchmarks/gluon_varlen_check.py --out "$OUT/varlen.json" 2>&1 | tee "$OUT/varlen.log" | grep -v "^PASS"
+    timeout 90 python3 benchmarks/gluon_window_check.py --out "$OUT/window.json" 2>&1 | tee "$OUT/window.log" | grep -v "^PASS"
+    timeout 100 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --seqlens 4096,16384 --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
+    timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    tail -n 13 "$OUT/features.log" ;;
   s7d)  # session 7: sliding windows in the Gluon forward and backward (checked vs fp32 next to the
         # Triton kernels), then the feature costs, and the dense Gluon checks once more
     timeout 120 python3 benchmarks/gluon_window_check.py --out "$OUT/window.json" 2>&1 | tee "$OUT/window.log" | grep -v "^PASS"

@@ -91,6 +91,21 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert rep["spill_bytes"] <= (192 if (head_dim, causal, with_dq) == (64, True, True) else 32), rep
 
 
+@pytest.mark.parametrize("head_dim,causal,with_dq", [(128, True, True), (64, False, True), (128, False, False)])
+def test_gluon_varlen_backward_compiles_for_sm90a(head_dim, causal, with_dq):
+    """The Gluon backward over packed variable-length batches (bounds from cu_seqlens, rows and
+    keys past a sequence masked, dK/dV by a masked store): within the shared memory, TMA loads
+    and dQ reductions, spills within what the dense kernel has at hdim 64 causal."""
+    backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
+    kernel = backward_sm90.compile_for(head_dim, "bf16", causal, with_dq=with_dq, varlen=True)
+    assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert ("cp.reduce.async.bulk.tensor" in ptx) == with_dq and "atom.global" not in ptx
+    # (measured: hdim 128 8-16 B, hdim 64 non-causal 264 B)
+    assert ptxas_report(kernel)["spill_bytes"] <= (32 if head_dim == 128 else 288)
+
+
 def test_gluon_dispatch_rules():
     """Which calls the launchers hand to the Gluon kernels (decided on the host, so testable
     with CPU tensors and a given capability)."""
@@ -126,8 +141,14 @@ def test_gluon_dispatch_rules():
     assert b(128) == "atomic" and b(128, window_right=0) == "atomic"  # one pass, dQ by TMA reductions
     assert b(128, deterministic=True) == "split"  # no order-dependent sums
     assert b(128, cap=(8, 0)) is None
-    for kw in (dict(dropout_p=0.1), dict(softcap=5.0), dict(window_left=64, window_right=16), dict(varlen=True)):
+    for kw in (dict(dropout_p=0.1), dict(softcap=5.0), dict(window_left=64, window_right=16)):
         assert b(128, **kw) is None, kw
+    # packed variable-length batches: the hdim 64 causal rule looks at the longest sequence
+    pb = lambda d, **kw: bwd.supported(  # noqa: E731
+        *(torch.zeros(4096, 2, d, dtype=torch.bfloat16) for _ in range(4)),
+        **{**dense, "varlen": True, "max_seqlen_k": 4096, **kw}, deterministic=False, capability=(9, 0))
+    assert pb(128) == "atomic" and pb(128, window_right=0) == "atomic" and pb(64, window_right=0) == "atomic"
+    assert pb(64, window_right=0, max_seqlen_k=1024) is None and pb(128, alibi_slopes=torch.ones(2)) is None
     assert b(128, window_left=64, window_right=0) == "atomic" and b(128, window_left=64) == "atomic"
     assert b(64) == "atomic" and b(64, deterministic=True) == "split"
     assert b(64, window_right=0) == "atomic" and b(256) is None

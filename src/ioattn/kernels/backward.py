@@ -417,29 +417,34 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     use_sm90 = None if _sm90 is None else _sm90.supported(  # (None under the interpreter)
         q, k, v, dout, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
-        capability=configs._capability(q.device))
-    stats = _sm90.new_stats(batch, nheads, max_seqlen_q, q.device) if use_sm90 else None
+        capability=configs._capability(q.device), max_seqlen_k=max_seqlen_k)
+    stats = None
+    if use_sm90:  # (varlen: over the packed rows, as one sequence of the total length)
+        stats = _sm90.new_stats(1, nheads, q.shape[0], q.device) if varlen else _sm90.new_stats(
+            batch, nheads, max_seqlen_q, q.device)
+    stats_strides = (0, 0, 0) if stats is None else ((0, ) if varlen else stats.stride()[:1]) + stats.stride()[1:3]
     pre_block = 64
     _attn_bwd_preprocess[(configs.cdiv(max_seqlen_q, pre_block), batch * nheads)](
         out, dout, delta, dlse, lse, stats if stats is not None else delta,
         *_dense_or_varlen_strides(out, varlen), *strides_do,
-        stride_lb, stride_lh, *(stats.stride()[:3] if stats is not None else (0, 0, 0)),
+        stride_lb, stride_lh, *stats_strides,
         cu_seqlens_q, max_seqlen_q, nheads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
         HAS_DLSE=dlse is not None, HAS_STATS=stats is not None,
     )
+    sm90_varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k) if varlen else {}
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
             dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
-            window_left=window_left)
+            window_left=window_left, **sm90_varlen)
         return dq.copy_(dq_accum), dk, dv
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
     if use_sm90 == "split":  # dK, dV by the Gluon kernel; dQ below
         configs.last_compiled["dkdv"] = _sm90.attention_backward_sm90(
             dout, q, k, v, stats, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
-            window_left=window_left)
+            window_left=window_left, **sm90_varlen)
     else:
         c = cfg["dkdv"]
         configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](

@@ -61,7 +61,9 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 @gluon.jit
 def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, WITH_DQ: gl.constexpr):
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off,
+                  WITH_DQ: gl.constexpr):
+    # (varlen: b = 0 and the sequence's rows start at q_off / k_off of the packed tensors)
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]
     HALF_D: gl.constexpr = kc_smem.shape[4]
@@ -72,23 +74,24 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_
     else:
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * k_desc.block_type.shape[1], hk, 0], kv_bar,
+        tma.async_copy_global_to_shared(k_desc, [b, k_off + n0 + w * k_desc.block_type.shape[1], hk, 0], kv_bar,
                                         k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * v_desc.block_type.shape[1], hk, 0], kv_bar,
+        tma.async_copy_global_to_shared(v_desc, [b, k_off + n0 + w * v_desc.block_type.shape[1], hk, 0], kv_bar,
                                         v_smem.index(w))
         if WITH_DQ:
-            tma.async_copy_global_to_shared(kc_desc, [b, n0, hk, w * HALF_D], kv_bar, kc_smem.index(w))
+            tma.async_copy_global_to_shared(kc_desc, [b, k_off + n0, hk, w * HALF_D], kv_bar, kc_smem.index(w))
     n_iter = group * n_mblocks
     for t in range(n_iter):
         s = t % STAGES
         h = hk * group + t // n_mblocks
-        m0 = (m_first + t % n_mblocks) * ROWS
+        m0 = q_off + (m_first + t % n_mblocks) * ROWS
         mbarrier.wait(q_empty.index(s), ((t // STAGES) & 1) ^ 1)
         mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes
                         + 2 * st_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(s), q_smem.index(s))
         tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(s), do_smem.index(s))
-        # the block's lse (log2 units) and delta rows (zero past seqlen_q, where Q and dO are too)
+        # the block's lse (log2 units) and delta rows (dense: zero past seqlen_q, where Q and dO
+        # are too; varlen: the next sequence's, masked by the consumers)
         tma.async_copy_global_to_shared(st_desc, [b, h, 0, m0], q_ready.index(s), st_smem.index(2 * s))
         tma.async_copy_global_to_shared(st_desc, [b, h, 1, m0], q_ready.index(s), st_smem.index(2 * s + 1))
 
@@ -106,7 +109,8 @@ def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
 @gluon.jit
 def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem, kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, WG: gl.constexpr, WITH_DQ: gl.constexpr):
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, WG: gl.constexpr,
+                  WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -125,10 +129,12 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     offs_k = k0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
     offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    # whether a sliding window applies, a compile-time fact that gl.warp_specialize would turn
-    # into a run-time value as an argument: carried by the shape of a placeholder allocation
-    # (a run-time test spills 150-300 bytes more at hdim 64)
-    HAS_WINDOW: gl.constexpr = win_smem.shape[0] == 2
+    # whether a sliding window applies and whether the batch is packed (varlen), compile-time
+    # facts that gl.warp_specialize would turn into run-time values as arguments: carried by the
+    # shape of a placeholder allocation, 1 + HAS_WINDOW + 2 * IS_VARLEN (a run-time window test
+    # spills 150-300 bytes more at hdim 64)
+    HAS_WINDOW: gl.constexpr = (win_smem.shape[0] - 1) % 2 == 1
+    IS_VARLEN: gl.constexpr = (win_smem.shape[0] - 1) // 2 == 1
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
@@ -159,10 +165,20 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         # a block needs the causal mask when its first query does not see this warpgroup's last key
         # or, under a sliding window of `left` keys, when its last query does not see the first key
-        if HAS_WINDOW:
-            if ((causal != 0) & (m0 + diag < k0 + KEYS - 1)) | (m0 + ROWS - 1 + diag - left > k0):
+        # (varlen: the tiles run into the next sequence's rows and keys at its end, masked here)
+        if HAS_WINDOW or IS_VARLEN:
+            need = (causal != 0) & (m0 + diag < k0 + KEYS - 1)
+            if HAS_WINDOW:
+                need = need | (m0 + ROWS - 1 + diag - left > k0)
+            if IS_VARLEN:
+                need = need | (m0 + ROWS > seqlen_q) | (k0 + KEYS > seqlen_k)
+            if need:
                 d_kq = gl.expand_dims(offs_k, 1) - gl.expand_dims(m0 + offs_q, 0) - diag  # key - query - diag
-                ok = ((d_kq <= 0) | (causal == 0)) & (d_kq >= -left)
+                ok = (d_kq <= 0) | (causal == 0)
+                if HAS_WINDOW:
+                    ok = ok & (d_kq >= -left)
+                if IS_VARLEN:
+                    ok = ok & (gl.expand_dims(offs_k < seqlen_k, 1) & gl.expand_dims(m0 + offs_q < seqlen_q, 0))
                 pt = gl.where(ok, pt, 0.0)
         elif causal != 0:
             if m0 + diag < k0 + KEYS - 1:
@@ -191,7 +207,8 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
             # (waiting for this product at the next block's start instead, behind its S^T and
             # dP^T, spills 600 bytes at hdim 128: the dQ tile would be live next to both)
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-            _dq_out(dq_desc, dqw, dq_smem.index(WG), dq * sm_scale, b, h, m0, WG * HALF_D)
+            # (varlen: rows past the sequence add zeros to the next one's, their dS being 0)
+            _dq_out(dq_desc, dqw, dq_smem.index(WG), dq * sm_scale, b, h, q_off + m0, WG * HALF_D)
         else:  # dK and dV only (the Triton dQ kernel runs after)
             dst_a = gl.convert_layout(dst16, a_layout)
             dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
@@ -201,10 +218,28 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     # epilogue: dK (scaled) and dV through the K/V tiles, which no product reads any more
     kw.store((dk * sm_scale).to(dtype))
     vw.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, k0, hk, 0], k_smem.index(WG))
-    tma.async_copy_shared_to_global(dv_desc, [b, k0, hk, 0], v_smem.index(WG))
-    tma.store_wait(0)
+    if IS_VARLEN:  # a TMA store would write into the next sequence's rows: a masked store
+        _store_rows(kw, DK, k0, seqlen_k, hk, stride_ks, stride_kh)
+        _store_rows(vw, DV, k0, seqlen_k, hk, stride_ks, stride_kh)
+    else:
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dk_desc, [b, k0, hk, 0], k_smem.index(WG))
+        tma.async_copy_shared_to_global(dv_desc, [b, k0, hk, 0], v_smem.index(WG))
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h):
+    """Store a (rows, dim) shared-memory tile (this warpgroup wrote it) at rows r0.. of head h
+    of PTR, which points at the sequence's first row; rows from n_rows on are dropped."""
+    ROWS: gl.constexpr = tile.shape[0]
+    HEAD_DIM: gl.constexpr = tile.shape[1]
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+    x = tile.load(rows_layout)
+    rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
+    ptrs = PTR + gl.expand_dims(rows.to(gl.int64) * stride_s, 1) + h * stride_h + gl.expand_dims(cols, 0)
+    gl.store(ptrs, x, mask=gl.expand_dims(rows < n_rows, 1))
 
 
 # One wrapper per (warpgroup, mode): gl.warp_specialize passes its arguments as run-time
@@ -212,68 +247,87 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
 @gluon.jit
 def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
                       win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, 0, True)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 0, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
                       win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, 1, True)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 1, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
                            st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
-                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks,
+                           stride_kh):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, 0, False)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 0, False)
 
 
 @gluon.jit
 def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
                            st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
-                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left):
+                           n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks,
+                           stride_kh):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, 1, False)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 1, False)
 
 
 @gluon.jit
 def _bwd_producer_dq(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem,
-                     kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+                     kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off):
     _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, True)
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, True)
 
 
 @gluon.jit
 def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem,
-                       kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks):
+                       kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off,
+                       k_off):
     _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, False)
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, False)
 
 
 @gluon.jit
 def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, st_desc,
-                   seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale, left,
+                   seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale, left, CU_Q, CU_K, DK, DV, stride_ks,
+                   stride_kh,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr,
+                   IS_VARLEN: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     n0 = gl.program_id(0) * (2 * KEYS)
     bh = gl.program_id(1)
     b = bh // nheads_k
     hk = bh % nheads_k
+    q_off = 0
+    k_off = 0
+    if IS_VARLEN:
+        # packed (1, total, heads, dim) tensors: sequence b's rows from cu_seqlens; DK and DV
+        # (the masked epilogue's pointers) move to its first key
+        q_off = gl.load(CU_Q + b)
+        seqlen_q = gl.load(CU_Q + b + 1) - q_off
+        k_off = gl.load(CU_K + b)
+        seqlen_k = gl.load(CU_K + b + 1) - k_off
+        DK += k_off.to(gl.int64) * stride_ks
+        DV += k_off.to(gl.int64) * stride_ks
+        b = 0
+        if n0 >= seqlen_k:
+            return
     m_first = 0
     if CAUSAL:  # query i sees key j when j <= i + seqlen_k - seqlen_q
         m_first = gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // ROWS
@@ -293,7 +347,8 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * KEYS, ROWS], ds_layout)
     st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape, st_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    win_smem = gl.allocate_shared_memory(gl.int64, [2 if HAS_WINDOW else 1], mbarrier.MBarrierLayout())  # (unused)
+    # (unused: its shape tells the consumers HAS_WINDOW and IS_VARLEN)
+    win_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN], mbarrier.MBarrierLayout())
     if WITH_DQ:  # each warpgroup's fp32 dQ tile on its way to the bulk reduction
         dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -311,9 +366,9 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     consumer_args = (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                      kv_bar,
                      q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                     qk_scale, sm_scale, causal, left)
+                     qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh)
     producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                     st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks)
+                     st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off)
     if WITH_DQ:
         gl.warp_specialize([(_bwd_consumer_wg0, consumer_args), (_bwd_consumer_wg1, consumer_args),
                             (_bwd_producer_dq, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -344,20 +399,23 @@ def config(head_dim):
 #   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
 #   "0"      the Triton backward (two Triton kernels)
 MODE = os.environ.get("IOATTN_GLUON_BWD", "auto")
+# IOATTN_GLUON_BWD_VARLEN=0 keeps the Triton backward for packed variable-length batches (A/B)
+VARLEN = os.environ.get("IOATTN_GLUON_BWD_VARLEN", "1") != "0"
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
-              deterministic, capability):
+              deterministic, capability, max_seqlen_k=None):
     """Which Gluon backward a call takes: "atomic" (one pass), "split" (Gluon dK/dV, Triton dQ),
-    or None (the Triton backward)."""
+    or None (the Triton backward). varlen: packed (total, heads, dim) tensors, ``max_seqlen_k``
+    given."""
     if MODE not in ("auto", "split", "atomic"):
         return None
     causal = window_right == 0
-    if MODE == "auto" and q.shape[-1] == 64 and causal and k.shape[1] <= 2048:
+    if MODE == "auto" and q.shape[-1] == 64 and causal and (max_seqlen_k if varlen else k.shape[1]) <= 2048:
         # the Triton backward: at 1k keys 251 vs 219 TFLOP/s (h200-session7b, before lse and
         # delta came by the TMA); at 4k the one pass is ahead (401 vs 329, h200-session7c)
         return None
-    if varlen or alibi_slopes is not None:
+    if (varlen and not VARLEN) or alibi_slopes is not None:
         return None
     if softcap > 0 or dropout_p > 0 or window_right > 0 or capability[0] != 9:
         return None  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
@@ -393,28 +451,46 @@ def _stats_descriptor(stats, rows):
 
 
 def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
-                            window_left=-1):
+                            window_left=-1, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_k=None):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
-    zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled."""
+    zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled.
+    varlen (cu_seqlens_q given): packed (total, heads, dim) tensors, ``stats`` of batch 1 over
+    the packed rows; one CTA per 128 keys of the longest sequence (the others return at once)."""
     with_dq = dq_accum is not None
-    batch, seqlen_q, nheads, head_dim = q.shape
+    varlen = cu_seqlens_q is not None
+    if varlen:  # descriptors on (1, total, heads, dim) views
+        q, k, v, dout, dk4, dv4 = (t.unsqueeze(0) for t in (q, k, v, dout, dk, dv))
+        dq_accum = dq_accum.unsqueeze(0) if with_dq else None
+        batch = cu_seqlens_q.shape[0] - 1
+        seqlen_k_grid = max_seqlen_k
+    else:
+        dk4, dv4 = dk, dv
+        batch = q.shape[0]
+        seqlen_k_grid = k.shape[1]
+    _, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim)
     blk = _blocks(head_dim, cfg["BLOCK_M"])
     d = forward_sm90._descriptor
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
-             d(k, blk["kc"], q.dtype), d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
+             d(k, blk["kc"], q.dtype), d(dk4, blk["kv"], q.dtype), d(dv4, blk["kv"], q.dtype)]
     descs.append(d(dq_accum, blk["dq"], torch.float32) if with_dq else descs[-1])  # (not read without dQ)
     descs.append(_stats_descriptor(stats, cfg["BLOCK_M"]))
-    grid = (cdiv(seqlen_k, 2 * HALF_N), batch * nheads_k)
+    assert dk.stride() == dv.stride()
+    grid = (cdiv(seqlen_k_grid, 2 * HALF_N), batch * nheads_k)
+    cu_q = cu_seqlens_q if varlen else stats  # (not read when dense)
+    cu_k = cu_seqlens_k if varlen else stats
     return _attn_bwd_sm90[grid](
         *descs,
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale, window_left,
-        HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"])
+        cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2),
+        HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
+        CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=varlen,
+        num_warps=cfg["num_warps"])
 
 
-def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False):
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False,
+                varlen=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -431,8 +507,10 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
                kc_desc=desc(blk["kc"]), dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
                dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
                st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
-               qk_scale="fp32", sm_scale="fp32", left="i32")
+               qk_scale="fp32", sm_scale="fp32", left="i32", CU_Q="*i32", CU_K="*i32", DK=f"*{dtype}",
+               DV=f"*{dtype}", stride_ks="i32", stride_kh="i32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, HAS_WINDOW=window,
+                      IS_VARLEN=varlen,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"])
     names = fn.arg_names
