@@ -173,6 +173,23 @@ case "$mode" in
         # then the side-by-side quick benchmark with both Gluon kernels dispatched
     timeout 200 python3 benchmarks/gluon_bwd_check.py --out "$OUT/gluon_bwd.json" 2>&1 | tee "$OUT/gluon_bwd.log" | grep -v "^PASS"
     timeout 240 python3 benchmarks/quick_bench.py --hdim 64,128,256 --seqlen 1024,4096,16384 --out "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" | grep -E "fwd|bwd" | tail -n 40 ;;
+  s8dbg)  # session 8: which variant of the Gluon varlen backward fails (one process each)
+    timeout 200 python3 benchmarks/diag_varlen_bwd.py 2>&1 | tail -n 20
+    CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    CUDA_LAUNCH_BLOCKING=1 timeout 150 $CS --print-limit 3 python3 benchmarks/diag_varlen_bwd.py len1 2>&1 | grep -v "Host Frame" | head -n 40
+    exit 0
+    timeout 200 python3 benchmarks/gluon_varlen_check.py --out "$OUT/varlen.json" 2>&1 | tee "$OUT/varlen.log" | grep -v "^PASS"
+    timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    tail -n 13 "$OUT/features.log" ;;
+  s8c)  # session 8: s8a after the varlen stats fix (16-byte aligned per sequence), shorter
+    timeout 200 python3 benchmarks/gluon_varlen_check.py --out "$OUT/varlen.json" 2>&1 | tee "$OUT/varlen.log" | grep -v "^PASS"
+    timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
+    timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
+    tail -n 13 "$OUT/features.log" ;;
+  s8b)  # session 8: the full benchmark (README table and plots) on this GPU with the Gluon kernels
+    mkdir -p /tmp/bench
+    timeout 570 python3 benchmarks/bench_attention.py --out /tmp/bench/h200.json 2>&1 | tail -n 70
+    tar -cf "$OUT/bench.tar" -C /tmp/bench . ;;
   s8a)  # session 8: the Gluon backward over packed variable-length batches (checked per sequence vs
         # fp32 next to the Triton kernels), windows and the dense one pass once more, feature costs
     timeout 200 python3 benchmarks/gluon_varlen_check.py --out "$OUT/varlen.json" 2>&1 | tee "$OUT/varlen.log" | grep -v "^PASS"

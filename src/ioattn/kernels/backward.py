@@ -65,7 +65,10 @@ def _attn_bwd_preprocess(O, DO, DELTA, DLSE, LSE, STATS,
     if HAS_STATS:
         lse = tl.load(LSE + row_offs, mask=offs_m < seqlen_q, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        stat_offs = b64 * stride_sb + h * stride_sh + rows
+        if IS_VARLEN:  # (backward_sm90.stats_offset: 16-byte aligned per sequence, as the TMA needs)
+            stat_offs = h * stride_sh + ((q_start + 3) // 4 * 4 + 4 * b + offs_m).to(tl.int64)
+        else:
+            stat_offs = b64 * stride_sb + h * stride_sh + rows
         tl.store(STATS + stat_offs, lse2, mask=offs_m < seqlen_q)
         tl.store(STATS + stride_sr + stat_offs, delta, mask=offs_m < seqlen_q)
 
@@ -419,8 +422,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic,
         capability=configs._capability(q.device), max_seqlen_k=max_seqlen_k)
     stats = None
-    if use_sm90:  # (varlen: over the packed rows, as one sequence of the total length)
-        stats = _sm90.new_stats(1, nheads, q.shape[0], q.device) if varlen else _sm90.new_stats(
+    if use_sm90:  # (varlen: over the packed rows, each sequence's from a 16-byte aligned start)
+        stats = _sm90.new_stats_varlen(nheads, q.shape[0], batch, q.device) if varlen else _sm90.new_stats(
             batch, nheads, max_seqlen_q, q.device)
     stats_strides = (0, 0, 0) if stats is None else ((0, ) if varlen else stats.stride()[:1]) + stats.stride()[1:3]
     pre_block = 64

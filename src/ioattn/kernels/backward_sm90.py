@@ -61,9 +61,10 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 @gluon.jit
 def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off,
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off,
                   WITH_DQ: gl.constexpr):
-    # (varlen: b = 0 and the sequence's rows start at q_off / k_off of the packed tensors)
+    # (varlen: b = 0 and the sequence's rows start at q_off / k_off of the packed tensors, its
+    # lse/delta at st_off of the stats buffer)
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]
     HALF_D: gl.constexpr = kc_smem.shape[4]
@@ -84,16 +85,16 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_
     for t in range(n_iter):
         s = t % STAGES
         h = hk * group + t // n_mblocks
-        m0 = q_off + (m_first + t % n_mblocks) * ROWS
+        m0 = (m_first + t % n_mblocks) * ROWS
         mbarrier.wait(q_empty.index(s), ((t // STAGES) & 1) ^ 1)
         mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes
                         + 2 * st_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(s), q_smem.index(s))
-        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(s), do_smem.index(s))
+        tma.async_copy_global_to_shared(q_desc, [b, q_off + m0, h, 0], q_ready.index(s), q_smem.index(s))
+        tma.async_copy_global_to_shared(do_desc, [b, q_off + m0, h, 0], q_ready.index(s), do_smem.index(s))
         # the block's lse (log2 units) and delta rows (dense: zero past seqlen_q, where Q and dO
-        # are too; varlen: the next sequence's, masked by the consumers)
-        tma.async_copy_global_to_shared(st_desc, [b, h, 0, m0], q_ready.index(s), st_smem.index(2 * s))
-        tma.async_copy_global_to_shared(st_desc, [b, h, 1, m0], q_ready.index(s), st_smem.index(2 * s + 1))
+        # are too; varlen: the next sequence's or zeros, masked by the consumers)
+        tma.async_copy_global_to_shared(st_desc, [b, h, 0, st_off + m0], q_ready.index(s), st_smem.index(2 * s))
+        tma.async_copy_global_to_shared(st_desc, [b, h, 1, st_off + m0], q_ready.index(s), st_smem.index(2 * s + 1))
 
 
 @gluon.jit
@@ -221,6 +222,7 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     if IS_VARLEN:  # a TMA store would write into the next sequence's rows: a masked store
         _store_rows(kw, DK, k0, seqlen_k, hk, stride_ks, stride_kh)
         _store_rows(vw, DV, k0, seqlen_k, hk, stride_ks, stride_kh)
+        tma.store_wait(0)  # the last dQ reduction reads its shared-memory tile until done
     else:
         fence_async_shared()
         tma.async_copy_shared_to_global(dk_desc, [b, k0, hk, 0], k_smem.index(WG))
@@ -288,17 +290,18 @@ def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v
 
 @gluon.jit
 def _bwd_producer_dq(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem,
-                     kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off):
+                     kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off,
+                     st_off):
     _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, True)
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off, True)
 
 
 @gluon.jit
 def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem,
                        kc_smem, st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off,
-                       k_off):
+                       k_off, st_off):
     _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, False)
+                  st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off, False)
 
 
 @gluon.jit
@@ -316,6 +319,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     hk = bh % nheads_k
     q_off = 0
     k_off = 0
+    st_off = 0
     if IS_VARLEN:
         # packed (1, total, heads, dim) tensors: sequence b's rows from cu_seqlens; DK and DV
         # (the masked epilogue's pointers) move to its first key
@@ -325,6 +329,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
         seqlen_k = gl.load(CU_K + b + 1) - k_off
         DK += k_off.to(gl.int64) * stride_ks
         DV += k_off.to(gl.int64) * stride_ks
+        st_off = stats_offset(q_off, b)
         b = 0
         if n0 >= seqlen_k:
             return
@@ -368,7 +373,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
                      q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                      qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh)
     producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
-                     st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off)
+                     st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off)
     if WITH_DQ:
         gl.warp_specialize([(_bwd_consumer_wg0, consumer_args), (_bwd_consumer_wg1, consumer_args),
                             (_bwd_producer_dq, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -437,10 +442,26 @@ def _blocks(head_dim, block_m):
 _STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
 
 
+@gluon.jit
+def stats_offset(q_off, b):
+    """Where sequence b (starting at packed row q_off) keeps its lse/delta in the varlen stats
+    buffer: a multiple of 4 (the TMA wants the innermost coordinate 16-byte aligned: an
+    unaligned one is an illegal instruction), 4 * b more than q_off rounded up, so sequences
+    never overlap. (The preprocess computes the same in Triton.)"""
+    return (q_off + 3) // 4 * 4 + 4 * b
+
+
 def new_stats(batch, nheads, seqlen_q, device):
     """The (batch, nheads, 2, seqlen_q) fp32 buffer the preprocess fills with lse (log2 units) and
     delta for this kernel (rows padded to 16 bytes for the TMA)."""
     return torch.empty(batch, nheads, 2, cdiv(seqlen_q, 4) * 4, dtype=torch.float32, device=device)[..., :seqlen_q]
+
+
+def new_stats_varlen(nheads, total_q, batch, device):
+    """The varlen stats buffer (1, nheads, 2, n): sequence b's rows from stats_offset(cu_seqlens_q[b],
+    b) on. Zeroed: a query tile that runs past its sequence reads the gap rows (its products are
+    masked, but a NaN delta would survive the mask)."""
+    return torch.zeros(1, nheads, 2, cdiv(total_q + 4 * batch, 4) * 4, dtype=torch.float32, device=device)
 
 
 def _stats_descriptor(stats, rows):

@@ -1,0 +1,363 @@
+"""The dropout keep-mask of masks.dropout_keep, in Gluon, for Hopper wgmma accumulator tiles.
+
+Bit-identical to the Triton kernels (masks._dropout_words / dropout_keep): Philox-4x32 with
+masks.DROPOUT_ROUNDS rounds keyed by the 64-bit ``seed`` (low word k0, high word k1, exactly
+as tl.philox splits it), called once per (g, r, a, n) with counters
+
+    (8*a + n, 8*g + r, salt, 0)   for query i = 16*g + 8*h + r and key c = 64*a + 8*m + n
+
+(g, a absolute: start_m // 16 + tile g, start_n // 64 + tile a); the draw of (i, c) is byte
+2*h + m % 2 of word m // 2, and the probability is kept when that byte >= ceil(256 p).
+
+How the tiles map to the calls. A [R, C] wgmma accumulator (NVMMADistributedLayout v3,
+warps_per_cta [4, 1], instr_shape [16, C, 16]) is, as a linear layout over (row, col) bits:
+
+    registers  col 1, row 8, col 8, col 16, col 32, (col 64 | row 64 ...)
+    lanes      col 2, col 4, row 1, row 2, row 4
+    warps      row 16, row 32
+
+Every basis moves one bit of the row or the column index, i.e. one bit of one of the six
+coordinates (g, h, r) / (a, m, n), so the same layout, rewritten basis by basis, is a layout
+of the 6-D tensor whose row-major reshape is the tile (``_split_bits``; any wgmma tile of
+whole 16-row slabs and 64-key groups works, e.g. 128 rows on 4 warps too):
+
+- forward, P [ROWS, N], queries as rows: [G, 2, 8, A, M, 8] = (g, h, r, a, m, n). h, m and
+  n's low bit (and a, for N = 128) are registers, r and n's two high bits lanes, g warps:
+  the 16 draws (h, m) of a call are the registers of one thread, the other call indices
+  (g, r, a, n) are spread over threads/registers without repetition. The Philox runs on
+  [G, 1, 8, A, 1, 8] tensors (the h and m bases of the layout are then broadcast
+  registers, which LLVM folds into one computation), once per call per thread: 2 * A calls
+  (4 for 64 x 128, 2 for 64 x 64), and word m // 2 / byte 2h + m % 2 are constants.
+- backward, S^T [KEYS, ROWS], keys as rows: [A, M, 8, G, 2, 8] = (a, m, n, g, h, r). n is
+  lanes, m's low bit a register and its two high bits (= the word index m // 2) the warps;
+  r's low bit, h and g registers, r's high bits lanes. A thread needs one word (its warp's)
+  of each of 2 * G calls (8 for 64 x 64, 16 for 64 x 128); the four warps of the warpgroup
+  recompute each call (accepted: the dK/dV tile has 4x fewer calls per thread than elements).
+
+The final reshape of the 6-D result to [R, C] infers a linear layout equal to the wgmma
+layout, so ``gl.convert_layout(..., assert_trivial=True)`` costs nothing (no shared memory,
+no shuffles; the compiler refuses otherwise).
+
+Requirements: start_m % 16 == 0 and start_n % 64 == 0 (the Triton helper also handles
+start_n % 64 != 0 for tiles narrower than 64 keys, via (start_n // 8) % 8; the Gluon tiles
+are 64 or 128 keys wide and start on a multiple of 64). ``seed`` should be the same int64
+scalar as the Triton kernels' (tl.load(RNG) + tl.load(RNG + 1)); ``salt`` batch * nheads +
+head (int32). Gluon does not run in the interpreter: benchmarks/gluon_dropout_check.py
+compares these masks with the Triton ones on a GPU, tests/test_dropout_sm90.py compiles them.
+"""
+
+import math
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from .masks import DROPOUT_ROUNDS
+
+# tl.philox_impl's uint32 constants (triton/language/random.py)
+PHILOX_KEY_A = gl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = gl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = gl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = gl.constexpr(0xCD9E8D57)
+
+
+@gluon.constexpr_function
+def wgmma_layout(n):
+    """A warpgroup's m64 x n wgmma accumulator layout (forward_sm90._wgmma_layout)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, int(n), 16])
+
+
+@gluon.constexpr_function
+def _split_bits(ll, row_sizes, col_sizes):
+    """The 2-D linear layout ll of a [R, C] tile as a layout of the [*row_sizes, *col_sizes]
+    tensor whose row-major reshape is the tile: each basis (a power of two along the rows or
+    the columns) becomes the same bit of the coordinate that holds it."""
+    row_sizes = [int(s) for s in row_sizes]
+    col_sizes = [int(s) for s in col_sizes]
+    sizes = row_sizes + col_sizes
+
+    def coord(v, dims, first):
+        # the (coordinate, value) of bit v (a power of two) of an index split row-major by dims
+        out = [0] * len(sizes)
+        if v == 0:
+            return out
+        stride = 1
+        for d in reversed(range(len(dims))):
+            if v < stride * dims[d]:
+                assert v % stride == 0
+                out[first + d] = v // stride
+                return out
+            stride *= dims[d]
+        raise ValueError(f"basis {v} outside {dims}")
+
+    def conv(bases):
+        res = []
+        for row, col in bases:
+            assert row == 0 or col == 0, "a basis of a wgmma layout moves along one axis"
+            a = coord(row, row_sizes, 0)
+            b = coord(col, col_sizes, len(row_sizes))
+            res.append([x + y for x, y in zip(a, b)])
+        return res
+
+    assert list(ll.shape) == [math.prod(row_sizes), math.prod(col_sizes)], (ll.shape, row_sizes, col_sizes)
+    return gl.DistributedLinearLayout(reg_bases=conv(ll.reg_bases), lane_bases=conv(ll.lane_bases),
+                                      warp_bases=conv(ll.warp_bases), block_bases=conv(ll.block_bases),
+                                      shape=sizes)
+
+
+@gluon.constexpr_function
+def _axis_layout(layout, axis):
+    """The 1-D layout that gl.expand_dims, at every other axis in increasing order, turns
+    into ``layout`` (rank 6)."""
+    axis = int(axis)
+    res = layout
+    for k in reversed([k for k in range(6) if k != axis]):
+        res = gl.SliceLayout(k, res)
+    return res
+
+
+@gluon.jit
+def _index(layout: gl.constexpr, AXIS: gl.constexpr, SIZE: gl.constexpr):
+    """arange(SIZE) along AXIS of a rank-6 tensor of the given layout (size 1 elsewhere),
+    like ``tl.arange(0, SIZE)[None, ..., :, ..., None]``."""
+    x = gl.arange(0, SIZE, layout=_axis_layout(layout, AXIS))
+    for k in gl.static_range(6):
+        if k != AXIS:
+            x = gl.expand_dims(x, k)
+    return x
+
+
+@gluon.jit
+def philox(seed, c0, c1, c2, c3, n_rounds: gl.constexpr):
+    """tl.philox(seed, c0, c1, c2, c3, n_rounds) for uint32 counters: the same key split of
+    the seed (to uint64, low / high 32 bits) and the same rounds, in the same order."""
+    seed = seed.to(gl.uint64)
+    k1 = ((seed >> 32) & 0xffffffff).to(gl.uint32)
+    k0 = (seed & 0xffffffff).to(gl.uint32)
+    c0 = c0.to(gl.uint32, bitcast=True)
+    c1 = c1.to(gl.uint32, bitcast=True)
+    c2 = c2.to(gl.uint32, bitcast=True)
+    c3 = c3.to(gl.uint32, bitcast=True)
+    for _ in gl.static_range(n_rounds):
+        A = PHILOX_ROUND_A
+        B = PHILOX_ROUND_B
+        _c0, _c2 = c0, c2
+        c0 = gl.umulhi(B, _c2) ^ c1 ^ k0
+        c2 = gl.umulhi(A, _c0) ^ c3 ^ k1
+        c1 = gl.mul(B, _c2, sanitize_overflow=False)
+        c3 = gl.mul(A, _c0, sanitize_overflow=False)
+        k0 = gl.add(k0, PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = gl.add(k1, PHILOX_KEY_B, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@gluon.jit
+def threshold(dropout_p):
+    """masks._dropout_threshold: keep a draw u (0..255) when u >= ceil(256 p)."""
+    return gl.ceil(dropout_p * 256.0).to(gl.uint32)
+
+
+@gluon.jit
+def _select_word(word, r0, r1, r2, r3):
+    return gl.where(word == 0, r0, gl.where(word == 1, r1, gl.where(word == 2, r2, r3)))
+
+
+@gluon.jit
+def draws_rows(seed, salt, start_m, start_n, ROWS: gl.constexpr, N: gl.constexpr):
+    """The 8-bit draws (uint32, 0..255) of the [ROWS, N] tile at (start_m, start_n), queries
+    as rows, in the wgmma accumulator layout wgmma_layout(N) (forward P, dQ program)."""
+    gl.static_assert(ROWS % 16 == 0, "dropout tiles need a multiple of 16 query rows")
+    gl.static_assert(N % 64 == 0, "key tiles of a multiple of 64")
+    G: gl.constexpr = ROWS // 16
+    A: gl.constexpr = N // 64
+    M: gl.constexpr = 8
+    L2: gl.constexpr = wgmma_layout(N)
+    L6: gl.constexpr = _split_bits(gl.to_linear_layout(L2, [ROWS, N]), [G, 2, 8], [A, M, 8])
+    # masks._dropout_words, line for line ([G, 2, 8, A, M, 8] = (g, h, r, a, m, c))
+    g = _index(L6, 0, G)
+    h = _index(L6, 1, 2)
+    r = _index(L6, 2, 8)
+    a = _index(L6, 3, A)
+    m = _index(L6, 4, M)
+    c = _index(L6, 5, 8)
+    zero = (g * 0 + r * 0 + a * 0 + c * 0).to(gl.uint32)  # [G, 1, 8, A, 1, 8]: one call each
+    c0 = ((start_n // 64 + a) * 8 + c).to(gl.uint32) + zero
+    c1 = ((start_m // 16 + g) * 8 + r).to(gl.uint32) + zero
+    c2 = zero + salt.to(gl.uint32)
+    r0, r1, r2, r3 = philox(seed, c0, c1, c2, zero, DROPOUT_ROUNDS)
+    mm = m  # (start_n // 8) % 8 + m with start_n % 64 == 0
+    word = mm // 2
+    x = _select_word(word, r0, r1, r2, r3)
+    byte = h * 2 + mm % 2  # [1, 2, 1, 1, M, 1]
+    u = (x >> (byte * 8).to(gl.uint32)) & 0xFF  # [G, 2, 8, A, M, 8]
+    u = gl.reshape(u, [ROWS, N])
+    return gl.convert_layout(u, L2, assert_trivial=True)
+
+
+@gluon.jit
+def keep_rows(seed, salt, start_m, start_n, dropout_p, ROWS: gl.constexpr, N: gl.constexpr):
+    """masks.dropout_keep(seed, salt, start_m, start_n, dropout_p, ROWS, N) as an i1 [ROWS, N]
+    tensor in wgmma_layout(N): True where the probability of (query start_m + row, key
+    start_n + col) is kept. start_m % 16 == 0, start_n % 64 == 0."""
+    return draws_rows(seed, salt, start_m, start_n, ROWS, N) >= threshold(dropout_p)
+
+
+@gluon.jit
+def draws_cols(seed, salt, start_m, start_n, KEYS: gl.constexpr, ROWS: gl.constexpr):
+    """The 8-bit draws of the transposed [KEYS, ROWS] tile (keys start_n.. as rows, queries
+    start_m.. as columns) in wgmma_layout(ROWS) (the dK/dV program's S^T)."""
+    gl.static_assert(ROWS % 16 == 0, "dropout tiles need a multiple of 16 query rows")
+    gl.static_assert(KEYS % 64 == 0, "key tiles of a multiple of 64")
+    G: gl.constexpr = ROWS // 16
+    A: gl.constexpr = KEYS // 64
+    M: gl.constexpr = 8
+    L2: gl.constexpr = wgmma_layout(ROWS)
+    L6: gl.constexpr = _split_bits(gl.to_linear_layout(L2, [KEYS, ROWS]), [A, M, 8], [G, 2, 8])
+    # masks._dropout_words with the axes in key-major order ([A, M, 8, G, 2, 8] = (a, m, c, g, h, r))
+    a = _index(L6, 0, A)
+    m = _index(L6, 1, M)
+    c = _index(L6, 2, 8)
+    g = _index(L6, 3, G)
+    h = _index(L6, 4, 2)
+    r = _index(L6, 5, 8)
+    zero = (g * 0 + r * 0 + a * 0 + c * 0).to(gl.uint32)  # [A, 1, 8, G, 1, 8]: one call each
+    c0 = ((start_n // 64 + a) * 8 + c).to(gl.uint32) + zero
+    c1 = ((start_m // 16 + g) * 8 + r).to(gl.uint32) + zero
+    c2 = zero + salt.to(gl.uint32)
+    r0, r1, r2, r3 = philox(seed, c0, c1, c2, zero, DROPOUT_ROUNDS)
+    mm = m  # start_n % 64 == 0
+    word = mm // 2  # [1, M, 1, 1, 1, 1]: m // 2 is the warp, one word per thread and call
+    x = _select_word(word, r0, r1, r2, r3)
+    byte = h * 2 + mm % 2  # [1, M, 1, 1, 2, 1]
+    u = (x >> (byte * 8).to(gl.uint32)) & 0xFF  # [A, M, 8, G, 2, 8]
+    u = gl.reshape(u, [KEYS, ROWS])
+    return gl.convert_layout(u, L2, assert_trivial=True)
+
+
+@gluon.jit
+def keep_cols(seed, salt, start_m, start_n, dropout_p, KEYS: gl.constexpr, ROWS: gl.constexpr):
+    """The transpose of keep_rows(seed, salt, start_m, start_n, dropout_p, ROWS, KEYS): an i1
+    [KEYS, ROWS] tensor in wgmma_layout(ROWS), element (key start_n + row, query start_m +
+    col). start_m % 16 == 0, start_n % 64 == 0."""
+    return draws_cols(seed, salt, start_m, start_n, KEYS, ROWS) >= threshold(dropout_p)
+
+
+@gluon.jit
+def dropout_rows(p, seed, salt, start_m, start_n, dropout_p):
+    """p (an fp32 [ROWS, N] tile in wgmma_layout(N), queries as rows) with dropped entries 0."""
+    keep = keep_rows(seed, salt, start_m, start_n, dropout_p, p.shape[0], p.shape[1])
+    return gl.where(keep, p, 0.0)
+
+
+@gluon.jit
+def dropout_cols(pt, seed, salt, start_m, start_n, dropout_p):
+    """pt (an fp32 [KEYS, ROWS] tile in wgmma_layout(ROWS), keys as rows) with dropped entries 0."""
+    keep = keep_cols(seed, salt, start_m, start_n, dropout_p, pt.shape[0], pt.shape[1])
+    return gl.where(keep, pt, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# check kernels (benchmarks/gluon_dropout_check.py runs them, tests/test_dropout_sm90.py compiles
+# them): the full (batch * nheads, seqlen_q, seqlen_k) int8 keep mask, tile by tile
+
+
+@gluon.jit
+def _mask_kernel(MASK, RNG, seqlen_q, seqlen_k, dropout_p, m_base, n_base, salt_base,
+                 TR: gl.constexpr, TC: gl.constexpr, TRANSPOSED: gl.constexpr):
+    """Program (i, j, bh) writes MASK[bh, q, k] (salt salt_base + bh) for the queries/keys of
+    its tile, q and k relative to (m_base, n_base) (multiples of 16 / 64): TRANSPOSED = False
+    a [TR, TC] = [queries, keys] tile from keep_rows, True a [TR, TC] = [keys, queries] one
+    from keep_cols. seqlen_q, seqlen_k: multiples of the tile."""
+    bh = gl.program_id(2)
+    salt = salt_base + bh
+    seed = gl.load(RNG) + gl.load(RNG + 1)  # as forward.py
+    L: gl.constexpr = wgmma_layout(TC)
+    rows = gl.program_id(0) * TR + gl.arange(0, TR, layout=gl.SliceLayout(1, L))
+    cols = gl.program_id(1) * TC + gl.arange(0, TC, layout=gl.SliceLayout(0, L))
+    base = MASK + bh.to(gl.int64) * seqlen_q * seqlen_k
+    if TRANSPOSED:
+        keep = keep_cols(seed, salt, m_base + gl.program_id(1) * TC, n_base + gl.program_id(0) * TR, dropout_p, TR, TC)
+        ptrs = base + gl.expand_dims(cols, 0) * seqlen_k + gl.expand_dims(rows, 1)
+    else:
+        keep = keep_rows(seed, salt, m_base + gl.program_id(0) * TR, n_base + gl.program_id(1) * TC, dropout_p, TR, TC)
+        ptrs = base + gl.expand_dims(rows, 1) * seqlen_k + gl.expand_dims(cols, 0)
+    gl.store(ptrs, keep.to(gl.int8))
+
+
+@gluon.jit
+def _bench_kernel(OUT, RNG, dropout_p, iters, TR: gl.constexpr, TC: gl.constexpr, TRANSPOSED: gl.constexpr,
+                  DROPOUT: gl.constexpr):
+    """iters tiles per program (distinct start_n), the kept fp32 ones summed per element and
+    stored once: the cost of the mask per tile (DROPOUT = False: the same loop without it)."""
+    L: gl.constexpr = wgmma_layout(TC)
+    seed = gl.load(RNG) + gl.load(RNG + 1)
+    bh = gl.program_id(1)
+    acc = gl.zeros([TR, TC], gl.float32, layout=L)
+    start = gl.program_id(0) * TR
+    for j in range(iters):
+        one = gl.full([TR, TC], 1.0, gl.float32, layout=L) + j.to(gl.float32)
+        if DROPOUT:
+            if TRANSPOSED:
+                one = dropout_cols(one, seed, bh, j * 16 * (TC // 16), start, dropout_p)
+            else:
+                one = dropout_rows(one, seed, bh, start, j * 64 * (TC // 64), dropout_p)
+        acc += one
+    rows = gl.arange(0, TR, layout=gl.SliceLayout(1, L))
+    cols = gl.arange(0, TC, layout=gl.SliceLayout(0, L))
+    pid = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+    gl.store(OUT + pid.to(gl.int64) * TR * TC + gl.expand_dims(rows, 1) * TC + gl.expand_dims(cols, 0), acc)
+
+
+def compile_for(kernel="mask", tr=64, tc=128, transposed=False, capability=(9, 0), dropout=True):
+    """Compile a check kernel for a target without a GPU (tests/test_dropout_sm90.py)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    if kernel == "mask":
+        fn = _mask_kernel
+        sig = dict(MASK="*i8", RNG="*i64", seqlen_q="i32", seqlen_k="i32", dropout_p="fp32", m_base="i32",
+                   n_base="i32", salt_base="i32")
+        constexprs = dict(TR=tr, TC=tc, TRANSPOSED=transposed)
+    else:
+        fn = _bench_kernel
+        sig = dict(OUT="*fp32", RNG="*i64", dropout_p="fp32", iters="i32")
+        constexprs = dict(TR=tr, TC=tc, TRANSPOSED=transposed, DROPOUT=dropout)
+    names = fn.arg_names
+    for n in constexprs:
+        sig[n] = "constexpr"
+    sig = {n: sig[n] for n in names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+                          options={"num_warps": 4})
+
+
+def keep_mask_reference(seed, salt, start_m, start_n, rows, cols, dropout_p, rounds=None):
+    """The keep mask of queries start_m .. + rows, keys start_n .. + cols from the spec in
+    masks.dropout_keep's docstring, in NumPy (Philox-4x32 per element: a slow reference for
+    tests). seed: the int64 the kernels compute (RNG[0] + RNG[1]), salt: batch * nheads + head."""
+    import numpy as np
+    rounds = int(DROPOUT_ROUNDS) if rounds is None else rounds
+    u32 = np.uint64(0xFFFFFFFF)
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF  # int64 -> uint64 bits, as tl.philox's seed.to(tl.uint64)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    i = (start_m + np.arange(rows, dtype=np.int64))[:, None]
+    c = (start_n + np.arange(cols, dtype=np.int64))[None, :]
+    g, h, r = i // 16, (i // 8) % 2, i % 8
+    a, m, n = c // 64, (c // 8) % 8, c % 8
+    shape = (rows, cols)
+    x0 = np.broadcast_to((8 * a + n).astype(np.uint64) & u32, shape)
+    x1 = np.broadcast_to((8 * g + r).astype(np.uint64) & u32, shape)
+    x2 = np.full(shape, int(salt) & 0xFFFFFFFF, dtype=np.uint64)
+    x3 = np.zeros(shape, dtype=np.uint64)
+    ra, rb = np.uint64(int(PHILOX_ROUND_A)), np.uint64(int(PHILOX_ROUND_B))
+    for _ in range(rounds):
+        p0, p2 = ra * x0, rb * x2  # < 2^64: exact
+        x0, x1, x2, x3 = (p2 >> np.uint64(32)) ^ x1 ^ k0, p2 & u32, (p0 >> np.uint64(32)) ^ x3 ^ k1, p0 & u32
+        k0 = (k0 + np.uint64(int(PHILOX_KEY_A))) & u32
+        k1 = (k1 + np.uint64(int(PHILOX_KEY_B))) & u32
+    words = np.stack([x0, x1, x2, x3])
+    word = np.broadcast_to(m // 2, shape)
+    x = np.take_along_axis(words, word[None], 0)[0]
+    byte = np.broadcast_to(2 * h + m % 2, shape).astype(np.uint64)
+    u = (x >> (byte * np.uint64(8))) & np.uint64(0xFF)
+    t = np.ceil(np.float32(dropout_p) * np.float32(256.0))
+    return u >= np.uint64(int(t))
