@@ -186,6 +186,9 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s8d)  # session 8: dropout in the Gluon forward and backward (vs fp32 with the replayed mask, next
+        # to the Triton kernels on the same rng_state), its cost per path
+    timeout 230 python3 benchmarks/gluon_dropout_attn_check.py --out "$OUT/dropout.json" 2>&1 | tee "$OUT/dropout.log" | grep -v "^PASS" ;;
   s8b)  # session 8: the full benchmark (README table and plots) on this GPU with the Gluon kernels
     mkdir -p /tmp/bench
     timeout 570 python3 benchmarks/bench_attention.py --out /tmp/bench/h200.json 2>&1 | tail -n 70

@@ -106,6 +106,20 @@ def test_gluon_varlen_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert ptxas_report(kernel)["spill_bytes"] <= (32 if head_dim == 128 else 288)
 
 
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False), (256, True)])
+def test_gluon_dropout_compiles_for_sm90a(head_dim, causal):
+    """Dropout in the Gluon kernels (the Philox masks of dropout_sm90): the forward without
+    spills, the backward (hdim <= 128) within a few hundred bytes (measured: 72-364 B)."""
+    forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
+    backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
+    kernel = forward_sm90.compile_for(head_dim, "bf16", causal, dropout=True)
+    assert "mul.hi" in kernel.asm["ptx"] and ptxas_report(kernel)["spill_bytes"] == 0
+    if head_dim <= 128:
+        kernel = backward_sm90.compile_for(head_dim, "bf16", causal, dropout=True)
+        assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)]
+        assert "mul.hi" in kernel.asm["ptx"] and ptxas_report(kernel)["spill_bytes"] <= 400
+
+
 def test_gluon_dispatch_rules():
     """Which calls the launchers hand to the Gluon kernels (decided on the host, so testable
     with CPU tensors and a given capability)."""
@@ -126,7 +140,7 @@ def test_gluon_dispatch_rules():
     assert not f(64, n=2048, window_right=0)  # hdim 64 causal up to 2k keys: the Triton kernel
     assert f(128, window_left=256, window_right=0) and f(128, window_left=256)  # sliding windows
     assert not f(128, window_left=256, window_right=16) and not f(128, softcap=30.0)
-    assert not f(128, dropout_p=0.1)
+    assert f(128, dropout_p=0.1) and f(256, dropout_p=0.1)  # dropout_sm90's masks
     # packed variable-length batches: (total, heads, dim) tensors, not a paged cache
     p = lambda d, **kw: fwd.supported(  # noqa: E731
         *(torch.zeros(4096, 2, d, dtype=torch.bfloat16) for _ in range(3)),
@@ -141,8 +155,9 @@ def test_gluon_dispatch_rules():
     assert b(128) == "atomic" and b(128, window_right=0) == "atomic"  # one pass, dQ by TMA reductions
     assert b(128, deterministic=True) == "split"  # no order-dependent sums
     assert b(128, cap=(8, 0)) is None
-    for kw in (dict(dropout_p=0.1), dict(softcap=5.0), dict(window_left=64, window_right=16)):
+    for kw in (dict(softcap=5.0), dict(window_left=64, window_right=16)):
         assert b(128, **kw) is None, kw
+    assert b(128, dropout_p=0.1) == "atomic" and b(128, dropout_p=0.1, deterministic=True) == "split"
     # packed variable-length batches: the hdim 64 causal rule looks at the longest sequence
     pb = lambda d, **kw: bwd.supported(  # noqa: E731
         *(torch.zeros(4096, 2, d, dtype=torch.bfloat16) for _ in range(4)),

@@ -435,19 +435,20 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
         HAS_DLSE=dlse is not None, HAS_STATS=stats is not None,
     )
-    sm90_varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k) if varlen else {}
+    sm90_kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k) if varlen else {}
+    sm90_kw.update(dropout_p=dropout_p, rng_state=rng_state)
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
             dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
-            window_left=window_left, **sm90_varlen)
+            window_left=window_left, **sm90_kw)
         return dq.copy_(dq_accum), dk, dv
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
     if use_sm90 == "split":  # dK, dV by the Gluon kernel; dQ below
         configs.last_compiled["dkdv"] = _sm90.attention_backward_sm90(
             dout, q, k, v, stats, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
-            window_left=window_left, **sm90_varlen)
+            window_left=window_left, **sm90_kw)
     else:
         c = cfg["dkdv"]
         configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](

@@ -26,6 +26,7 @@ and 128 (at 256, dK and dV alone would take all of a warpgroup's registers). del
 rowsum of dO * O, with dlse folded in) comes from backward.py's preprocess kernel.
 """
 
+import math
 import os
 
 import torch
@@ -37,7 +38,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from . import forward_sm90
+from . import dropout_sm90, forward_sm90
 from .configs import cdiv, tma_ok
 from .forward_sm90 import _wgmma_layout
 
@@ -110,8 +111,8 @@ def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
 @gluon.jit
 def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem, kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, WG: gl.constexpr,
-                  WITH_DQ: gl.constexpr):
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
+                  lse_fold, delta_fold, WG: gl.constexpr, WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -132,10 +133,11 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     # whether a sliding window applies and whether the batch is packed (varlen), compile-time
     # facts that gl.warp_specialize would turn into run-time values as arguments: carried by the
-    # shape of a placeholder allocation, 1 + HAS_WINDOW + 2 * IS_VARLEN (a run-time window test
-    # spills 150-300 bytes more at hdim 64)
+    # shape of a placeholder allocation, 1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_DROPOUT (a
+    # run-time window test spills 150-300 bytes more at hdim 64)
     HAS_WINDOW: gl.constexpr = (win_smem.shape[0] - 1) % 2 == 1
-    IS_VARLEN: gl.constexpr = (win_smem.shape[0] - 1) // 2 == 1
+    IS_VARLEN: gl.constexpr = (win_smem.shape[0] - 1) // 2 % 2 == 1
+    HAS_DROPOUT: gl.constexpr = (win_smem.shape[0] - 1) // 4 == 1
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
@@ -163,6 +165,8 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         # lse and delta straight from the stage into the scores' column layout, where they are
         # used (held in that layout across the products they would cost 32 registers)
         lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
+        if HAS_DROPOUT:  # lse + log2(1 - p): P^T comes scaled by 1 / (1 - p) (backward._fold_dropout_scale)
+            lse = lse + lse_fold
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         # a block needs the causal mask when its first query does not see this warpgroup's last key
         # or, under a sliding window of `left` keys, when its last query does not see the first key
@@ -187,7 +191,14 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
                 pt = gl.where(ok, pt, 0.0)
         dpt = warpgroup_mma_wait(0, deps=(dpt_tok, ))
         delta = st_smem.index(2 * s + 1)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
-        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        if HAS_DROPOUT:
+            # with delta (1 - p) and the scaled P^T: dS^T = P^T (keep(dP^T) - delta), dV += keep(P^T) dO
+            # (the forward's masks, of query head h: salt = batch * nheads + h)
+            keep = dropout_sm90.keep_cols(seed, salt0 + h, m0, k0, dropout_p, KEYS, ROWS)
+            dst = pt * (gl.where(keep, dpt, 0.0) - gl.expand_dims(delta * delta_fold, 0))
+            pt = gl.where(keep, pt, 0.0)
+        else:
+            dst = pt * (dpt - gl.expand_dims(delta, 0))
         pt_a = gl.convert_layout(pt.to(dtype), a_layout)
         dv_tok = warpgroup_mma(pt_a, dos, dv, is_async=True)
         dst16 = dst.to(dtype)
@@ -249,43 +260,49 @@ def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h):
 @gluon.jit
 def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
                       win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh):
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh,
+                      seed, salt0, dropout_p, lse_fold, delta_fold):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 0, True)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
+                  lse_fold, delta_fold, 0, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
                       win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh):
+                      seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh,
+                      seed, salt0, dropout_p, lse_fold, delta_fold):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 1, True)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
+                  lse_fold, delta_fold, 1, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
                            st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
                            n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks,
-                           stride_kh):
+                           stride_kh, seed, salt0, dropout_p, lse_fold, delta_fold):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 0, False)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
+                  lse_fold, delta_fold, 0, False)
 
 
 @gluon.jit
 def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
                            st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
                            n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks,
-                           stride_kh):
+                           stride_kh, seed, salt0, dropout_p, lse_fold, delta_fold):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, 1, False)
+                  qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
+                  lse_fold, delta_fold, 1, False)
 
 
 @gluon.jit
@@ -307,16 +324,20 @@ def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem
 @gluon.jit
 def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, st_desc,
                    seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale, left, CU_Q, CU_K, DK, DV, stride_ks,
-                   stride_kh,
+                   stride_kh, RNG, dropout_p, lse_fold, delta_fold,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr,
-                   IS_VARLEN: gl.constexpr):
+                   IS_VARLEN: gl.constexpr, HAS_DROPOUT: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     n0 = gl.program_id(0) * (2 * KEYS)
     bh = gl.program_id(1)
     b = bh // nheads_k
     hk = bh % nheads_k
+    salt0 = b * nheads_k * group  # the forward's dropout salt, less the query head
+    seed = 0
+    if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it
+        seed = gl.load(RNG) + gl.load(RNG + 1)
     q_off = 0
     k_off = 0
     st_off = 0
@@ -352,8 +373,9 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * KEYS, ROWS], ds_layout)
     st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape, st_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    # (unused: its shape tells the consumers HAS_WINDOW and IS_VARLEN)
-    win_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN], mbarrier.MBarrierLayout())
+    # (unused: its shape tells the consumers HAS_WINDOW, IS_VARLEN and HAS_DROPOUT)
+    win_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_DROPOUT],
+                                         mbarrier.MBarrierLayout())
     if WITH_DQ:  # each warpgroup's fp32 dQ tile on its way to the bulk reduction
         dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -371,7 +393,8 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     consumer_args = (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                      kv_bar,
                      q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                     qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh)
+                     qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
+                     lse_fold, delta_fold)
     producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
                      st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off)
     if WITH_DQ:
@@ -422,7 +445,7 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None
     if (varlen and not VARLEN) or alibi_slopes is not None:
         return None
-    if softcap > 0 or dropout_p > 0 or window_right > 0 or capability[0] != 9:
+    if softcap > 0 or (dropout_p > 0 and not forward_sm90.DROPOUT) or window_right > 0 or capability[0] != 9:
         return None  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if window_left >= 0 and not forward_sm90.WINDOW:
         return None
@@ -472,7 +495,8 @@ def _stats_descriptor(stats, rows):
 
 
 def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
-                            window_left=-1, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_k=None):
+                            window_left=-1, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_k=None, dropout_p=0.0,
+                            rng_state=None):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
     zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled.
     varlen (cu_seqlens_q given): packed (total, heads, dim) tensors, ``stats`` of batch 1 over
@@ -505,13 +529,14 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
         *descs,
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale, window_left,
         cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2),
-        HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
+        *((rng_state, dropout_p, math.log2(1.0 - dropout_p), 1.0 - dropout_p) if dropout_p > 0 else (stats, 0.0, 0.0, 1.0)),
+        HAS_DROPOUT=dropout_p > 0, HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=varlen,
         num_warps=cfg["num_warps"])
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False,
-                varlen=False):
+                varlen=False, dropout=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -529,9 +554,10 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
                dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
                st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
                qk_scale="fp32", sm_scale="fp32", left="i32", CU_Q="*i32", CU_K="*i32", DK=f"*{dtype}",
-               DV=f"*{dtype}", stride_ks="i32", stride_kh="i32")
+               DV=f"*{dtype}", stride_ks="i32", stride_kh="i32", RNG="*i64", dropout_p="fp32", lse_fold="fp32",
+               delta_fold="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, HAS_WINDOW=window,
-                      IS_VARLEN=varlen,
+                      IS_VARLEN=varlen, HAS_DROPOUT=dropout,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"])
     names = fn.arg_names

@@ -333,7 +333,8 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
             capability=configs._capability(q.device), max_seqlen_k=max_seqlen_k):
         configs.last_compiled["fwd"] = _sm90.attention_forward_sm90(
             q, k, v, out, lse, softmax_scale=softmax_scale, causal=window_right == 0, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window_left=window_left)
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window_left=window_left,
+            dropout_p=dropout_p, rng_state=rng_state)
         return out, lse
     k_desc = v_desc = None
     use_tma = (configs.tma_tiles(block_d, q.element_size(), varlen) and configs.use_tma(q.device)

@@ -33,6 +33,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from . import dropout_sm90
 from .configs import cdiv, tma_ok
 
 HALF_M = 64  # query rows per consumer warpgroup (the CTA holds two)
@@ -47,6 +48,7 @@ _TILE2 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwi
 ENABLED = os.environ.get("IOATTN_GLUON", "1") != "0"
 VARLEN = os.environ.get("IOATTN_GLUON_VARLEN", "1") != "0"
 WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (left, 0) / (left, -1)
+DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "1") != "0"  # dropout (dropout_sm90's Philox masks)
 
 
 @gluon.constexpr_function
@@ -135,11 +137,13 @@ def _softmax(s, m_i, l_i, qk_scale):
 
 @gluon.jit
 def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, r0, seqlen_q, seqlen_k, qk_scale,
-            causal, left, n_lo):
+            causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT: gl.constexpr):
     """One warpgroup's 64 query rows (from row r0) against the n_blocks key blocks from key
     n_lo on (n_lo > 0 only under a sliding window of ``left`` keys), which the producer puts
     in the K/V rings as blocks c0, c0 + 1, ... of this CTA: the unnormalized output, the
-    running max and the running sum."""
+    running max and the running sum. With HAS_DROPOUT the dropped probabilities are left out
+    of P V (the sum keeps them; the 1 / (1 - p) comes in the epilogue): the masks of
+    masks.dropout_keep, drawn by dropout_sm90 for (seed, salt = batch * nheads + head)."""
     dtype: gl.constexpr = q2.dtype
     ROWS: gl.constexpr = q2.shape[0]
     HEAD_DIM: gl.constexpr = q2.shape[1]
@@ -175,6 +179,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
+        if HAS_DROPOUT:
+            p32 = dropout_sm90.dropout_rows(p32, seed, salt, r0, n_lo, dropout_p)
         p = gl.convert_layout(p32.to(dtype), p_layout)
 
     for j in range(1, n_blocks):
@@ -194,6 +200,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
+        if HAS_DROPOUT:
+            p32 = dropout_sm90.dropout_rows(p32, seed, salt, r0, kn, dropout_p)
         p_next = gl.convert_layout(p32.to(dtype), p_layout)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(sp))
@@ -212,16 +220,17 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
 
 
 @gluon.jit
-def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale):
+def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale):
     """Normalize a warpgroup's output and start its TMA store from the Q tile's buffer (free:
     its last product has retired; the store drops rows past seqlen_q); rows that saw no key
-    get out = 0 and lse = -inf. The caller waits for the store (tma.store_wait)."""
+    get out = 0 and lse = -inf; o_scale: 1, or 1 / (1 - p) under dropout. The caller waits for
+    the store (tma.store_wait)."""
     ROWS: gl.constexpr = q2.shape[0]
     o_layout: gl.constexpr = o.type.layout
     s_layout: gl.constexpr = m_i.type.layout.parent
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     empty = l_i == 0.0
-    inv_l = 1.0 / gl.where(empty, 1.0, l_i)
+    inv_l = o_scale / gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), (m_i * qk_scale + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
     o = o * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
@@ -233,27 +242,32 @@ def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_l
 @gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, WG: gl.constexpr, VARLEN: gl.constexpr):
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, WG: gl.constexpr,
+              VARLEN: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     r0 = m0 + WG * ROWS
     q_tile = q_smem.index(WG)
     # 2-D view of the (1, rows, 1, dim) TMA tile: rows of 128 or 256 bytes, 128-byte swizzle
     q2 = q_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM], _TILE2)
+    # whether dropout applies: a compile-time fact carried by the shape of a placeholder
+    # allocation (gl.warp_specialize would make a constexpr argument a run-time value)
+    HAS_DROPOUT: gl.constexpr = drop_smem.shape[0] == 2
     mbarrier.wait(q_bars.index(WG), 0)
     o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
-                          seqlen_k, qk_scale, causal, left, n_lo)
+                          seqlen_k, qk_scale, causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT)
     if VARLEN:
         # a TMA store of the tile would write into the next sequence: a masked store instead
         # (a run-time branch between the two epilogues crashes the compiler's LLVM lowering)
-        _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale)
+        _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale,
+                         o_scale)
     else:
-        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale)
+        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale)
         tma.store_wait(0)
 
 
 @gluon.jit
-def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale):
+def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale, o_scale):
     """The varlen epilogue (O and LSE point at the sequence's first row): the normalized tile
     goes through the Q tile's buffer into a row-major layout, then to memory by a store that
     drops the rows past the sequence (a TMA store would write into the next one)."""
@@ -263,7 +277,7 @@ def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride
     s_layout: gl.constexpr = m_i.type.layout.parent
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     empty = l_i == 0.0
-    inv_l = 1.0 / gl.where(empty, 1.0, l_i)
+    inv_l = o_scale / gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), (m_i * qk_scale + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     gl.store(LSE + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
     o = o * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
@@ -280,44 +294,46 @@ def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride
 @gluon.jit
 def _consumer_wg0(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, 0, False)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 0, False)
 
 
 @gluon.jit
 def _consumer_wg0_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, 0, True)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 0, True)
 
 
 @gluon.jit
 def _consumer_wg1(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, 1, False)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 1, False)
 
 
 @gluon.jit
 def _consumer_wg1_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, 1, True)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 1, True)
 
 
 @gluon.jit
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                    seqlen_q, seqlen_k, nheads, group, qk_scale, O, stride_os, stride_oh, CU_Q, CU_K, left,
+                   RNG, dropout_p, o_scale,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IS_VARLEN: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IS_VARLEN: gl.constexpr,
+                   HAS_DROPOUT: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     # the last query blocks have the most keys to visit under a causal mask: start them first
     m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * ROWS)
@@ -325,6 +341,9 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
     b = bh // nheads
     h = bh % nheads
     hk = h // group
+    seed = 0
+    if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it
+        seed = gl.load(RNG) + gl.load(RNG + 1)
     q_off = 0
     k_off = 0
     if IS_VARLEN:
@@ -355,10 +374,12 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
+    # (unused: its shape tells the consumers HAS_DROPOUT)
+    drop_smem = gl.allocate_shared_memory(gl.int64, [2 if HAS_DROPOUT else 1], mbarrier.MBarrierLayout())
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
                      b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-                     O, stride_os, stride_oh, left, n_lo)
+                     O, stride_os, stride_oh, left, n_lo, drop_smem, seed, bh, dropout_p, o_scale)
     producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
                      b, h, hk, m0, n_blocks, q_off, k_off + n_lo)
     if IS_VARLEN:
@@ -449,8 +470,8 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(1 - qb))
         o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
-                              seqlen_k, qk_scale, causal, -1, 0)
-        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale)
+                              seqlen_k, qk_scale, causal, -1, 0, 0, 0, 0.0, False)
+        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, 1.0)
         c += n_blocks
         i += 1
     tma.store_wait(0)
@@ -525,7 +546,7 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     varlen: packed (total, heads, dim) tensors (not a paged cache), ``max_seqlen_k`` given."""
     if not ENABLED or block_table is not None or alibi_slopes is not None or (varlen and not VARLEN):
         return False
-    if softcap > 0 or dropout_p > 0 or window_right > 0 or (window_left >= 0 and not WINDOW):
+    if softcap > 0 or (dropout_p > 0 and not DROPOUT) or window_right > 0 or (window_left >= 0 and not WINDOW):
         return False  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return False
@@ -570,14 +591,24 @@ def _num_sms(device):
     return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _dropout_args(dropout_p, rng_state, lse):
+    """(RNG, dropout_p, o_scale) kernel arguments and HAS_DROPOUT (RNG: any pointer without)."""
+    if dropout_p > 0:
+        return (rng_state, dropout_p, 1.0 / (1.0 - dropout_p)), True
+    return (lse, 0.0, 1.0), False
+
+
 def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None, cu_seqlens_q=None,
-                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, window_left=-1):
+                           cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, window_left=-1,
+                           dropout_p=0.0, rng_state=None):
     """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q);
     varlen (cu_seqlens_q given): packed (total, heads, dim) tensors and lse (heads, total_q).
+    dropout_p > 0: rng_state the (seed, offset) int64 tensor (the masks of masks.dropout_keep).
     ``cfg`` overrides config(head_dim) (benchmarks' A/B runs)."""
+    drop, has_dropout = _dropout_args(dropout_p, rng_state, lse)
     if cu_seqlens_q is not None:
         return _forward_varlen(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale, causal, cfg, window_left)
+                               softmax_scale, causal, cfg, window_left, drop, has_dropout)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim)
@@ -588,7 +619,7 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     # the persistent kernel is opt-in (cfg PERSISTENT): against the per-tile grid it measured
     # +8..+17% at 1k-4k keys without a mask in one run (results/h200-session7b) and level or
     # -4% in the next two (h200-session7c), and slower under a causal mask in all of them
-    if cfg.get("PERSISTENT", False) and window_left < 0:
+    if cfg.get("PERSISTENT", False) and window_left < 0 and not has_dropout:
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
         return _attn_fwd_sm90_persistent[grid](
@@ -599,13 +630,13 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     grid = (n_mblocks, batch * nheads)
     return _attn_fwd_sm90[grid](
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-        softmax_scale * LOG2E, out, 0, 0, lse, lse, window_left, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
-        STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
-        IS_VARLEN=False, num_warps=cfg["num_warps"])
+        softmax_scale * LOG2E, out, 0, 0, lse, lse, window_left, *drop, CAUSAL=causal, HEAD_DIM=head_dim,
+        BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=False, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"])
 
 
 def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, cfg,
-                    window_left):
+                    window_left, drop, has_dropout):
     """The per-tile kernel over packed sequences: descriptors on (1, total, heads, dim) views
     (a tile that runs past its sequence reads the next one's rows: masked keys, unused query
     rows), per-sequence bounds from cu_seqlens in the kernel (no host synchronization)."""
@@ -620,12 +651,13 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
     grid = (cdiv(max_seqlen_q, 2 * HALF_M), batch * nheads)
     return _attn_fwd_sm90[grid](
         *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, softmax_scale * LOG2E,
-        out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
-        STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
-        IS_VARLEN=True, num_warps=cfg["num_warps"])
+        out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, CAUSAL=causal, HEAD_DIM=head_dim,
+        BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"])
 
 
-def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False):
+def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False,
+                dropout=False):
     """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -641,11 +673,12 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
                group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", O=f"*{dtype}", stride_os="i32",
-               stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32")
+               stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32", RNG="*i64", dropout_p="fp32", o_scale="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     if not persistent:
         constexprs["IS_VARLEN"] = varlen
+        constexprs["HAS_DROPOUT"] = dropout
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
