@@ -48,14 +48,14 @@ def reference(q, k, v, dout, p, keep, causal, left):
 
 
 def run(q, k, v, dout, p, causal, left, seed, gluon):
-    forward_sm90.DROPOUT = gluon
+    forward_sm90.DROPOUT = "all" if gluon else "0"
     try:
         qi, ki, vi = (t.detach().clone().requires_grad_() for t in (q, k, v))
         torch.manual_seed(seed)
         out = ioattn.flash_attn_func(qi, ki, vi, dropout_p=p, causal=causal, window_size=(left, 0 if causal else -1))
         return (out.detach(), *torch.autograd.grad(out, (qi, ki, vi), dout))
     finally:
-        forward_sm90.DROPOUT = True
+        forward_sm90.DROPOUT = "auto"
 
 
 def rel(x, ref):
@@ -77,10 +77,12 @@ def check(rows):
         dout = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
         wr = 0 if causal else -1
         common = dict(window_left=left, window_right=wr, softcap=0.0, alibi_slopes=None, dropout_p=p)
+        forward_sm90.DROPOUT = "all"
         paths = dict(fwd=forward_sm90.supported(q, k, v, varlen=False, block_table=None, **common,
                                                 capability=torch.cuda.get_device_capability()),
                      bwd=backward_sm90.supported(q, k, v, dout, varlen=False, deterministic=False, **common,
                                                  capability=torch.cuda.get_device_capability()))
+        forward_sm90.DROPOUT = "auto"
         try:
             keep = keep_mask(q, k, p, causal, left, seed)
             ref = reference(q, k, v, dout, p, keep, causal, left)
@@ -108,13 +110,13 @@ def bench(rows):
         fl = 4 * b * h * n * n * d / 2
         res = {}
         for name, p, gluon in (("plain", 0.0, True), ("dropout gluon", 0.1, True), ("dropout triton", 0.1, False)):
-            forward_sm90.DROPOUT = gluon
+            forward_sm90.DROPOUT = "all" if gluon else "0"
             fwd = lambda p=p: ioattn.flash_attn_func(q, k, v, dropout_p=p, causal=True)  # noqa: E731
 
             def fb(p=p):
                 torch.autograd.grad(fwd(p), (q, k, v), dout)
             res[name] = (triton.testing.do_bench(fwd), triton.testing.do_bench(fb))
-        forward_sm90.DROPOUT = True
+        forward_sm90.DROPOUT = "auto"
         for name, (tf, tfb) in res.items():
             row = dict(kind="bench", hdim=d, seqlen=n, batch=b, nheads=h, case=name, fwd_ms=tf, fwd_bwd_ms=tfb,
                        fwd_tflops=fl / tf * 1e-9, fwd_bwd_tflops=3.5 * fl / tfb * 1e-9,

@@ -140,7 +140,13 @@ def test_gluon_dispatch_rules():
     assert not f(64, n=2048, window_right=0)  # hdim 64 causal up to 2k keys: the Triton kernel
     assert f(128, window_left=256, window_right=0) and f(128, window_left=256)  # sliding windows
     assert not f(128, window_left=256, window_right=16) and not f(128, softcap=30.0)
-    assert f(128, dropout_p=0.1) and f(256, dropout_p=0.1)  # dropout_sm90's masks
+    # dropout (dropout_sm90's masks): at hdim 128 by default, where it measured ahead
+    assert f(128, dropout_p=0.1) and not f(64, dropout_p=0.1) and not f(256, dropout_p=0.1)
+    fwd.DROPOUT = "all"
+    try:
+        assert f(64, dropout_p=0.1) and f(256, dropout_p=0.1)
+    finally:
+        fwd.DROPOUT = "auto"
     # packed variable-length batches: (total, heads, dim) tensors, not a paged cache
     p = lambda d, **kw: fwd.supported(  # noqa: E731
         *(torch.zeros(4096, 2, d, dtype=torch.bfloat16) for _ in range(3)),
@@ -158,6 +164,7 @@ def test_gluon_dispatch_rules():
     for kw in (dict(softcap=5.0), dict(window_left=64, window_right=16)):
         assert b(128, **kw) is None, kw
     assert b(128, dropout_p=0.1) == "atomic" and b(128, dropout_p=0.1, deterministic=True) == "split"
+    assert b(64, dropout_p=0.1) is None
     # packed variable-length batches: the hdim 64 causal rule looks at the longest sequence
     pb = lambda d, **kw: bwd.supported(  # noqa: E731
         *(torch.zeros(4096, 2, d, dtype=torch.bfloat16) for _ in range(4)),

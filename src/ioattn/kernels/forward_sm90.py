@@ -48,7 +48,16 @@ _TILE2 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwi
 ENABLED = os.environ.get("IOATTN_GLUON", "1") != "0"
 VARLEN = os.environ.get("IOATTN_GLUON_VARLEN", "1") != "0"
 WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (left, 0) / (left, -1)
-DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "1") != "0"  # dropout (dropout_sm90's Philox masks)
+# dropout (dropout_sm90's Philox masks) in the Gluon kernels (IOATTN_GLUON_DROPOUT): "auto" at the
+# head dims where it measured at least level with the Triton kernels (H200, hdim 128 4k causal,
+# results/h200-session8c: forward 0.735 vs 0.740 ms, forward+backward 2.693 vs 3.320 ms; at hdim
+# 64 slower: 1.149 vs 0.976, 4.340 vs 3.773), "all" at every head dim (checks), "0" never
+DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "auto")
+DROPOUT_HEAD_DIMS = (128, )
+
+
+def dropout_ok(head_dim):
+    return DROPOUT == "all" or (DROPOUT == "auto" and head_dim in DROPOUT_HEAD_DIMS)
 
 
 @gluon.constexpr_function
@@ -546,7 +555,8 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     varlen: packed (total, heads, dim) tensors (not a paged cache), ``max_seqlen_k`` given."""
     if not ENABLED or block_table is not None or alibi_slopes is not None or (varlen and not VARLEN):
         return False
-    if softcap > 0 or (dropout_p > 0 and not DROPOUT) or window_right > 0 or (window_left >= 0 and not WINDOW):
+    if softcap > 0 or (dropout_p > 0 and not dropout_ok(q.shape[-1])) or window_right > 0 or (
+            window_left >= 0 and not WINDOW):
         return False  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return False
