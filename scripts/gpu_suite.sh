@@ -186,6 +186,11 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s9a)  # next session: the cached Gluon launch (IOATTN_FAST_LAUNCH=1) checked (fwd+bwd vs fp32, varlen)
+        # and timed against the full launch path at 1k-16k (the 1k rows were host-bound in s8b)
+    IOATTN_FAST_LAUNCH=1 timeout 100 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd_fast.json" 2>&1 | grep -v "^PASS" | tail -n 2
+    IOATTN_FAST_LAUNCH=1 timeout 150 python3 benchmarks/gluon_varlen_check.py --out "$OUT/varlen_fast.json" 2>&1 | grep -v "^PASS" | tail -n 2
+    for f in 0 1; do IOATTN_FAST_LAUNCH=$f timeout 150 python3 benchmarks/bench_attention.py --quick --providers ioattn,sdpa_cudnn --no-memory --no-plot --out "$OUT/quick_fast$f.json" 2>&1 | grep -E "^(fwd|bwd) " ; done ;;
   s8d)  # session 8: dropout in the Gluon forward and backward (vs fp32 with the replayed mask, next
         # to the Triton kernels on the same rng_state), its cost per path
     timeout 230 python3 benchmarks/gluon_dropout_attn_check.py --out "$OUT/dropout.json" 2>&1 | tee "$OUT/dropout.log" | grep -v "^PASS" ;;

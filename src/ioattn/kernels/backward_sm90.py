@@ -40,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import dropout_sm90, forward_sm90
 from .configs import cdiv, tma_ok
+from .launch import launch
 from .forward_sm90 import _wgmma_layout
 
 # query rows per streamed block, by head dim (BLOCK_M_OVERRIDE: benchmarks' A/B runs)
@@ -526,7 +527,7 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     grid = (cdiv(seqlen_k_grid, 2 * HALF_N), batch * nheads_k)
     cu_q = cu_seqlens_q if varlen else stats  # (not read when dense)
     cu_k = cu_seqlens_k if varlen else stats
-    return _attn_bwd_sm90[grid](
+    return launch(_attn_bwd_sm90, grid,
         *descs,
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale, window_left,
         cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2),

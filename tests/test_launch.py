@@ -1,0 +1,120 @@
+"""The cached launch path of the Gluon kernels (kernels/launch.py), checked on the CPU against
+Triton's own argument binder with a stand-in driver (no GPU): its key never puts two argument
+sets together that Triton compiles apart, and a cached launch passes the kernel the same
+arguments as Triton's full path."""
+
+import itertools
+
+import pytest
+import torch
+
+forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
+backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
+from ioattn.kernels import launch as launch_mod  # noqa: E402
+from triton.runtime import jit  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+
+class _Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+
+class _Compiled:
+    """Stands in for a CompiledKernel: records what a launch passes it."""
+
+    def __init__(self, log):
+        self.log = log
+        self.function = self.packed_metadata = None
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):  # JITFunction.run's launch: grid, stream, ... then the arguments
+        self.log.append(("jit", args[:3], args[9:]))
+
+    def __getitem__(self, grid):  # CompiledKernel's own launcher (launch.launch's cached path)
+        return lambda *args: self.log.append(("cached", tuple(grid) + (1,) * (3 - len(grid)), args))
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    saved = driver._active
+    driver.set_active(_Driver())
+    log = []
+    kernels = (forward_sm90._attn_fwd_sm90, backward_sm90._attn_bwd_sm90)
+    for kern in kernels:
+        kern.device_caches.clear()
+        monkeypatch.setattr(kern, "_do_compile", lambda key, *a, kern=kern, **kw: kern.device_caches[0][0].setdefault(
+            key, _Compiled(log)), raising=False)
+    monkeypatch.setattr(launch_mod, "_cache", {})
+    yield log
+    driver._active = saved
+    for kern in kernels:
+        kern.device_caches.clear()
+
+
+def _norm(x):
+    if hasattr(x, "block_shape"):
+        return ("desc", x.base.data_ptr(), tuple(x.shape), tuple(x.strides), tuple(x.block_shape), id(x.layout))
+    if isinstance(x, torch.Tensor):
+        return ("tensor", x.data_ptr(), x.dtype)
+    return x
+
+
+def _forward_launches(monkeypatch):
+    """(args, kwargs) of the Gluon forward's launches over a grid of shapes and options."""
+    calls = []
+    monkeypatch.setattr(forward_sm90, "launch", lambda kern, grid, *a, **kw: calls.append((kern, a, kw)))
+    for (b, n, h, hk, d), causal, left, p in itertools.product(
+            [(1, 1, 1, 1, 64), (2, 17, 2, 1, 64), (1, 16, 16, 16, 128), (3, 1000, 4, 2, 128), (1, 32, 3, 1, 256)],
+            (False, True), (-1, 0, 1, 16, 100), (0.0, 0.1)):
+        q = torch.empty(b, n, h, d, dtype=torch.bfloat16)
+        kv = torch.empty(b, n, hk, d, dtype=torch.bfloat16)
+        rng = torch.zeros(2, dtype=torch.int64)
+        for lse in (torch.empty(b, h, n), torch.empty(b * h * n + 1)[1:].view(b, h, n)):  # aligned or not
+            forward_sm90.attention_forward_sm90(q, kv, kv, torch.empty_like(q), lse, softmax_scale=0.1,
+                                                causal=causal, window_left=left, dropout_p=p, rng_state=rng)
+    return calls
+
+
+def test_launch_key_never_merges_what_triton_compiles_apart(stand_in, monkeypatch):
+    calls = _forward_launches(monkeypatch)
+    assert len(calls) > 100
+    seen = {}
+    for kern, a, kw in calls:
+        # (launch.key's contract: positional = the leading run-time parameters, keywords =
+        # constexprs and options)
+        assert all(kern.arg_names.index(n) in kern.constexprs for n in kw if n in kern.arg_names)
+        assert not any(i in kern.constexprs for i in range(len(a)))
+        _, _, _, _, binder = kern.device_caches[0]
+        _, specialization, options = binder(*a, **kw)
+        triton_key = jit.compute_cache_key(kern.device_caches[0][1], specialization, options)
+        mine, _ = launch_mod.key(kern, a, kw)
+        assert seen.setdefault(mine, triton_key) == triton_key, (mine, triton_key)
+    assert len(set(seen.values())) > 10  # (the grid does exercise several specializations)
+
+
+def test_cached_launch_passes_what_triton_passes(stand_in, monkeypatch):
+    monkeypatch.setattr(launch_mod, "FAST", True)
+    log = stand_in
+    q = torch.empty(2, 300, 4, 128, dtype=torch.bfloat16)
+    kv = torch.empty(2, 300, 2, 128, dtype=torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 300)
+    for _ in range(3):
+        forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=True)
+    stats = backward_sm90.new_stats(2, 4, 300, "cpu")
+    dq, dk, dv = torch.zeros(q.shape), torch.empty_like(kv), torch.empty_like(kv)
+    for _ in range(3):
+        backward_sm90.attention_backward_sm90(q, q, kv, kv, stats, dq, dk, dv, softmax_scale=0.1, causal=True)
+    assert [e[0] for e in log] == ["jit", "cached", "cached"] * 2
+    for first, later in ((0, 1), (0, 2), (3, 4), (3, 5)):
+        assert log[first][1] == log[later][1]  # grid
+        assert [_norm(x) for x in log[first][2]] == [_norm(x) for x in log[later][2]]
