@@ -69,27 +69,56 @@ def _norm(x):
     return x
 
 
-def _forward_launches(monkeypatch):
-    """(args, kwargs) of the Gluon forward's launches over a grid of shapes and options."""
+def _launches(monkeypatch):
+    """(kernel, args, kwargs) of the Gluon kernels' launches over a grid of shapes and options."""
     calls = []
-    monkeypatch.setattr(forward_sm90, "launch", lambda kern, grid, *a, **kw: calls.append((kern, a, kw)))
+    rec = lambda kern, grid, *a, **kw: calls.append((kern, a, kw))  # noqa: E731
+    monkeypatch.setattr(forward_sm90, "launch", rec)
+    monkeypatch.setattr(backward_sm90, "launch", rec)
+    rng = torch.zeros(2, dtype=torch.int64)
     for (b, n, h, hk, d), causal, left, p in itertools.product(
             [(1, 1, 1, 1, 64), (2, 17, 2, 1, 64), (1, 16, 16, 16, 128), (3, 1000, 4, 2, 128), (1, 32, 3, 1, 256)],
             (False, True), (-1, 0, 1, 16, 100), (0.0, 0.1)):
         q = torch.empty(b, n, h, d, dtype=torch.bfloat16)
         kv = torch.empty(b, n, hk, d, dtype=torch.bfloat16)
-        rng = torch.zeros(2, dtype=torch.int64)
         for lse in (torch.empty(b, h, n), torch.empty(b * h * n + 1)[1:].view(b, h, n)):  # aligned or not
             forward_sm90.attention_forward_sm90(q, kv, kv, torch.empty_like(q), lse, softmax_scale=0.1,
                                                 causal=causal, window_left=left, dropout_p=p, rng_state=rng)
+        cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
+        qv, kvv = q[0].repeat(2, 1, 1), kv[0].repeat(2, 1, 1)
+        forward_sm90.attention_forward_sm90(qv, kvv, kvv, torch.empty_like(qv), torch.empty(h, 2 * n),
+                                            softmax_scale=0.1, causal=causal, window_left=left, dropout_p=p,
+                                            rng_state=rng, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
+                                            max_seqlen_k=n)
+        if d > 128:
+            continue
+        for with_dq in (True, False):
+            stats = backward_sm90.new_stats(b, h, n, "cpu")
+            backward_sm90.attention_backward_sm90(
+                q, q, kv, kv, stats, torch.zeros(q.shape) if with_dq else None, torch.empty_like(kv),
+                torch.empty_like(kv), softmax_scale=0.1, causal=causal, window_left=left, dropout_p=p, rng_state=rng)
+            # a dense batch of the packed view's shape (1, 2n, heads, dim): a key must tell them apart
+            stats = backward_sm90.new_stats(1, h, 2 * n, "cpu")
+            backward_sm90.attention_backward_sm90(
+                qv[None], qv[None], kvv[None], kvv[None], stats, torch.zeros(qv[None].shape) if with_dq else None,
+                torch.empty_like(kvv[None]), torch.empty_like(kvv[None]), softmax_scale=0.1, causal=causal,
+                window_left=left, dropout_p=p, rng_state=rng)
+            stats = backward_sm90.new_stats_varlen(h, 2 * n, 2, "cpu")
+            backward_sm90.attention_backward_sm90(
+                qv, qv, kvv, kvv, stats, torch.zeros(qv.shape) if with_dq else None, torch.empty_like(kvv),
+                torch.empty_like(kvv), softmax_scale=0.1, causal=causal, window_left=left, dropout_p=p,
+                rng_state=rng, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_k=n)
     return calls
 
 
-def test_launch_key_never_merges_what_triton_compiles_apart(stand_in, monkeypatch):
-    calls = _forward_launches(monkeypatch)
-    assert len(calls) > 100
+@pytest.mark.parametrize("which", ["generic", "call site"])
+def test_launch_key_never_merges_what_triton_compiles_apart(stand_in, monkeypatch, which):
+    calls = _launches(monkeypatch)
+    assert len(calls) > 300
     seen = {}
     for kern, a, kw in calls:
+        kw = dict(kw)
+        site_key = kw.pop("key")
         # (launch.key's contract: positional = the leading run-time parameters, keywords =
         # constexprs and options)
         assert all(kern.arg_names.index(n) in kern.constexprs for n in kw if n in kern.arg_names)
@@ -97,9 +126,9 @@ def test_launch_key_never_merges_what_triton_compiles_apart(stand_in, monkeypatc
         _, _, _, _, binder = kern.device_caches[0]
         _, specialization, options = binder(*a, **kw)
         triton_key = jit.compute_cache_key(kern.device_caches[0][1], specialization, options)
-        mine, _ = launch_mod.key(kern, a, kw)
+        mine = launch_mod.key(kern, a, kw)[0] if which == "generic" else (id(kern), site_key)
         assert seen.setdefault(mine, triton_key) == triton_key, (mine, triton_key)
-    assert len(set(seen.values())) > 10  # (the grid does exercise several specializations)
+    assert len(set(seen.values())) > 20  # (the grid does exercise many specializations)
 
 
 def test_cached_launch_passes_what_triton_passes(stand_in, monkeypatch):

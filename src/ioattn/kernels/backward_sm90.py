@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import dropout_sm90, forward_sm90
 from .configs import cdiv, tma_ok
-from .launch import launch
+from .launch import align, launch
 from .forward_sm90 import _wgmma_layout
 
 # query rows per streamed block, by head dim (BLOCK_M_OVERRIDE: benchmarks' A/B runs)
@@ -527,14 +527,17 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     grid = (cdiv(seqlen_k_grid, 2 * HALF_N), batch * nheads_k)
     cu_q = cu_seqlens_q if varlen else stats  # (not read when dense)
     cu_k = cu_seqlens_k if varlen else stats
+    rng = rng_state if dropout_p > 0 else stats
+    key = (varlen, q.shape, k.shape, dk4.stride(), window_left, q.dtype, causal, with_dq, dropout_p > 0,
+           tuple(cfg.values()), align(cu_q, cu_k, dk, dv, rng))
     return launch(_attn_bwd_sm90, grid,
         *descs,
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale, window_left,
         cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2),
-        *((rng_state, dropout_p, math.log2(1.0 - dropout_p), 1.0 - dropout_p) if dropout_p > 0 else (stats, 0.0, 0.0, 1.0)),
+        *((rng, dropout_p, math.log2(1.0 - dropout_p), 1.0 - dropout_p) if dropout_p > 0 else (rng, 0.0, 0.0, 1.0)),
         HAS_DROPOUT=dropout_p > 0, HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=varlen,
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], key=key)
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False,

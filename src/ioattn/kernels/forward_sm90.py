@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import dropout_sm90
 from .configs import cdiv, tma_ok
-from .launch import launch
+from .launch import align, launch
 
 HALF_M = 64  # query rows per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
@@ -639,11 +639,14 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
             STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
             num_warps=cfg["num_warps"])
     grid = (n_mblocks, batch * nheads)
+    key = (q.shape, k.shape, lse.stride(), window_left, q.dtype, causal, has_dropout, tuple(cfg.values()),
+           align(lse, out, drop[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
         softmax_scale * LOG2E, out, 0, 0, lse, lse, window_left, *drop, CAUSAL=causal, HEAD_DIM=head_dim,
         BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=False, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"])
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=False, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"],
+        key=key)
 
 
 def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, cfg,
@@ -660,11 +663,14 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q4, q_block), (k4, kv_block), (v4, kv_block), (q4, q_block))]
     grid = (cdiv(max_seqlen_q, 2 * HALF_M), batch * nheads)
+    key = ("varlen", q.shape, k.shape, lse.stride(0), out.stride(), window_left, q.dtype, causal, has_dropout,
+           tuple(cfg.values()), align(lse, out, cu_q, cu_k, drop[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, softmax_scale * LOG2E,
         out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, CAUSAL=causal, HEAD_DIM=head_dim,
         BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"])
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"],
+        key=key)
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False,

@@ -79,11 +79,26 @@ def key(kernel, args, kwargs):
     return k, [*args, *[kwargs[n] for n in names[len(args):]]]
 
 
-def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, through the kernel cache above when FAST."""
+def align(*tensors):
+    """The 16-byte alignment bits of tensors' addresses, for a call site's key."""
+    return tuple([t.data_ptr() & 15 == 0 for t in tensors])
+
+
+def launch(kernel, grid, *args, key=None, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, through the kernel cache above when FAST. ``key``: the
+    call site's own key (cheaper than the generic one): values that determine every int argument
+    (the ints themselves are finer than Triton's specialization), the tensors' align() bits and
+    everything the descriptors' types and the constexprs depend on."""
     if not FAST:
         return kernel[grid](*args, **kwargs)
-    k, full = key(kernel, args, kwargs)
+    if key is None:
+        k, full = globals()["key"](kernel, args, kwargs)
+    else:
+        k = (id(kernel), driver.active.get_current_device(), key)
+        names = _names.get(id(kernel))
+        if names is None:
+            names = _names[id(kernel)] = kernel.arg_names
+        full = [*args, *[kwargs[n] for n in names[len(args):]]]
     compiled = _cache.get(k)
     if compiled is None:
         compiled = kernel[grid](*args, **kwargs)
