@@ -402,16 +402,6 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     dk = configs.new_empty(k.shape, k.dtype, k.device)
     dv = configs.new_empty(v.shape, v.dtype, v.device)
     block_d = configs.block_d(head_dim)
-    cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0,
-                                  gqa=nheads != nheads_k)
-    stride_ab = 0
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:
-        stride_ab = alibi_slopes.stride(0)
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
-                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                 HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
-                 HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
-                 UPCAST=upcast_dot(q.dtype))
     if q.numel() == 0 or max_seqlen_q == 0:  # no query rows: no gradient flows anywhere
         return dq.zero_(), dk.zero_(), dv.zero_()
     if k.numel() == 0 or max_seqlen_k == 0:  # no keys: every row is empty
@@ -443,6 +433,16 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
             dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
             window_left=window_left, **sm90_kw)
         return dq.copy_(dq_accum), dk, dv
+    cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0,
+                                  gqa=nheads != nheads_k)
+    stride_ab = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        stride_ab = alibi_slopes.stride(0)
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
+                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                 HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
+                 HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
+                 UPCAST=upcast_dot(q.dtype))
     strides_in = (*_dense_or_varlen_strides(q, varlen), *_dense_or_varlen_strides(k, varlen),
                   *_dense_or_varlen_strides(v, varlen), *strides_do)
     if use_sm90 == "split":  # dK, dV by the Gluon kernel; dQ below

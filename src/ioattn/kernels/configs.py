@@ -37,8 +37,11 @@ def new_empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"  # (read by triton at import too)
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def tma_ok(t, head_dim):

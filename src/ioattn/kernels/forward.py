@@ -319,13 +319,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         lse = configs.new_empty((batch, nheads, max_seqlen_q), torch.float32, q.device)
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     out = configs.new_empty(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
-    cfg = configs.forward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0, seqlen_k=max_seqlen_k)
-    block_d = configs.block_d(head_dim)
-    stride_ab = 0
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:
-        stride_ab = alibi_slopes.stride(0)
-    grid = (configs.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
-    if grid[0] * grid[1] == 0:  # no query rows at all
+    if max_seqlen_q <= 0 or batch * nheads == 0:  # no query rows at all
         return out, lse
     if _sm90 is not None and _sm90.supported(  # (None under the interpreter)
             q, k, v, varlen=varlen, window_left=window_left, window_right=window_right, softcap=softcap,
@@ -336,6 +330,12 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window_left=window_left,
             dropout_p=dropout_p, rng_state=rng_state)
         return out, lse
+    cfg = configs.forward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0, seqlen_k=max_seqlen_k)
+    block_d = configs.block_d(head_dim)
+    stride_ab = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        stride_ab = alibi_slopes.stride(0)
+    grid = (configs.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
     k_desc = v_desc = None
     use_tma = (configs.tma_tiles(block_d, q.element_size(), varlen) and configs.use_tma(q.device)
                and _tma_ok(k, head_dim) and _tma_ok(v, head_dim))
