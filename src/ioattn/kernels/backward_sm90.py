@@ -21,8 +21,11 @@ where 5 suffice. This kernel:
 - without (mode "split", what ``deterministic=True`` runs): dK and dV only, and the Triton dQ
   kernel runs after; no atomics, no barrier between the warpgroups.
 
-Scope: what forward_sm90 covers (dense bf16/fp16, causal or not, GQA/MQA) at head dims 64
-and 128 (at 256, dK and dV alone would take all of a warpgroup's registers). delta (the
+Scope: what forward_sm90 covers (bf16/fp16, dense or packed varlen, causal or not, sliding
+windows (left, 0) / (left, -1), GQA/MQA, dropout) at head dims 64 and 128 (at 256, dK and dV
+alone would take all of a warpgroup's registers). Varlen: the tiles run past a sequence's end
+into the next one's rows and keys, which the mask zeroes; dK/dV go out by a masked store;
+each sequence's lse/delta start 16-byte aligned in the stats buffer (stats_offset). delta (the
 rowsum of dO * O, with dlse folded in) comes from backward.py's preprocess kernel.
 """
 
