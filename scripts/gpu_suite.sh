@@ -186,6 +186,10 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s9b)  # next session: the full benchmark (hdim 64/128/256, 512..16k, all providers, memory to 64k) for the README
+    mkdir -p /tmp/bench
+    timeout 570 python3 benchmarks/bench_attention.py --out /tmp/bench/h200.json 2>&1 | tail -n 70
+    tar -cf "$OUT/bench.tar" -C /tmp/bench . ;;
   s9a)  # next session: the cached Gluon launch (IOATTN_FAST_LAUNCH=1) checked (fwd+bwd vs fp32, varlen)
         # and timed against the full launch path at 1k-16k (the 1k rows were host-bound in s8b)
     IOATTN_FAST_LAUNCH=1 timeout 100 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd_fast.json" 2>&1 | grep -v "^PASS" | tail -n 2
