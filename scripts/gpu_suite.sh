@@ -186,6 +186,9 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s9c)  # next session: softcap and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES; off by default), checked
+        # vs fp64 next to the Triton kernels and timed
+    timeout 250 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores.json" 2>&1 | tee "$OUT/scores.log" | grep -v "^PASS" ;;
   s9b)  # next session: the full benchmark (hdim 64/128/256, 512..16k, all providers, memory to 64k) for the README
     mkdir -p /tmp/bench
     timeout 570 python3 benchmarks/bench_attention.py --out /tmp/bench/h200.json 2>&1 | tail -n 70

@@ -108,6 +108,18 @@ def _launches(monkeypatch):
                 qv, qv, kvv, kvv, stats, torch.zeros(qv.shape) if with_dq else None, torch.empty_like(kvv),
                 torch.empty_like(kvv), softmax_scale=0.1, causal=causal, window_left=left, dropout_p=p,
                 rng_state=rng, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_k=n)
+    # softcap and ALiBi ((nheads,) or (batch, nheads) slopes, aligned or not)
+    for (b, n, h, hk, d), causal, softcap, alibi in itertools.product(
+            [(2, 17, 2, 1, 64), (3, 1000, 4, 2, 128)], (False, True), (0.0, 30.0), (None, "1d", "2d", "2d+1")):
+        q = torch.empty(b, n, h, d, dtype=torch.bfloat16)
+        kv = torch.empty(b, n, hk, d, dtype=torch.bfloat16)
+        slopes = {None: None, "1d": torch.rand(h), "2d": torch.rand(b, h),
+                  "2d+1": torch.rand(b * h + 1)[1:].view(b, h)}[alibi]
+        forward_sm90.attention_forward_sm90(q, kv, kv, torch.empty_like(q), torch.empty(b, h, n), softmax_scale=0.1,
+                                            causal=causal, softcap=softcap, alibi_slopes=slopes)
+        backward_sm90.attention_backward_sm90(
+            q, q, kv, kv, backward_sm90.new_stats(b, h, n, "cpu"), torch.zeros(q.shape), torch.empty_like(kv),
+            torch.empty_like(kv), softmax_scale=0.1, causal=causal, softcap=softcap, alibi_slopes=slopes)
     return calls
 
 

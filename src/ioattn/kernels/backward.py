@@ -426,7 +426,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         HAS_DLSE=dlse is not None, HAS_STATS=stats is not None,
     )
     sm90_kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k) if varlen else {}
-    sm90_kw.update(dropout_p=dropout_p, rng_state=rng_state)
+    sm90_kw.update(dropout_p=dropout_p, rng_state=rng_state, softcap=softcap, alibi_slopes=alibi_slopes)
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(

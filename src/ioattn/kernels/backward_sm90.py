@@ -103,6 +103,23 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_
 
 
 @gluon.jit
+def _scores_cols(st, offs_k, rows_q, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+    """forward_sm90._scores for S^T (keys as rows): the scores in log2 units and, under softcap,
+    t = tanh(q.k scale / softcap) for the gradient (dS gets a factor 1 - t^2)."""
+    if HAS_SOFTCAP:
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [st * sc_in], dtype=gl.float32,
+                                      is_pure=True, pack=1)
+        s = t * sc_out
+    else:
+        t = st
+        s = st * sc_out
+    if HAS_ALIBI:
+        dist = gl.expand_dims(rows_q, 0) + diag - gl.expand_dims(offs_k, 1)
+        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+    return s, t
+
+
+@gluon.jit
 def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
     """Add a warpgroup's fp32 dQ tile into the accumulator by one bulk TMA reduction. The
     buffer's previous reduction was issued a block earlier: the wait finds it done."""
@@ -116,7 +133,7 @@ def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
 def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem, kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, WG: gl.constexpr, WITH_DQ: gl.constexpr):
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, WG: gl.constexpr, WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -137,11 +154,13 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     # whether a sliding window applies and whether the batch is packed (varlen), compile-time
     # facts that gl.warp_specialize would turn into run-time values as arguments: carried by the
-    # shape of a placeholder allocation, 1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_DROPOUT (a
-    # run-time window test spills 150-300 bytes more at hdim 64)
+    # shape of a placeholder allocation, 1 + HAS_WINDOW + 2 IS_VARLEN + 4 HAS_DROPOUT + 8 HAS_SOFTCAP
+    # + 16 HAS_ALIBI (a run-time window test spills 150-300 bytes more at hdim 64)
     HAS_WINDOW: gl.constexpr = (win_smem.shape[0] - 1) % 2 == 1
     IS_VARLEN: gl.constexpr = (win_smem.shape[0] - 1) // 2 % 2 == 1
-    HAS_DROPOUT: gl.constexpr = (win_smem.shape[0] - 1) // 4 == 1
+    HAS_DROPOUT: gl.constexpr = (win_smem.shape[0] - 1) // 4 % 2 == 1
+    HAS_SOFTCAP: gl.constexpr = (win_smem.shape[0] - 1) // 8 % 2 == 1
+    HAS_ALIBI: gl.constexpr = (win_smem.shape[0] - 1) // 16 == 1
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
@@ -171,6 +190,11 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
         if HAS_DROPOUT:  # lse + log2(1 - p): P^T comes scaled by 1 / (1 - p) (backward._fold_dropout_scale)
             lse = lse + lse_fold
+        if HAS_SOFTCAP or HAS_ALIBI:  # (qk_scale is 1: _scores_cols gives log2 units)
+            slope2 = 0.0
+            if HAS_ALIBI:
+                slope2 = gl.load(ALIBI + ab_off + h).to(gl.float32) * 1.4426950408889634
+            st, tt = _scores_cols(st, offs_k, m0 + offs_q, diag, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         # a block needs the causal mask when its first query does not see this warpgroup's last key
         # or, under a sliding window of `left` keys, when its last query does not see the first key
@@ -203,6 +227,8 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
             pt = gl.where(keep, pt, 0.0)
         else:
             dst = pt * (dpt - gl.expand_dims(delta, 0))
+        if HAS_SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
         pt_a = gl.convert_layout(pt.to(dtype), a_layout)
         dv_tok = warpgroup_mma(pt_a, dos, dv, is_async=True)
         dst16 = dst.to(dtype)
@@ -265,48 +291,48 @@ def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h):
 def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
                       win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
                       seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh,
-                      seed, salt0, dropout_p, lse_fold, delta_fold):
+                      seed, salt0, dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, 0, True)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 0, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
                       win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
                       seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh,
-                      seed, salt0, dropout_p, lse_fold, delta_fold):
+                      seed, salt0, dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, 1, True)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 1, True)
 
 
 @gluon.jit
 def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
                            st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
                            n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks,
-                           stride_kh, seed, salt0, dropout_p, lse_fold, delta_fold):
+                           stride_kh, seed, salt0, dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, 0, False)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 0, False)
 
 
 @gluon.jit
 def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem,
                            st_smem, win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first,
                            n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks,
-                           stride_kh, seed, salt0, dropout_p, lse_fold, delta_fold):
+                           stride_kh, seed, salt0, dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out):
     _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, 1, False)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 1, False)
 
 
 @gluon.jit
@@ -328,10 +354,11 @@ def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem
 @gluon.jit
 def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, st_desc,
                    seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale, left, CU_Q, CU_K, DK, DV, stride_ks,
-                   stride_kh, RNG, dropout_p, lse_fold, delta_fold,
+                   stride_kh, RNG, dropout_p, lse_fold, delta_fold, ALIBI, stride_ab, sc_in, sc_out,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr,
-                   IS_VARLEN: gl.constexpr, HAS_DROPOUT: gl.constexpr):
+                   IS_VARLEN: gl.constexpr, HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                   HAS_ALIBI: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     n0 = gl.program_id(0) * (2 * KEYS)
@@ -339,6 +366,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     b = bh // nheads_k
     hk = bh % nheads_k
     salt0 = b * nheads_k * group  # the forward's dropout salt, less the query head
+    ab_off = b * stride_ab  # (ALiBi slopes of this batch element: (batch, nheads) or (nheads,))
     seed = 0
     if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it
         seed = gl.load(RNG) + gl.load(RNG + 1)
@@ -378,8 +406,9 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape, st_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     # (unused: its shape tells the consumers HAS_WINDOW, IS_VARLEN and HAS_DROPOUT)
-    win_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_DROPOUT],
-                                         mbarrier.MBarrierLayout())
+    win_smem = gl.allocate_shared_memory(
+        gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_DROPOUT + 8 * HAS_SOFTCAP + 16 * HAS_ALIBI],
+        mbarrier.MBarrierLayout())
     if WITH_DQ:  # each warpgroup's fp32 dQ tile on its way to the bulk reduction
         dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -398,7 +427,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
                      kv_bar,
                      q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                      qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                     lse_fold, delta_fold)
+                     lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out)
     producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
                      st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off)
     if WITH_DQ:
@@ -447,9 +476,9 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         # the Triton backward: at 1k keys 251 vs 219 TFLOP/s (h200-session7b, before lse and
         # delta came by the TMA); at 4k the one pass is ahead (401 vs 329, h200-session7c)
         return None
-    if (varlen and not VARLEN) or alibi_slopes is not None:
+    if (varlen and not VARLEN) or ((softcap > 0 or alibi_slopes is not None) and not forward_sm90.SCORES):
         return None
-    if softcap > 0 or (dropout_p > 0 and not forward_sm90.dropout_ok(q.shape[-1])) or window_right > 0 or (
+    if (dropout_p > 0 and not forward_sm90.dropout_ok(q.shape[-1])) or window_right > 0 or (
             capability[0] != 9):
         return None  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if window_left >= 0 and not forward_sm90.WINDOW:
@@ -501,7 +530,7 @@ def _stats_descriptor(stats, rows):
 
 def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
                             window_left=-1, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_k=None, dropout_p=0.0,
-                            rng_state=None):
+                            rng_state=None, softcap=0.0, alibi_slopes=None):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
     zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled.
     varlen (cu_seqlens_q given): packed (total, heads, dim) tensors, ``stats`` of batch 1 over
@@ -531,20 +560,22 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     cu_q = cu_seqlens_q if varlen else stats  # (not read when dense)
     cu_k = cu_seqlens_k if varlen else stats
     rng = rng_state if dropout_p > 0 else stats
+    qk_scale, score_args, has_softcap, has_alibi = forward_sm90._score_args(softmax_scale, softcap, alibi_slopes,
+                                                                            stats)
     key = (varlen, q.shape, k.shape, dk4.stride(), window_left, q.dtype, causal, with_dq, dropout_p > 0,
-           tuple(cfg.values()), align(cu_q, cu_k, dk, dv, rng))
+           has_softcap, has_alibi, score_args[1], tuple(cfg.values()), align(cu_q, cu_k, dk, dv, rng, score_args[0]))
     return launch(_attn_bwd_sm90, grid,
         *descs,
-        seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale, window_left,
+        seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, qk_scale, softmax_scale, window_left,
         cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2),
         *((rng, dropout_p, math.log2(1.0 - dropout_p), 1.0 - dropout_p) if dropout_p > 0 else (rng, 0.0, 0.0, 1.0)),
-        HAS_DROPOUT=dropout_p > 0, HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
+        *score_args, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, HAS_DROPOUT=dropout_p > 0, HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=varlen,
         num_warps=cfg["num_warps"], key=key)
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False,
-                varlen=False, dropout=False):
+                varlen=False, dropout=False, softcap=False, alibi=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -563,9 +594,9 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
                st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
                qk_scale="fp32", sm_scale="fp32", left="i32", CU_Q="*i32", CU_K="*i32", DK=f"*{dtype}",
                DV=f"*{dtype}", stride_ks="i32", stride_kh="i32", RNG="*i64", dropout_p="fp32", lse_fold="fp32",
-               delta_fold="fp32")
+               delta_fold="fp32", ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, HAS_WINDOW=window,
-                      IS_VARLEN=varlen, HAS_DROPOUT=dropout,
+                      IS_VARLEN=varlen, HAS_DROPOUT=dropout, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"])
     names = fn.arg_names

@@ -328,7 +328,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         configs.last_compiled["fwd"] = _sm90.attention_forward_sm90(
             q, k, v, out, lse, softmax_scale=softmax_scale, causal=window_right == 0, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window_left=window_left,
-            dropout_p=dropout_p, rng_state=rng_state)
+            dropout_p=dropout_p, rng_state=rng_state, softcap=softcap, alibi_slopes=alibi_slopes)
         return out, lse
     cfg = configs.forward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0, seqlen_k=max_seqlen_k)
     block_d = configs.block_d(head_dim)

@@ -57,6 +57,9 @@ WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (l
 # 64 slower: 1.149 vs 0.976, 4.340 vs 3.773), "all" at every head dim (checks), "0" never
 DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "auto")
 DROPOUT_HEAD_DIMS = (128, )
+# softcap and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES=1): compiled and tested on the CPU
+# only (session 8), so off until a GPU run checks them (benchmarks/gluon_scores_check.py)
+SCORES = os.environ.get("IOATTN_GLUON_SCORES", "0") == "1"
 
 
 def dropout_ok(head_dim):
@@ -136,6 +139,24 @@ def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal, left):
 
 
 @gluon.jit
+def _scores(s, offs_m, offs_n, n0, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+    """Raw q.k -> scores in log2 units under softcap (s = softcap tanh(q.k scale / softcap), the
+    GPU's tanh.approx as the Triton kernels use for bf16/fp16) and/or ALiBi (- slope |i + sk - sq
+    - j|, after the softcap, as FlashAttention-2): sc_in = scale / softcap, sc_out = softcap log2e
+    (without softcap: scale log2e), slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
+    if HAS_SOFTCAP:
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * sc_in], dtype=gl.float32,
+                                      is_pure=True, pack=1)
+        s = t * sc_out
+    else:
+        s = s * sc_out
+    if HAS_ALIBI:
+        dist = gl.expand_dims(offs_m, 1) + diag - gl.expand_dims(n0 + offs_n, 0)
+        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+    return s
+
+
+@gluon.jit
 def _softmax(s, m_i, l_i, qk_scale):
     """Online softmax of one block of raw scores: (P, new max, new sum, rescale factor)."""
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -149,13 +170,15 @@ def _softmax(s, m_i, l_i, qk_scale):
 
 @gluon.jit
 def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, r0, seqlen_q, seqlen_k, qk_scale,
-            causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT: gl.constexpr):
+            causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT: gl.constexpr, sc_in, sc_out, slope2,
+            HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     """One warpgroup's 64 query rows (from row r0) against the n_blocks key blocks from key
     n_lo on (n_lo > 0 only under a sliding window of ``left`` keys), which the producer puts
     in the K/V rings as blocks c0, c0 + 1, ... of this CTA: the unnormalized output, the
     running max and the running sum. With HAS_DROPOUT the dropped probabilities are left out
     of P V (the sum keeps them; the 1 / (1 - p) comes in the epilogue): the masks of
-    masks.dropout_keep, drawn by dropout_sm90 for (seed, salt = batch * nheads + head)."""
+    masks.dropout_keep, drawn by dropout_sm90 for (seed, salt = batch * nheads + head). With
+    HAS_SOFTCAP / HAS_ALIBI the scores go through _scores first (then qk_scale is 1)."""
     dtype: gl.constexpr = q2.dtype
     ROWS: gl.constexpr = q2.shape[0]
     HEAD_DIM: gl.constexpr = q2.shape[1]
@@ -188,6 +211,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s_tok = warpgroup_mma(q2, k0.permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s = _scores(s, offs_m, offs_n, n_lo, diag, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
@@ -209,6 +234,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
         kn = n_lo + j * BLOCK_N
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s = _scores(s, offs_m, offs_n, kn, diag, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
@@ -254,8 +281,8 @@ def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_l
 @gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, WG: gl.constexpr,
-              VARLEN: gl.constexpr):
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
+              WG: gl.constexpr, VARLEN: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     r0 = m0 + WG * ROWS
@@ -264,10 +291,14 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     q2 = q_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM], _TILE2)
     # whether dropout applies: a compile-time fact carried by the shape of a placeholder
     # allocation (gl.warp_specialize would make a constexpr argument a run-time value)
-    HAS_DROPOUT: gl.constexpr = drop_smem.shape[0] == 2
+    # (1 + HAS_DROPOUT + 2 HAS_SOFTCAP + 4 HAS_ALIBI)
+    HAS_DROPOUT: gl.constexpr = (drop_smem.shape[0] - 1) % 2 == 1
+    HAS_SOFTCAP: gl.constexpr = (drop_smem.shape[0] - 1) // 2 % 2 == 1
+    HAS_ALIBI: gl.constexpr = (drop_smem.shape[0] - 1) // 4 == 1
     mbarrier.wait(q_bars.index(WG), 0)
     o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
-                          seqlen_k, qk_scale, causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT)
+                          seqlen_k, qk_scale, causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT, sc_in, sc_out,
+                          slope2, HAS_SOFTCAP, HAS_ALIBI)
     if VARLEN:
         # a TMA store of the tile would write into the next sequence: a masked store instead
         # (a run-time branch between the two epilogues crashes the compiler's LLVM lowering)
@@ -306,46 +337,50 @@ def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride
 @gluon.jit
 def _consumer_wg0(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 0, False)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
+              0, False)
 
 
 @gluon.jit
 def _consumer_wg0_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 0, True)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
+              0, True)
 
 
 @gluon.jit
 def _consumer_wg1(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 1, False)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
+              1, False)
 
 
 @gluon.jit
 def _consumer_wg1_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, 1, True)
+              O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
+              1, True)
 
 
 @gluon.jit
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                    seqlen_q, seqlen_k, nheads, group, qk_scale, O, stride_os, stride_oh, CU_Q, CU_K, left,
-                   RNG, dropout_p, o_scale,
+                   RNG, dropout_p, o_scale, ALIBI, stride_ab, sc_in, sc_out,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IS_VARLEN: gl.constexpr,
-                   HAS_DROPOUT: gl.constexpr):
+                   HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     # the last query blocks have the most keys to visit under a causal mask: start them first
     m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * ROWS)
@@ -356,6 +391,9 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
     seed = 0
     if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it
         seed = gl.load(RNG) + gl.load(RNG + 1)
+    slope2 = 0.0
+    if HAS_ALIBI:  # (b: the sequence, also under varlen)
+        slope2 = gl.load(ALIBI + b * stride_ab + h).to(gl.float32) * 1.4426950408889634
     q_off = 0
     k_off = 0
     if IS_VARLEN:
@@ -386,12 +424,13 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
-    # (unused: its shape tells the consumers HAS_DROPOUT)
-    drop_smem = gl.allocate_shared_memory(gl.int64, [2 if HAS_DROPOUT else 1], mbarrier.MBarrierLayout())
+    # (unused: its shape tells the consumers HAS_DROPOUT, HAS_SOFTCAP and HAS_ALIBI)
+    drop_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_DROPOUT + 2 * HAS_SOFTCAP + 4 * HAS_ALIBI],
+                                          mbarrier.MBarrierLayout())
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
                      b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-                     O, stride_os, stride_oh, left, n_lo, drop_smem, seed, bh, dropout_p, o_scale)
+                     O, stride_os, stride_oh, left, n_lo, drop_smem, seed, bh, dropout_p, o_scale, sc_in, sc_out, slope2)
     producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
                      b, h, hk, m0, n_blocks, q_off, k_off + n_lo)
     if IS_VARLEN:
@@ -482,7 +521,7 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(1 - qb))
         o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
-                              seqlen_k, qk_scale, causal, -1, 0, 0, 0, 0.0, False)
+                              seqlen_k, qk_scale, causal, -1, 0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, False, False)
         _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, 1.0)
         c += n_blocks
         i += 1
@@ -556,9 +595,10 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     """Whether a forward call can take this kernel (else the Triton one runs). ``capability``
     is the device's (major, minor) as configs sees it (IOATTN_PORTABLE=1 reports sm_80).
     varlen: packed (total, heads, dim) tensors (not a paged cache), ``max_seqlen_k`` given."""
-    if not ENABLED or block_table is not None or alibi_slopes is not None or (varlen and not VARLEN):
+    if not ENABLED or block_table is not None or (varlen and not VARLEN):
         return False
-    if softcap > 0 or (dropout_p > 0 and not dropout_ok(q.shape[-1])) or window_right > 0 or (
+    if ((softcap > 0 or alibi_slopes is not None) and not SCORES) or (
+            dropout_p > 0 and not dropout_ok(q.shape[-1])) or window_right > 0 or (
             window_left >= 0 and not WINDOW):
         return False  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
@@ -611,17 +651,27 @@ def _dropout_args(dropout_p, rng_state, lse):
     return (lse, 0.0, 1.0), False
 
 
+def _score_args(softmax_scale, softcap, alibi_slopes, lse):
+    """(qk_scale, (ALIBI, stride_ab, sc_in, sc_out) kernel arguments, HAS_SOFTCAP, HAS_ALIBI): see _scores."""
+    has_softcap, has_alibi = softcap > 0, alibi_slopes is not None
+    sc_in, sc_out = (softmax_scale / softcap, softcap * LOG2E) if has_softcap else (0.0, softmax_scale * LOG2E)
+    stride_ab = alibi_slopes.stride(0) if has_alibi and alibi_slopes.dim() == 2 else 0
+    qk_scale = 1.0 if has_softcap or has_alibi else softmax_scale * LOG2E
+    return qk_scale, (alibi_slopes if has_alibi else lse, stride_ab, sc_in, sc_out), has_softcap, has_alibi
+
+
 def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None, cu_seqlens_q=None,
                            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, window_left=-1,
-                           dropout_p=0.0, rng_state=None):
+                           dropout_p=0.0, rng_state=None, softcap=0.0, alibi_slopes=None):
     """Run the Gluon forward into out (batch, seqlen_q, heads, dim) and lse (batch, heads, seqlen_q);
     varlen (cu_seqlens_q given): packed (total, heads, dim) tensors and lse (heads, total_q).
     dropout_p > 0: rng_state the (seed, offset) int64 tensor (the masks of masks.dropout_keep).
     ``cfg`` overrides config(head_dim) (benchmarks' A/B runs)."""
     drop, has_dropout = _dropout_args(dropout_p, rng_state, lse)
+    scores = _score_args(softmax_scale, softcap, alibi_slopes, lse)
     if cu_seqlens_q is not None:
         return _forward_varlen(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale, causal, cfg, window_left, drop, has_dropout)
+                               softmax_scale, causal, cfg, window_left, drop, has_dropout, scores)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim)
@@ -632,7 +682,7 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     # the persistent kernel is opt-in (cfg PERSISTENT): against the per-tile grid it measured
     # +8..+17% at 1k-4k keys without a mask in one run (results/h200-session7b) and level or
     # -4% in the next two (h200-session7c), and slower under a causal mask in all of them
-    if cfg.get("PERSISTENT", False) and window_left < 0 and not has_dropout:
+    if cfg.get("PERSISTENT", False) and window_left < 0 and not (has_dropout or scores[2] or scores[3]):
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
         return _attn_fwd_sm90_persistent[grid](
@@ -641,18 +691,19 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
             STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
             num_warps=cfg["num_warps"])
     grid = (n_mblocks, batch * nheads)
-    key = (q.shape, k.shape, lse.stride(), window_left, q.dtype, causal, has_dropout, tuple(cfg.values()),
-           align(lse, out, drop[0]))
+    qk_scale, score_args, has_softcap, has_alibi = scores
+    key = (q.shape, k.shape, lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap, has_alibi,
+           score_args[1], tuple(cfg.values()), align(lse, out, drop[0], score_args[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-        softmax_scale * LOG2E, out, 0, 0, lse, lse, window_left, *drop, CAUSAL=causal, HEAD_DIM=head_dim,
+        qk_scale, out, 0, 0, lse, lse, window_left, *drop, *score_args, CAUSAL=causal, HEAD_DIM=head_dim,
         BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=False, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"],
-        key=key)
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=False, HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap,
+        HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
 
 
 def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, cfg,
-                    window_left, drop, has_dropout):
+                    window_left, drop, has_dropout, scores):
     """The per-tile kernel over packed sequences: descriptors on (1, total, heads, dim) views
     (a tile that runs past its sequence reads the next one's rows: masked keys, unused query
     rows), per-sequence bounds from cu_seqlens in the kernel (no host synchronization)."""
@@ -665,18 +716,20 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q4, q_block), (k4, kv_block), (v4, kv_block), (q4, q_block))]
     grid = (cdiv(max_seqlen_q, 2 * HALF_M), batch * nheads)
+    qk_scale, score_args, has_softcap, has_alibi = scores
     key = ("varlen", q.shape, k.shape, lse.stride(0), out.stride(), window_left, q.dtype, causal, has_dropout,
-           tuple(cfg.values()), align(lse, out, cu_q, cu_k, drop[0]))
+           has_softcap, has_alibi, score_args[1], tuple(cfg.values()), align(lse, out, cu_q, cu_k, drop[0],
+                                                                             score_args[0]))
     return launch(_attn_fwd_sm90, grid,
-        *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, softmax_scale * LOG2E,
-        out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, CAUSAL=causal, HEAD_DIM=head_dim,
-        BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, num_warps=cfg["num_warps"],
-        key=key)
+        *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, qk_scale,
+        out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, *score_args, CAUSAL=causal,
+        HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap,
+        HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False,
-                dropout=False):
+                dropout=False, softcap=False, alibi=False):
     """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -692,12 +745,15 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
                group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", O=f"*{dtype}", stride_os="i32",
-               stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32", RNG="*i64", dropout_p="fp32", o_scale="fp32")
+               stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32", RNG="*i64", dropout_p="fp32", o_scale="fp32",
+               ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     if not persistent:
         constexprs["IS_VARLEN"] = varlen
         constexprs["HAS_DROPOUT"] = dropout
+        constexprs["HAS_SOFTCAP"] = softcap
+        constexprs["HAS_ALIBI"] = alibi
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
