@@ -533,8 +533,10 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
                             rng_state=None, softcap=0.0, alibi_slopes=None):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
     zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled.
-    varlen (cu_seqlens_q given): packed (total, heads, dim) tensors, ``stats`` of batch 1 over
-    the packed rows; one CTA per 128 keys of the longest sequence (the others return at once)."""
+    varlen (cu_seqlens_q given): packed (total, heads, dim) tensors, ``stats`` from
+    new_stats_varlen (each sequence's rows from stats_offset); one CTA per 128 keys of the
+    longest sequence (the others return at once). dropout_p, rng_state, softcap, alibi_slopes:
+    as the forward's (the same masks, scores and slopes)."""
     with_dq = dq_accum is not None
     varlen = cu_seqlens_q is not None
     if varlen:  # descriptors on (1, total, heads, dim) views
