@@ -11,9 +11,7 @@ cached launch; --prof: a cProfile of the forward+backward.
 import cProfile
 import os
 import pstats
-import statistics
 import sys
-import time
 
 import torch
 from triton.runtime.driver import driver
@@ -31,18 +29,6 @@ from ioattn.kernels import backward, backward_sm90, configs, forward_sm90, launc
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *a, **k: None
-
-
-def per_call_us(fn, number=200, repeat=7):
-    for _ in range(20):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - t0) / number * 1e6)
-    return statistics.median(samples)
 
 
 def main():
@@ -63,6 +49,7 @@ def main():
     def fwd_bwd():
         torch.autograd.grad(fwd(), (q, k, v), dout)
 
+    per_call_us = launch_overhead.per_call_us
     print(f"{'cached' if launch.FAST else 'full'} launch: forward {per_call_us(fwd):.0f} us, "
           f"forward+backward {per_call_us(fwd_bwd):.0f} us per call")
     if "--prof" in sys.argv:

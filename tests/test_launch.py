@@ -131,14 +131,14 @@ def test_launch_key_never_merges_what_triton_compiles_apart(stand_in, monkeypatc
     for kern, a, kw in calls:
         kw = dict(kw)
         site_key = kw.pop("key")
-        # (launch.key's contract: positional = the leading run-time parameters, keywords =
+        # (launch.generic_key's contract: positional = the leading run-time parameters, keywords =
         # constexprs and options)
         assert all(kern.arg_names.index(n) in kern.constexprs for n in kw if n in kern.arg_names)
         assert not any(i in kern.constexprs for i in range(len(a)))
         _, _, _, _, binder = kern.device_caches[0]
         _, specialization, options = binder(*a, **kw)
         triton_key = jit.compute_cache_key(kern.device_caches[0][1], specialization, options)
-        mine = launch_mod.key(kern, a, kw)[0] if which == "generic" else (id(kern), site_key)
+        mine = launch_mod.generic_key(kern, a, kw)[0] if which == "generic" else (id(kern), site_key)
         assert seen.setdefault(mine, triton_key) == triton_key, (mine, triton_key)
     assert len(set(seen.values())) > 20  # (the grid does exercise many specializations)
 

@@ -103,23 +103,6 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_
 
 
 @gluon.jit
-def _scores_cols(st, offs_k, rows_q, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
-    """forward_sm90._scores for S^T (keys as rows): the scores in log2 units and, under softcap,
-    t = tanh(q.k scale / softcap) for the gradient (dS gets a factor 1 - t^2)."""
-    if HAS_SOFTCAP:
-        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [st * sc_in], dtype=gl.float32,
-                                      is_pure=True, pack=1)
-        s = t * sc_out
-    else:
-        t = st
-        s = st * sc_out
-    if HAS_ALIBI:
-        dist = gl.expand_dims(rows_q, 0) + diag - gl.expand_dims(offs_k, 1)
-        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
-    return s, t
-
-
-@gluon.jit
 def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
     """Add a warpgroup's fp32 dQ tile into the accumulator by one bulk TMA reduction. The
     buffer's previous reduction was issued a block earlier: the wait finds it done."""
@@ -190,11 +173,12 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
         if HAS_DROPOUT:  # lse + log2(1 - p): P^T comes scaled by 1 / (1 - p) (backward._fold_dropout_scale)
             lse = lse + lse_fold
-        if HAS_SOFTCAP or HAS_ALIBI:  # (qk_scale is 1: _scores_cols gives log2 units)
+        if HAS_SOFTCAP or HAS_ALIBI:  # (qk_scale is 1: _scores gives log2 units)
             slope2 = 0.0
             if HAS_ALIBI:
                 slope2 = gl.load(ALIBI + ab_off + h).to(gl.float32) * 1.4426950408889634
-            st, tt = _scores_cols(st, offs_k, m0 + offs_q, diag, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            st, tt = forward_sm90._scores(st, gl.expand_dims(m0 + offs_q, 0), gl.expand_dims(offs_k, 1), diag,
+                                          sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         # a block needs the causal mask when its first query does not see this warpgroup's last key
         # or, under a sliding window of `left` keys, when its last query does not see the first key

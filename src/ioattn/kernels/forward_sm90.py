@@ -139,21 +139,24 @@ def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal, left):
 
 
 @gluon.jit
-def _scores(s, offs_m, offs_n, n0, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
-    """Raw q.k -> scores in log2 units under softcap (s = softcap tanh(q.k scale / softcap), the
-    GPU's tanh.approx as the Triton kernels use for bf16/fp16) and/or ALiBi (- slope |i + sk - sq
-    - j|, after the softcap, as FlashAttention-2): sc_in = scale / softcap, sc_out = softcap log2e
-    (without softcap: scale log2e), slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
+def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+    """Raw q.k -> (scores in log2 units, t) under softcap (s = softcap t, t = tanh(q.k scale /
+    softcap), the GPU's tanh.approx as the Triton kernels use for bf16/fp16; the backward's dS
+    takes a factor 1 - t^2) and/or ALiBi (- slope |i + sk - sq - j|, after the softcap, as
+    FlashAttention-2). rows, cols: the query and key indices, broadcastable to s (either
+    orientation: S or S^T); sc_in = scale / softcap, sc_out = softcap log2e (without softcap:
+    scale log2e), slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
     if HAS_SOFTCAP:
         t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * sc_in], dtype=gl.float32,
                                       is_pure=True, pack=1)
         s = t * sc_out
     else:
+        t = s
         s = s * sc_out
     if HAS_ALIBI:
-        dist = gl.expand_dims(offs_m, 1) + diag - gl.expand_dims(n0 + offs_n, 0)
+        dist = rows + diag - cols
         s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
-    return s
+    return s, t
 
 
 @gluon.jit
@@ -212,7 +215,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
-            s = _scores(s, offs_m, offs_n, n_lo, diag, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(n_lo + offs_n, 0), diag, sc_in, sc_out,
+                           slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
@@ -235,7 +239,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         mbarrier.arrive(k_empty.index(st))
         kn = n_lo + j * BLOCK_N
         if HAS_SOFTCAP or HAS_ALIBI:
-            s = _scores(s, offs_m, offs_n, kn, diag, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
+                           slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)

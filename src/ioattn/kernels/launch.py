@@ -68,7 +68,7 @@ except ImportError:
 _names = {}
 
 
-def key(kernel, args, kwargs):
+def generic_key(kernel, args, kwargs):
     """(cache key, every argument in the kernel's parameter order) of a launch. The positional
     arguments are the kernel's leading run-time parameters, the keyword ones its constexprs
     (their values go into the key as they are) and options such as num_warps."""
@@ -92,7 +92,7 @@ def launch(kernel, grid, *args, key=None, **kwargs):
     if not FAST:
         return kernel[grid](*args, **kwargs)
     if key is None:
-        k, full = globals()["key"](kernel, args, kwargs)
+        k, full = generic_key(kernel, args, kwargs)
     else:
         k = (id(kernel), driver.active.get_current_device(), key)
         names = _names.get(id(kernel))
