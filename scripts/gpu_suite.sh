@@ -186,7 +186,11 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s9c)  # next session: softcap and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES; off by default), checked
+  s10a)  # session 10: all providers in one run, hdim 128/64/256 at 1k/4k/16k (fwd, bwd), memory to 16k,
+          # with the cached launch and Gluon softcap/ALiBi on by default; written to $OUT after every case
+    timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
+      --memory-seqlen 2048,8192,16384 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;
+  s9c)  # session 9: softcap and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES; off by default), checked
         # vs fp64 next to the Triton kernels and timed
     timeout 250 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores.json" 2>&1 | tee "$OUT/scores.log" | grep -v "^PASS" ;;
   s9b)  # next session: the full benchmark (hdim 64/128/256, 512..16k, all providers, memory to 64k) for the README

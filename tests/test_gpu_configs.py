@@ -122,7 +122,7 @@ def test_gluon_dropout_compiles_for_sm90a(head_dim, causal):
 
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False), (256, True)])
 def test_gluon_softcap_alibi_compile_for_sm90a(head_dim, causal):
-    """Softcap (tanh.approx) and ALiBi in the Gluon kernels (off by default: IOATTN_GLUON_SCORES):
+    """Softcap (tanh.approx) and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES=0 keeps Triton's):
     the forward without spills, the backward (hdim <= 128) within 1 KB (measured: hdim 128
     4-292 B, hdim 64 108-980 B)."""
     forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
@@ -154,15 +154,16 @@ def test_gluon_dispatch_rules():
     assert not f(96) and not f(128, dtype=torch.float32)
     assert not f(64, n=2048, window_right=0)  # hdim 64 causal up to 2k keys: the Triton kernel
     assert f(128, window_left=256, window_right=0) and f(128, window_left=256)  # sliding windows
-    assert not f(128, window_left=256, window_right=16) and not f(128, softcap=30.0)
-    assert not fwd.SCORES  # softcap / ALiBi on the Gluon kernels: opt-in until a GPU run checks them
-    fwd.SCORES = True
+    assert not f(128, window_left=256, window_right=16)
+    assert fwd.SCORES  # softcap / ALiBi on the Gluon kernels by default (checked on an H200, session 9)
+    assert f(128, softcap=30.0) and f(64, alibi_slopes=torch.ones(2))
+    assert bwd.supported(t(128), t(128), t(128), t(128), **{**dense, "softcap": 30.0}, deterministic=False,
+                         capability=(9, 0)) == "atomic"
+    fwd.SCORES = False
     try:
-        assert f(128, softcap=30.0) and f(64, alibi_slopes=torch.ones(2))
-        assert bwd.supported(t(128), t(128), t(128), t(128), **{**dense, "softcap": 30.0}, deterministic=False,
-                             capability=(9, 0)) == "atomic"
+        assert not f(128, softcap=30.0) and not f(64, alibi_slopes=torch.ones(2))
     finally:
-        fwd.SCORES = False
+        fwd.SCORES = True
     # dropout (dropout_sm90's masks): at hdim 128 by default, where it measured ahead
     assert f(128, dropout_p=0.1) and not f(64, dropout_p=0.1) and not f(256, dropout_p=0.1)
     fwd.DROPOUT = "all"

@@ -11,6 +11,7 @@ import torch
 forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
 backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
 from ioattn.kernels import launch as launch_mod  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime import jit  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
@@ -33,15 +34,21 @@ class _Compiled:
     def __init__(self, log):
         self.log = log
         self.function = self.packed_metadata = None
+        self.via = "jit"
+
+    def _init_handles(self):
+        pass
 
     def launch_metadata(self, grid, stream, *args):
         return None
 
-    def run(self, *args):  # JITFunction.run's launch: grid, stream, ... then the arguments
-        self.log.append(("jit", args[:3], args[9:]))
+    def run(self, *args):  # the C launcher's arguments: grid, stream, ... then the kernel's
+        self.log.append((self.via, args[:3], args[9:]))
+        self.via = "jit"
 
-    def __getitem__(self, grid):  # CompiledKernel's own launcher (launch.launch's cached path)
-        return lambda *args: self.log.append(("cached", tuple(grid) + (1,) * (3 - len(grid)), args))
+    def __getitem__(self, grid):  # launch.launch's cached path: Triton's own CompiledKernel launcher
+        self.via = "cached"
+        return CompiledKernel.__getitem__(self, grid)
 
 
 @pytest.fixture
