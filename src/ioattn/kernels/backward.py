@@ -13,6 +13,8 @@ Three launches, no atomics (so the gradients are bit-identical run to run):
 P is recomputed from Q, K and the saved log-sum-exp: P = exp2(S·log2e − lse·log2e).
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -376,6 +378,26 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
              dq.to(DQ.dtype.element_ty), mask=io_mask)
 
 
+# the one-pass Gluon backward adds dQ into an fp32 accumulator, twice the size of dQ in bf16/fp16;
+# above this size it runs over groups of KV heads, one launch each, with an accumulator for that
+# group only, so that the accumulator is no larger than dQ itself (16k tokens x 2048: peak memory of
+# one forward+backward 388 -> ~324 MiB). IOATTN_DQ_ACCUM_CHUNK_MIB=0 splits whenever it can (checks)
+DQ_ACCUM_CHUNK_BYTES = int(os.environ.get("IOATTN_DQ_ACCUM_CHUNK_MIB", "64")) << 20
+
+
+def _dq_accum_chunks(q, nheads_k, dropout_p):
+    """How many launches the one-pass backward takes (1: no chunking). Not under dropout: its masks
+    are salted by the head index, which a launch over a slice of the heads would renumber."""
+    accum = q.numel() * 4
+    if dropout_p > 0 or accum <= DQ_ACCUM_CHUNK_BYTES:
+        return 1
+    want = -(-accum // max(q.numel() * q.element_size(), DQ_ACCUM_CHUNK_BYTES, 1))
+    for n in range(want, nheads_k + 1):  # the smallest split of the KV heads into equal groups
+        if nheads_k % n == 0:
+            return n
+    return 1
+
+
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
                        softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, dlse=None,
@@ -428,11 +450,23 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     sm90_kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k) if varlen else {}
     sm90_kw.update(dropout_p=dropout_p, rng_state=rng_state, softcap=softcap, alibi_slopes=alibi_slopes)
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
-        dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
-            dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
-            window_left=window_left, **sm90_kw)
-        return dq.copy_(dq_accum), dk, dv
+        head_dim_ax = 1 if varlen else 2
+        chunks = _dq_accum_chunks(q, nheads_k, dropout_p)
+        per = nheads_k // chunks  # KV heads per launch (a GQA group never splits)
+        for c in range(chunks):
+            hq, hk = slice(c * per * (nheads // nheads_k), (c + 1) * per * (nheads // nheads_k)), slice(c * per, (c + 1) * per)
+            qc, doc, dqc = (t.narrow(head_dim_ax, hq.start, hq.stop - hq.start) for t in (q, dout, dq))
+            kc, vc, dkc, dvc = (t.narrow(head_dim_ax, hk.start, hk.stop - hk.start) for t in (k, v, dk, dv))
+            dq_accum = torch.zeros(qc.shape, dtype=torch.float32, device=q.device)
+            kw = dict(sm90_kw)
+            if alibi_slopes is not None:
+                kw["alibi_slopes"] = alibi_slopes[..., hq]
+            configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
+                doc, qc, kc, vc, stats[:, hq], dq_accum, dkc, dvc, softmax_scale=softmax_scale,
+                causal=window_right == 0, window_left=window_left, **kw)
+            dqc.copy_(dq_accum)
+            dq_accum = None
+        return dq, dk, dv
     cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0,
                                   gqa=nheads != nheads_k)
     stride_ab = 0
