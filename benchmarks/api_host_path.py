@@ -3,9 +3,9 @@ Triton's driver replaced by a stand-in, the Gluon kernels' compiled kernels and 
 preprocess by no-ops, the dispatch told it runs on sm_90 (so flash_attn_func on small CPU
 tensors runs exactly the Python of a Hopper call, minus the C launcher). Prints us per
 forward (inputs require grad) and per forward+backward; --fast: with kernels/launch.py's
-cached launch; --prof: a cProfile of the forward+backward.
+cached launch; --prof: a cProfile of the forward+backward (--fwd: of the forward).
 
-    PYTHONPATH=src python benchmarks/api_host_path.py [--fast] [--prof]
+    PYTHONPATH=src python benchmarks/api_host_path.py [--fast] [--prof [--fwd]]
 """
 
 import cProfile
@@ -53,10 +53,11 @@ def main():
     print(f"{'cached' if launch.FAST else 'full'} launch: forward {per_call_us(fwd):.0f} us, "
           f"forward+backward {per_call_us(fwd_bwd):.0f} us per call")
     if "--prof" in sys.argv:
+        what = fwd if "--fwd" in sys.argv else fwd_bwd
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(1000):
-            fwd_bwd()
+            what()
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
