@@ -190,6 +190,9 @@ case "$mode" in
           # with the cached launch and Gluon softcap/ALiBi on by default; written to $OUT after every case
     timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
       --memory-seqlen 2048,8192,16384 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;
+  s10b)  # session 10: the Gluon hdim-256 backward (IOATTN_GLUON_BWD256=1; off by default), atomic and split
+          # modes vs fp64 next to the Triton backward on 6 shapes, then timing vs Triton and cuDNN at 1k/4k/16k
+    IOATTN_GLUON_BWD256=1 timeout 230 python3 benchmarks/gluon_bwd256_check.py --out "$OUT/bwd256.json" 2>&1 | tee "$OUT/bwd256.log" | grep -v "^PASS" ;;
   s9c)  # session 9: softcap and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES; off by default), checked
         # vs fp64 next to the Triton kernels and timed
     timeout 250 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores.json" 2>&1 | tee "$OUT/scores.log" | grep -v "^PASS" ;;

@@ -23,9 +23,10 @@ where 5 suffice. This kernel:
 
 Scope: what forward_sm90 covers (bf16/fp16, dense or packed varlen, causal or not, sliding
 windows (left, 0) / (left, -1), GQA/MQA, dropout) at head dims 64 and 128 (at 256, dK and dV
-alone would take all of a warpgroup's registers). Varlen: the tiles run past a sequence's end
-into the next one's rows and keys, which the mask zeroes; dK/dV go out by a masked store;
-each sequence's lse/delta start 16-byte aligned in the stats buffer (stats_offset). delta (the
+alone would take all of a warpgroup's registers: backward_sm90_d256 splits the head dim instead,
+dense batches, opt-in by IOATTN_GLUON_BWD256=1; this launcher hands it those calls). Varlen: the
+tiles run past a sequence's end into the next one's rows and keys, which the mask zeroes; dK/dV
+go out by a masked store; each sequence's lse/delta start 16-byte aligned in the stats buffer (stats_offset). delta (the
 rowsum of dO * O, with dlse folded in) comes from backward.py's preprocess kernel.
 """
 
@@ -446,6 +447,10 @@ def config(head_dim):
 MODE = os.environ.get("IOATTN_GLUON_BWD", "auto")
 # IOATTN_GLUON_BWD_VARLEN=0 keeps the Triton backward for packed variable-length batches (A/B)
 VARLEN = os.environ.get("IOATTN_GLUON_BWD_VARLEN", "1") != "0"
+# IOATTN_GLUON_BWD256=1: head dim 256 (dense; causal or not, GQA) on the Gluon backward of
+# backward_sm90_d256 (the warpgroups split the head dim), in the mode IOATTN_GLUON_BWD picks.
+# Off by default: compiled only, not yet run on a GPU (benchmarks/gluon_bwd256_check.py)
+D256 = os.environ.get("IOATTN_GLUON_BWD256", "0") == "1"
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
@@ -467,7 +472,13 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if window_left >= 0 and not forward_sm90.WINDOW:
         return None
-    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+    if q.shape[-1] == 256 and D256:
+        # backward_sm90_d256: dense batches without window, dropout, softcap or ALiBi
+        if varlen or window_left >= 0 or dropout_p > 0 or softcap > 0 or alibi_slopes is not None:
+            return None
+    elif q.shape[-1] not in HEAD_DIMS:
+        return None
+    if q.dtype not in (torch.bfloat16, torch.float16) or v.shape[-1] != q.shape[-1]:
         return None
     d = q.shape[-1]
     if not (tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d) and tma_ok(dout, d)):
@@ -521,6 +532,11 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     new_stats_varlen (each sequence's rows from stats_offset); one CTA per 128 keys of the
     longest sequence (the others return at once). dropout_p, rng_state, softcap, alibi_slopes:
     as the forward's (the same masks, scores and slopes)."""
+    if q.shape[-1] == 256:  # the kernel that splits the head dim (supported() sends dense calls only)
+        from . import backward_sm90_d256
+        assert cu_seqlens_q is None and window_left < 0 and dropout_p == 0 and softcap == 0 and alibi_slopes is None
+        return backward_sm90_d256.attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv,
+                                                          softmax_scale=softmax_scale, causal=causal)
     with_dq = dq_accum is not None
     varlen = cu_seqlens_q is not None
     if varlen:  # descriptors on (1, total, heads, dim) views

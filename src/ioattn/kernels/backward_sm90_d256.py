@@ -1,0 +1,354 @@
+"""Hopper (sm_90) backward at head dim 256 in Gluon: dK and dV (mode "split") or dK, dV and dQ
+in one pass (mode "atomic"), dense batches. Opt-in (IOATTN_GLUON_BWD256=1, backward_sm90.D256)
+until a GPU run has checked it.
+
+Why a kernel of its own: backward_sm90 lets each consumer warpgroup own 64 keys and keep their
+dK, dV (64 x hdim fp32) in registers: at hdim 256 that is 256 registers a thread for the two.
+Here the two consumer warpgroups split the HEAD DIM of dK/dV instead of the keys:
+
+- a CTA owns 64 keys of one (batch, KV head); warpgroup w keeps dK[:, 128w:128w+128] and
+  dV[:, 128w:128w+128] (64 + 64 fp32 registers a thread) while the query blocks (64 rows, of
+  every query head of the GQA group) stream through a ring of 2 shared-memory stages that a
+  producer warp fills by TMA. K, V, Q and dO travel as column halves (64 x 128 tiles), so
+  every operand below is a whole tile or a row slice of one;
+- per query block, warpgroup w computes the scores of ITS 32 keys over the full head dim,
+  queries as rows: S_w = Q K_w^T and dP_w = dO V_w^T (64 x 32, two chained wgmmas each, one
+  per column half: 16 fp32 registers each), P_w = exp2(S_w log2e - lse), dS_w = P_w (dP_w -
+  delta), and writes P_w^T and dS_w^T (bf16/fp16) into rows 32w.. of two shared 64-key x
+  64-query tiles (double-buffered; an mbarrier with one arrival per warpgroup says both
+  halves are there);
+- then dV_w += P^T dO[:, half w] and dK_w += dS^T Q[:, half w], all 64 keys, A and B from
+  shared memory;
+- with WITH_DQ ("atomic"): dQ[:, half w] = dS K[:, half w] (64 x 128, A the dS^T tile read
+  transposed), scaled, and added to an fp32 accumulator by one bulk TMA reduction. Its fp32
+  tile (32 KB) lives in the stage's Q[:, half w] and dO[:, half w] tiles, which after the
+  warpgroups' barrier only this warpgroup reads (its dK and dV products): the stage goes back
+  to the producer once the reduction has read it (tma.store_wait at the next block, behind
+  that block's score products). No shared memory beyond the split mode's.
+
+Shared memory (bf16/fp16, 2 stages): K, V 64 KB + Q, dO 2 x 64 KB + P^T, dS^T 2 x 16 KB + lse /
+delta 1 KB = 230,400 B + barriers (limit 232,448).
+Scope: bf16/fp16 dense (batch, seqlen, heads, 256) tensors, causal (bottom-right) or not,
+GQA/MQA, seqlen_q != seqlen_k, any lengths (the TMA zero-fills rows past the ends: such query
+rows have Q = dO = 0 and lse = delta = 0, so they add nothing to dK/dV; keys past the end have
+K = V = 0 and their rows of dK/dV are dropped by the TMA store). Varlen, windows, dropout,
+softcap and ALiBi at hdim 256 keep the Triton backward (backward_sm90.supported).
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from . import forward_sm90
+from .backward_sm90 import _STATS_LAYOUT, _stats_descriptor, _tma_reduce_add
+from .configs import cdiv
+from .forward_sm90 import _wgmma_layout
+from .launch import launch
+
+HEAD_DIM = 256
+HALF_D = 128  # the columns of dK/dV (and dQ) of one consumer warpgroup
+BLOCK_M = 64  # query rows per streamed block
+BLOCK_N = 64  # keys per CTA (32 per warpgroup in the score products)
+
+
+@gluon.jit
+def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
+              q_empty, b, hk, group, n0, m_first, n_mblocks):
+    STAGES: gl.constexpr = st_smem.shape[0] // 2
+    ROWS: gl.constexpr = qd_smem.shape[2]
+    HALF: gl.constexpr = qd_smem.shape[4]
+    # K and V (column halves), once per CTA
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [b, n0, hk, w * HALF], kv_bar, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [b, n0, hk, w * HALF], kv_bar, v_smem.index(w))
+    for t in range(group * n_mblocks):
+        s = t % STAGES
+        h = hk * group + t // n_mblocks
+        m0 = (m_first + t % n_mblocks) * ROWS
+        mbarrier.wait(q_empty.index(s), ((t // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(s), 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes
+                        + 2 * st_desc.block_type.nbytes)
+        # stage s holds Q[:, half 0], dO[:, half 0], Q[:, half 1], dO[:, half 1] in this order:
+        # half w's two tiles are one contiguous 32 KB (warpgroup w's fp32 dQ tile in "atomic")
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [b, m0, h, w * HALF], q_ready.index(s),
+                                            qd_smem.index(4 * s + 2 * w))
+            tma.async_copy_global_to_shared(do_desc, [b, m0, h, w * HALF], q_ready.index(s),
+                                            qd_smem.index(4 * s + 2 * w + 1))
+        tma.async_copy_global_to_shared(st_desc, [b, h, 0, m0], q_ready.index(s), st_smem.index(2 * s))
+        tma.async_copy_global_to_shared(st_desc, [b, h, 1, m0], q_ready.index(s), st_smem.index(2 * s + 1))
+
+
+@gluon.jit
+def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
+              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
+              WG: gl.constexpr, WITH_DQ: gl.constexpr):
+    dtype: gl.constexpr = dk_desc.dtype
+    STAGES: gl.constexpr = st_smem.shape[0] // 2
+    ROWS: gl.constexpr = qd_smem.shape[2]  # queries per block
+    HALF: gl.constexpr = qd_smem.shape[4]  # head-dim columns of this warpgroup's dK, dV, dQ
+    KEYS: gl.constexpr = k_smem.shape[2]  # keys of the CTA
+    KW: gl.constexpr = KEYS // 2  # keys of this warpgroup's scores
+    s_layout: gl.constexpr = _wgmma_layout(KW)  # S_w, dP_w: ROWS x KW, queries as rows
+    acc_layout: gl.constexpr = _wgmma_layout(HALF)  # dK, dV: KEYS x HALF; dQ: ROWS x HALF
+    tile2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+
+    k_lo = k_smem.index(0)._reinterpret(dtype, [KEYS, HALF], tile2)
+    k_hi = k_smem.index(1)._reinterpret(dtype, [KEYS, HALF], tile2)
+    v_lo = v_smem.index(0)._reinterpret(dtype, [KEYS, HALF], tile2)
+    v_hi = v_smem.index(1)._reinterpret(dtype, [KEYS, HALF], tile2)
+    # this warpgroup's keys in both column halves (B operands of S_w, dP_w)
+    kw_lo = k_lo.slice(WG * KW, KW, dim=0).permute((1, 0))
+    kw_hi = k_hi.slice(WG * KW, KW, dim=0).permute((1, 0))
+    vw_lo = v_lo.slice(WG * KW, KW, dim=0).permute((1, 0))
+    vw_hi = v_hi.slice(WG * KW, KW, dim=0).permute((1, 0))
+    k_own = k_smem.index(WG)._reinterpret(dtype, [KEYS, HALF], tile2)  # K[:, half WG] (dQ's B)
+    v_own = v_smem.index(WG)._reinterpret(dtype, [KEYS, HALF], tile2)
+    if WITH_DQ:
+        # the stages as fp32 tiles: index 2 s + w is stage s's (Q, dO)[:, half w]
+        dq_all = qd_smem._reinterpret(gl.float32, [2 * STAGES] + dq_desc.block_type.shape, dq_desc.layout)
+        dq2_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HALF], gl.float32)
+
+    k0 = n0 + WG * KW
+    diag = seqlen_k - seqlen_q
+    offs_k = k0 + gl.arange(0, KW, layout=gl.SliceLayout(0, s_layout))
+    offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    dk = gl.zeros([KEYS, HALF], gl.float32, acc_layout)
+    dv = gl.zeros([KEYS, HALF], gl.float32, acc_layout)
+    s_init = gl.zeros([ROWS, KW], gl.float32, s_layout)
+    dq_init = gl.zeros([ROWS, HALF], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    n_iter = group * n_mblocks
+    for t in range(n_iter):
+        s = t % STAGES
+        h = hk * group + t // n_mblocks
+        m0 = (m_first + t % n_mblocks) * ROWS
+        mbarrier.wait(q_ready.index(s), (t // STAGES) & 1)
+        q_lo = qd_smem.index(4 * s)._reinterpret(dtype, [ROWS, HALF], tile2)
+        do_lo = qd_smem.index(4 * s + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
+        q_hi = qd_smem.index(4 * s + 2)._reinterpret(dtype, [ROWS, HALF], tile2)
+        do_hi = qd_smem.index(4 * s + 3)._reinterpret(dtype, [ROWS, HALF], tile2)
+        q_own = qd_smem.index(4 * s + 2 * WG)._reinterpret(dtype, [ROWS, HALF], tile2)
+        do_own = qd_smem.index(4 * s + 2 * WG + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
+        # S_w = Q K_w^T and dP_w = dO V_w^T over the full head dim (two column halves each)
+        s_tok = warpgroup_mma(q_lo, kw_lo, s_init, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_hi, kw_hi, s_tok, is_async=True)
+        dp_tok = warpgroup_mma(do_lo, vw_lo, s_init, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_hi, vw_hi, dp_tok, is_async=True)
+        if WITH_DQ:
+            if t > 0:
+                # the previous block's dQ reduction has read its tile out of that stage: give the
+                # stage back to the producer (behind this block's score products)
+                tma.store_wait(0)
+                mbarrier.arrive(q_empty.index((t - 1) % STAGES))
+        sc = warpgroup_mma_wait(2, deps=(s_tok, ))
+        # lse and delta straight from the stage into the rows' layout
+        lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(1, s_layout))
+        p = gl.exp2(sc * qk_scale - gl.expand_dims(lse, 1))
+        if causal != 0:  # the block needs the mask when its first query does not see this warpgroup's last key
+            if m0 + diag < k0 + KW - 1:
+                ok = gl.expand_dims(offs_k, 0) <= gl.expand_dims(m0 + offs_q, 1) + diag
+                p = gl.where(ok, p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+        delta = st_smem.index(2 * s + 1)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(1, s_layout))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        # P_w^T, dS_w^T into rows WG * KW.. of the shared key x query tiles (double-buffered: the
+        # products of block t - 2 that read buffer t % 2 were waited for before either warpgroup
+        # arrived on block t - 1's barrier, which this one has passed)
+        ptb = pt_smem.index(t % 2)
+        dstb = dst_smem.index(t % 2)
+        ptb.slice(WG * KW, KW, dim=0).permute((1, 0)).store(p.to(dtype))
+        dstb.slice(WG * KW, KW, dim=0).permute((1, 0)).store(ds.to(dtype))
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(t % 2))
+        mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
+        # dV_w += P^T dO[:, half w], dK_w += dS^T Q[:, half w] (all 64 keys)
+        dv_tok = warpgroup_mma(ptb, do_own, dv, is_async=True)
+        dk_tok = warpgroup_mma(dstb, q_own, dk, is_async=True)
+        if WITH_DQ:
+            dq_tok = warpgroup_mma(dstb.permute((1, 0)), k_own, dq_init, use_acc=False, is_async=True)
+            dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
+            dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+            # Q[:, half w] and dO[:, half w] of this stage are read by nobody now: dQ's fp32 tile
+            # goes there, then one bulk reduction into the accumulator (rows past seqlen_q dropped)
+            dq_buf = dq_all.index(2 * s + WG)
+            dq_buf._reinterpret(gl.float32, [ROWS, HALF], dq2_layout).store(dq * sm_scale)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [b, m0, h, WG * HALF], dq_buf)
+        else:
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            mbarrier.arrive(q_empty.index(s))
+    if WITH_DQ:
+        tma.store_wait(0)
+        if n_iter > 0:
+            mbarrier.arrive(q_empty.index((n_iter - 1) % STAGES))
+
+    # epilogue: dK (scaled), dV through this warpgroup's column halves of the K/V tiles: past the
+    # last block's barrier, both warpgroups' score products (the other readers) are done
+    k_own.store((dk * sm_scale).to(dtype))
+    v_own.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, WG * HALF], k_smem.index(WG))
+    tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * HALF], v_smem.index(WG))
+    tma.store_wait(0)
+
+
+# one wrapper per (warpgroup, mode): gl.warp_specialize turns constexpr arguments into values
+@gluon.jit
+def _consumer_wg0_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
+                        q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
+                        sm_scale, causal):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
+              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
+              0, False)
+
+
+@gluon.jit
+def _consumer_wg1_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
+                        q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
+                        sm_scale, causal):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
+              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
+              1, False)
+
+
+@gluon.jit
+def _consumer_wg0_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
+                     q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
+                     sm_scale, causal):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
+              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
+              0, True)
+
+
+@gluon.jit
+def _consumer_wg1_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
+                     q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
+                     sm_scale, causal):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
+              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
+              1, True)
+
+
+@gluon.jit
+def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, st_desc, seqlen_q, seqlen_k, nheads_k,
+                   group, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]
+    KEYS: gl.constexpr = k_desc.block_type.shape[1]
+    # (causal: the first key blocks have the most query blocks; they come first)
+    n0 = gl.program_id(0) * KEYS
+    bh = gl.program_id(1)
+    b = bh // nheads_k
+    hk = bh % nheads_k
+    m_first = 0
+    if CAUSAL:  # query i sees key j when j <= i + seqlen_k - seqlen_q
+        m_first = gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // ROWS
+    n_mblocks = gl.maximum((seqlen_q + ROWS - 1) // ROWS - m_first, 0)
+    causal = 1 if CAUSAL else 0
+
+    dtype: gl.constexpr = q_desc.dtype
+    # per stage: Q and dO in column halves (Q lo, dO lo, Q hi, dO hi), each a (1, ROWS, 1, 128) TMA tile
+    qd_smem = gl.allocate_shared_memory(dtype, [4 * STAGES] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+    pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, ROWS], dtype)
+    pt_smem = gl.allocate_shared_memory(dtype, [2, KEYS, ROWS], pds_layout)
+    dst_smem = gl.allocate_shared_memory(dtype, [2, KEYS, ROWS], pds_layout)
+    st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape, st_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)
+
+    consumer_args = (dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
+                     q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                     causal)
+    producer_args = (q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
+                     q_empty, b, hk, group, n0, m_first, n_mblocks)
+    if WITH_DQ:
+        gl.warp_specialize([(_consumer_wg0_dq, consumer_args), (_consumer_wg1_dq, consumer_args),
+                            (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_consumer_wg0_split, consumer_args), (_consumer_wg1_split, consumer_args),
+                            (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(ds_ready.index(i))
+
+
+def config():
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+
+
+def _blocks(cfg):
+    return dict(q=(1, cfg["BLOCK_M"], 1, HALF_D), kv=(1, cfg["BLOCK_N"], 1, HALF_D), dq=(1, cfg["BLOCK_M"], 1, HALF_D))
+
+
+def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
+    """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
+    zeroed fp32 tensor of q's shape; dense (batch, seqlen, heads, 256) bf16/fp16 tensors.
+    ``stats``: backward_sm90.new_stats's buffer, filled by the preprocess."""
+    with_dq = dq_accum is not None
+    batch, seqlen_q, nheads, head_dim = q.shape
+    assert head_dim == HEAD_DIM
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    cfg = cfg or config()
+    blk = _blocks(cfg)
+    d = forward_sm90._descriptor
+    descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
+             d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
+    descs.append(d(dq_accum, blk["dq"], torch.float32) if with_dq else descs[-1])  # (not read without dQ)
+    descs.append(_stats_descriptor(stats, cfg["BLOCK_M"]))
+    grid = (cdiv(seqlen_k, cfg["BLOCK_N"]), batch * nheads_k)
+    qk_scale = softmax_scale * forward_sm90.LOG2E
+    # (every argument is a descriptor, fixed by the dtype and cfg, or an int fixed by the shapes)
+    key = (q.shape, k.shape, q.dtype, causal, with_dq, tuple(cfg.values()))
+    return launch(_attn_bwd_d256, grid, *descs, seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, qk_scale,
+                  softmax_scale, CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
+                  CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"],
+                  key=key)
+
+
+def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg=None):
+    """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cfg = cfg or config()
+    blk = _blocks(cfg)
+
+    def desc(block, dt=dtype, tdt=tdtype):
+        return f"tensordesc<{dt}[{','.join(map(str, block))}],{forward_sm90._layout(block, tdt)!r}>"
+
+    fn = _attn_bwd_d256
+    sig = dict(q_desc=desc(blk["q"]), do_desc=desc(blk["q"]), k_desc=desc(blk["kv"]), v_desc=desc(blk["kv"]),
+               dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
+               dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
+               st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32",
+               nheads_k="i32", group="i32", qk_scale="fp32", sm_scale="fp32")
+    constexprs = dict(CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
+                      PRODUCER_REGS=cfg["PRODUCER_REGS"])
+    names = fn.arg_names
+    for n in constexprs:
+        sig[n] = "constexpr"
+    sig = {n: sig[n] for n in names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+                          options={"num_warps": cfg["num_warps"]})
