@@ -1,5 +1,5 @@
-"""The Gluon Hopper backward at head dim 256 (kernels/backward_sm90_d256.py, opt-in by
-IOATTN_GLUON_BWD256=1): compiled for sm_90a on the CPU (shared memory, wgmma shapes, TMA loads,
+"""The Gluon Hopper backward at head dim 256 (kernels/backward_sm90_d256.py, default on sm_90;
+IOATTN_GLUON_BWD256=0 turns it off): compiled for sm_90a on the CPU (shared memory, wgmma shapes, TMA loads,
 stores and dQ reductions, the register split, no spills), its dispatch rules and the launcher's
 wiring. Its numbers are checked on a GPU: benchmarks/gluon_bwd256_check.py (gpu_suite s10b)."""
 
@@ -40,11 +40,16 @@ def test_gluon_bwd256_dispatch(monkeypatch):
     b = lambda deterministic=False, dtype=torch.bfloat16, **kw: bwd.supported(  # noqa: E731
         t(dtype=dtype), t(h=1, dtype=dtype), t(h=1, dtype=dtype), t(dtype=dtype), **{**dense, **kw},
         deterministic=deterministic, capability=(9, 0))
+    assert bwd.D256  # on by default since the H200 check (results/h200-session9d)
     monkeypatch.setattr(bwd, "D256", False)
-    assert b() is None and b(window_right=0) is None  # off by default: the Triton backward
+    assert b() is None and b(window_right=0) is None  # IOATTN_GLUON_BWD256=0: the Triton backward
     monkeypatch.setattr(bwd, "D256", True)
-    assert b() == "atomic" and b(window_right=0) == "atomic" and b(dtype=torch.float16) == "atomic"
+    # "split" (Gluon dK/dV, Triton dQ) measured ahead of the one pass at hdim 256: the default
+    assert b() == "split" and b(window_right=0) == "split" and b(dtype=torch.float16) == "split"
     assert b(deterministic=True) == "split"
+    monkeypatch.setattr(bwd, "MODE", "atomic")
+    assert b() == "atomic" and b(deterministic=True) == "split"
+    monkeypatch.setattr(bwd, "MODE", "auto")
     for kw in (dict(softcap=30.0), dict(alibi_slopes=torch.ones(2)), dict(dropout_p=0.1), dict(window_left=64),
                dict(window_left=64, window_right=0), dict(window_right=16)):
         assert b(**kw) is None, kw

@@ -447,10 +447,13 @@ def config(head_dim):
 MODE = os.environ.get("IOATTN_GLUON_BWD", "auto")
 # IOATTN_GLUON_BWD_VARLEN=0 keeps the Triton backward for packed variable-length batches (A/B)
 VARLEN = os.environ.get("IOATTN_GLUON_BWD_VARLEN", "1") != "0"
-# IOATTN_GLUON_BWD256=1: head dim 256 (dense; causal or not, GQA) on the Gluon backward of
-# backward_sm90_d256 (the warpgroups split the head dim), in the mode IOATTN_GLUON_BWD picks.
-# Off by default: compiled only, not yet run on a GPU (benchmarks/gluon_bwd256_check.py)
-D256 = os.environ.get("IOATTN_GLUON_BWD256", "0") == "1"
+# head dim 256 (dense; causal or not, GQA) on the Gluon backward of backward_sm90_d256 (the
+# warpgroups split the head dim; IOATTN_GLUON_BWD256=0 keeps the Triton backward). H200, session 9
+# (results/h200-session9d): 6/6 vs fp64 with the Triton kernels' errors; dK/dV by this kernel and dQ
+# by the Triton kernel ("split") 1.19-1.38x the Triton backward, 0.91-1.07x cuDNN; the one pass
+# ("atomic", dQ by TMA reductions) was slower (1.04-1.33x Triton), so "split" is the default here
+# (deterministic as well) and "atomic" only with IOATTN_GLUON_BWD=atomic
+D256 = os.environ.get("IOATTN_GLUON_BWD256", "1") == "1"
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
@@ -483,6 +486,8 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
     d = q.shape[-1]
     if not (tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d) and tma_ok(dout, d)):
         return None
+    if d == 256:
+        return "atomic" if MODE == "atomic" and not deterministic else "split"
     return "split" if deterministic or MODE == "split" else "atomic"
 
 
