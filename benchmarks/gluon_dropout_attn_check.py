@@ -3,9 +3,12 @@
 next to the Triton kernels on the same rng_state (torch.manual_seed before each call; outputs
 NaN-prefilled). The masks are the same bits in both paths (dropout_sm90 mirrors
 masks.dropout_keep), so a case passes when each Gluon error is finite and at most 2x the
-Triton path's + 1e-3. Then the cost of dropout 0.1 per path (hdim 128, 4k, causal, bf16).
+Triton path's + 1e-3. Then the cost of dropout 0.1 per path (hdim 128 and 64, 4k, causal, bf16).
+The Gluon forward runs once per way of applying the mask (--modes, forward_sm90.DROPOUT_APPLY:
+select, packed, early; the same kept entries, so the same errors).
 
-    python benchmarks/gluon_dropout_attn_check.py [--out f.json] [--skip-bench]
+    python benchmarks/gluon_dropout_attn_check.py [--out f.json] [--skip-bench | --skip-check]
+                                                  [--modes select,packed,early]
 """
 
 import argparse
@@ -47,8 +50,10 @@ def reference(q, k, v, dout, p, keep, causal, left):
     return (out.detach(), *torch.autograd.grad(out, (qf, kf, vf), dout.float()))
 
 
-def run(q, k, v, dout, p, causal, left, seed, gluon):
-    forward_sm90.DROPOUT = "all" if gluon else "0"
+def run(q, k, v, dout, p, causal, left, seed, mode):
+    """mode: None for the Triton kernels, else forward_sm90.DROPOUT_APPLY for the Gluon ones."""
+    forward_sm90.DROPOUT = "all" if mode else "0"
+    forward_sm90.DROPOUT_APPLY = mode or "select"
     try:
         qi, ki, vi = (t.detach().clone().requires_grad_() for t in (q, k, v))
         torch.manual_seed(seed)
@@ -56,13 +61,17 @@ def run(q, k, v, dout, p, causal, left, seed, gluon):
         return (out.detach(), *torch.autograd.grad(out, (qi, ki, vi), dout))
     finally:
         forward_sm90.DROPOUT = "auto"
+        forward_sm90.DROPOUT_APPLY = DEFAULT_APPLY
+
+
+DEFAULT_APPLY = forward_sm90.DROPOUT_APPLY
 
 
 def rel(x, ref):
     return ((x.float() - ref).norm() / ref.norm().clamp_min(1e-6)).item()
 
 
-def check(rows):
+def check(rows, modes):
     configs.poison_outputs = True
     n_fail = 0
     cases = [(128, 2, 1000, 1000, 4, 2, True, -1, 0.1), (128, 1, 777, 1300, 2, 2, False, -1, 0.3),
@@ -86,11 +95,11 @@ def check(rows):
         try:
             keep = keep_mask(q, k, p, causal, left, seed)
             ref = reference(q, k, v, dout, p, keep, causal, left)
-            eg = [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, True), ref)]
-            et = [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, False), ref)]
-            good = all(math.isfinite(a) and a <= 2 * t + 1e-3 for a, t in zip(eg, et))
+            et = [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, None), ref)]
+            eg = {m: [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, m), ref)] for m in modes}
+            good = all(math.isfinite(a) and a <= 2 * t + 1e-3 for e in eg.values() for a, t in zip(e, et))
         except Exception as exc:  # noqa: BLE001
-            good, eg, et = False, [], []
+            good, eg, et = False, {}, []
             print("ERROR", repr(exc)[:300], flush=True)
         n_fail += not good
         row = dict(kind="check", hdim=d, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=h, nheads_k=hk, causal=causal,
@@ -102,27 +111,31 @@ def check(rows):
     return n_fail
 
 
-def bench(rows):
+def bench(rows, modes):
     for d in (128, 64):
         h, n, b = 2048 // d, 4096, 4
         q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         dout = torch.randn_like(q)
         fl = 4 * b * h * n * n * d / 2
         res = {}
-        for name, p, gluon in (("plain", 0.0, True), ("dropout gluon", 0.1, True), ("dropout triton", 0.1, False)):
-            forward_sm90.DROPOUT = "all" if gluon else "0"
+        paths = [("plain", 0.0, "select")] + [(f"dropout gluon {m}", 0.1, m) for m in modes] + [
+            ("dropout triton", 0.1, None)]
+        for name, p, mode in paths:
+            forward_sm90.DROPOUT = "all" if mode else "0"
+            forward_sm90.DROPOUT_APPLY = mode or "select"
             fwd = lambda p=p: ioattn.flash_attn_func(q, k, v, dropout_p=p, causal=True)  # noqa: E731
 
             def fb(p=p):
                 torch.autograd.grad(fwd(p), (q, k, v), dout)
             res[name] = (triton.testing.do_bench(fwd), triton.testing.do_bench(fb))
         forward_sm90.DROPOUT = "auto"
+        forward_sm90.DROPOUT_APPLY = DEFAULT_APPLY
         for name, (tf, tfb) in res.items():
             row = dict(kind="bench", hdim=d, seqlen=n, batch=b, nheads=h, case=name, fwd_ms=tf, fwd_bwd_ms=tfb,
                        fwd_tflops=fl / tf * 1e-9, fwd_bwd_tflops=3.5 * fl / tfb * 1e-9,
                        fwd_overhead=tf / res["plain"][0] - 1, fwd_bwd_overhead=tfb / res["plain"][1] - 1)
             rows.append(row)
-            print(f"hdim {d} 4k causal {name:15s} fwd {tf:.3f} ms ({row['fwd_overhead']:+.1%})  "
+            print(f"hdim {d} 4k causal {name:22s} fwd {tf:.3f} ms ({row['fwd_overhead']:+.1%})  "
                   f"fwd+bwd {tfb:.3f} ms ({row['fwd_bwd_overhead']:+.1%})", flush=True)
 
 
@@ -130,11 +143,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--modes", default="select,packed,early", help="forward_sm90.DROPOUT_APPLY values to run")
     args = ap.parse_args(argv)
+    modes = args.modes.split(",")
     rows = []
-    n_fail = check(rows)
+    n_fail = 0 if args.skip_check else check(rows, modes)
     if not args.skip_bench:
-        bench(rows)
+        bench(rows, modes)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -2,7 +2,9 @@
 
 Each case writes the (batch * nheads, seqlen_q, seqlen_k) int8 keep mask tile by tile with one
 Gluon layout -- forward (keep_rows: [64, 128] or [64, 64] query x key tiles in the wgmma
-accumulator layout) or backward (keep_cols: [64, 64] or [64, 128] key x query tiles, stored
+accumulator layout), the forward's packed path ("fwdpacked": which entries of a bf16 tile of
+ones dropout_sm90.drop_packed_rows leaves nonzero: the mul.wide Philox, the SIMD byte compare,
+the prmt lane masks) or backward (keep_cols: [64, 64] or [64, 128] key x query tiles, stored
 transposed) -- from queries m_base.., keys n_base.., salts salt_base.., and compares it element
 for element with
 
@@ -11,7 +13,8 @@ for element with
 - for the first salt, dropout_sm90.keep_mask_reference (the docstring's spec in NumPy).
 
 Outputs are prefilled with 2 (a value no kernel writes), seeds come from rng_state tensors
-like interface._rng_state's (including high bits and a negative sum), p in {0.1, 0.5, 0.17}.
+like interface._rng_state's (including high bits and a negative sum), p in {0.1, 0.5, 0.17, 0.75,
+0.999} (thresholds 26, 128, 44, 192, 256: both halves of the byte range for the SIMD compare).
 Prints PASS/FAIL per case and "gluon dropout check: X/Y passed"; exits 1 on any failure.
 
     python benchmarks/gluon_dropout_check.py [--bench]
@@ -59,17 +62,20 @@ def triton_mask(bh, sq, sk, p, rng, m_base, n_base, salt_base):
 def gluon_mask(layout, bh, sq, sk, p, rng, m_base, n_base, salt_base):
     kind, tr, tc = layout
     transposed = kind == "bwd"
+    packed = kind == "fwdpacked"
     out = torch.full((bh, sq, sk), 2, dtype=torch.int8, device="cuda")
     # forward: rows are queries; backward: rows are keys
     grid = ((sk // tr, sq // tc) if transposed else (sq // tr, sk // tc)) + (bh,)
     dropout_sm90._mask_kernel[grid](out, rng, sq, sk, p, m_base, n_base, salt_base, TR=tr, TC=tc,
-                                    TRANSPOSED=transposed, num_warps=4)
+                                    TRANSPOSED=transposed, PACKED=packed, num_warps=4)
     return out
 
 
-LAYOUTS = [("fwd", 64, 128), ("fwd", 64, 64), ("bwd", 64, 64), ("bwd", 64, 128)]
+LAYOUTS = [("fwd", 64, 128), ("fwd", 64, 64), ("bwd", 64, 64), ("bwd", 64, 128), ("fwdpacked", 64, 128),
+           ("fwdpacked", 64, 64)]
+BENCH_LAYOUTS = LAYOUTS[:4]
 RNGS = [None, (0, 0), (2 ** 32 - 1, 1), (3, 2 ** 62 - 5), (-(2 ** 40) - 17, 11)]  # None: interface-like random
-PS = [0.1, 0.5, 0.17]
+PS = [0.1, 0.5, 0.17, 0.75, 0.999]
 BASES = [(0, 0, 0), (16 * 1001, 64 * 777, 1000), (2 ** 20 + 48, 2 ** 21 + 192, 2 ** 31 - 5)]
 
 
@@ -77,12 +83,15 @@ def check(args):
     torch.manual_seed(0)
     bh, sq, sk = 3, 256, 384
     cases = []
+    kinds = args.layouts.split(",") if args.layouts else None
     for layout in LAYOUTS:
+        if kinds and layout[0] not in kinds:
+            continue
         for ri, rng in enumerate(RNGS):
             for pi, p in enumerate(PS):
                 for bi, base in enumerate(BASES):
                     # all layouts x seeds at p = 0.1, 0.5 and base 0; the others on a diagonal
-                    if pi == 2 and ri != 0:
+                    if pi >= 2 and ri != 0:
                         continue
                     if bi > 0 and (ri + pi + bi) % 2:
                         continue
@@ -138,7 +147,7 @@ def bench():
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     state = torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device="cuda")
     iters = 256
-    for kind, tr, tc in LAYOUTS:
+    for kind, tr, tc in BENCH_LAYOUTS:
         transposed = kind == "bwd"
         progs, bh = 4 * n_sm, 2  # ~8 warpgroups per SM
         out = torch.empty(progs * bh * tr * tc, dtype=torch.float32, device="cuda")
@@ -158,6 +167,7 @@ def bench():
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--layouts", default=None, help="comma-separated kinds to check (fwd, bwd, fwdpacked)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gluon dropout check: no GPU")

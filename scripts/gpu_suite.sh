@@ -186,6 +186,12 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s10c)  # session 10: dropout masks applied to the packed bf16 P in the Gluon forward (IOATTN_GLUON_DROPOUT_APPLY
+          # packed / early; compiled only): masks bit-identical to the Triton ones (the packed path's mask
+          # kernel), forward+backward vs fp32 with the replayed mask per mode, then the cost of each mode
+    timeout 60 python3 benchmarks/gluon_dropout_check.py --layouts fwdpacked,fwd 2>&1 | tee "$OUT/dropout_masks.log" | grep -v "^PASS" | tail -n 8
+    timeout 100 python3 benchmarks/gluon_dropout_attn_check.py --skip-bench --modes packed,early --out "$OUT/dropout_check.json" 2>&1 | tee "$OUT/dropout_check.log" | grep -v "^PASS"
+    timeout 75 python3 benchmarks/gluon_dropout_attn_check.py --skip-check --modes select,packed,early --out "$OUT/dropout_bench.json" 2>&1 | tee "$OUT/dropout_bench.log" ;;
   s10a)  # session 10: all providers in one run, hdim 128/64/256 at 1k/4k/16k (fwd, bwd), memory to 16k,
           # with the cached launch and Gluon softcap/ALiBi on by default; written to $OUT after every case
     timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \

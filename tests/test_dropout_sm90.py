@@ -91,6 +91,9 @@ def test_philox_constants_are_tritons():
     for name in ("PHILOX_KEY_A", "PHILOX_KEY_B", "PHILOX_ROUND_A", "PHILOX_ROUND_B"):
         value = int(getattr(dropout_sm90, name))
         assert re.search(rf"{name}: tl.constexpr = {value:#X}\b".replace("0X", "0x"), src), name
+    # the mul.wide asm of the packed path multiplies by the same round constants
+    for fn, name in ((dropout_sm90._mul_wide_a, "PHILOX_ROUND_A"), (dropout_sm90._mul_wide_b, "PHILOX_ROUND_B")):
+        assert f"{int(getattr(dropout_sm90, name)):#X}".replace("0X", "0x") in inspect.getsource(fn.fn), name
 
 
 @pytest.mark.skipif(not (configs.interpreting() or torch.cuda.is_available()),
@@ -113,3 +116,124 @@ def test_numpy_spec_keep_fraction():
     ref = dropout_sm90.keep_mask_reference(2 ** 40 + 5, 3, 2 ** 20, 64 * 99, 512, 512, 0.1)
     expect = 1 - 26 / 256
     assert abs(ref.mean() - expect) < 6 * np.sqrt(expect * (1 - expect) / ref.size)
+
+
+# --- the forward's packed path (dropout_sm90.keep_words_rows / keep_lanes / drop_packed_rows) ---------------
+# Its arithmetic restated in NumPy (the kernels cannot run here): the SIMD byte compare of _keep_bytes for
+# every draw and threshold, and the prmt selectors of keep_words_rows; the GPU check of the kernels
+# themselves is benchmarks/gluon_dropout_check.py --layouts fwdpacked (bit-identical masks).
+
+
+def _keep_bytes_np(x, t):
+    """_keep_bytes(x, s_word, k_word) with s = t - 1, as the kernel computes it (uint32 wrap-around)."""
+    x = np.asarray(x, dtype=np.uint32)
+    s_word = np.uint32((t - 1) * 0x01010101)
+    k_word = np.uint32(0x7F7F7F7F - (int(s_word) & 0x7F7F7F7F))
+    c = (x & np.uint32(0x7F7F7F7F)) + k_word  # no carry leaves a byte
+    return (x & ~s_word) | (~(x ^ s_word) & c)
+
+
+def _prmt_np(a, b, sel):
+    """PTX prmt.b32 (default mode): byte i of the result from nibble i of sel: bits 0-2 pick one of the
+    8 bytes of {b, a} (a = bytes 0-3), bit 3 replicates that byte's sign bit."""
+    src = [(int(a) >> (8 * i)) & 0xFF for i in range(4)] + [(int(b) >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        nib = (int(sel) >> (4 * i)) & 0xF
+        byte = src[nib & 7]
+        out |= ((0xFF if byte & 0x80 else 0) if nib & 8 else byte) << (8 * i)
+    return out
+
+
+def test_keep_bytes_is_the_threshold_compare():
+    """Bit 7 of each byte of _keep_bytes(x) is (byte >= ceil(256 p)) for every byte value, every byte
+    position and every threshold 1..256 (p in (0, 1)), whatever the other bytes hold."""
+    rng = np.random.default_rng(0)
+    u = np.arange(256, dtype=np.uint32)
+    for t in range(1, 257):
+        for pos in range(4):
+            other = rng.integers(0, 2 ** 32, size=256, dtype=np.uint64).astype(np.uint32)
+            x = (other & ~np.uint32(0xFF << (8 * pos))) | (u << np.uint32(8 * pos))
+            bit = (_keep_bytes_np(x, t) >> np.uint32(8 * pos + 7)) & np.uint32(1)
+            np.testing.assert_array_equal(bit.astype(bool), u >= t, err_msg=f"t={t} byte {pos}")
+    # the thresholds the kernels derive from p (masks._dropout_threshold): 1..256 for 0 < p < 1
+    for p in (1e-6, 0.1, 0.5, 0.75, 0.999):
+        assert 1 <= int(np.ceil(np.float32(p) * np.float32(256.0))) <= 256
+
+
+def test_packed_lane_masks_pick_each_elements_draw():
+    """keep_words_rows' selectors (byte b of the element's word: (b + 8) * 0x11 for the low lane,
+    (b + 12) * 0x1100 for the high lane) OR-ed as keep_lanes does give 0xffff in each 16-bit lane
+    exactly when that lane's element keeps its draw, for any two elements packed together."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        t = int(rng.integers(1, 257))
+        w0, w1 = (int(x) for x in rng.integers(0, 2 ** 32, size=2, dtype=np.uint64))
+        b0, b1 = (int(x) for x in rng.integers(0, 4, size=2))
+        k0, k1 = int(_keep_bytes_np(w0, t)), int(_keep_bytes_np(w1, t))
+        lanes = _prmt_np(k0, k1, ((b0 + 8) * 0x11) | ((b1 + 12) * 0x1100))
+        assert lanes & 0xFFFF == (0xFFFF if (w0 >> (8 * b0)) & 0xFF >= t else 0)
+        assert lanes >> 16 == (0xFFFF if (w1 >> (8 * b1)) & 0xFF >= t else 0)
+
+
+@_compiles
+@pytest.mark.parametrize("cols", [128, 64])
+def test_packed_mask_kernel_compiles_for_sm90a(cols):
+    """The check kernel's packed path (drop_packed_rows on a bf16 tile): no spills, no shared memory,
+    Philox by mul.wide only (one per round and call, less the first round's shared products), one
+    prmt per two elements."""
+    kernel = dropout_sm90.compile_for("mask", 64, cols, False, packed=True)
+    ptx = kernel.asm["ptx"]
+    assert ptxas_report(kernel)["spill_bytes"] == 0 and kernel.metadata.shared == 0
+    assert "shfl" not in ptx and "st.shared" not in ptx and _count(ptx, "mul.hi") == 0
+    calls = 2 * cols // 64
+    assert calls * DROPOUT_ROUNDS <= len(re.findall(r"mul\.wide\.u32", ptx)) <= 2 * DROPOUT_ROUNDS * calls
+    assert len(re.findall(r"prmt\.b32 %r\d+, %r\d+, %r\d+, t;", ptx)) == 64 * cols // 128 // 2
+
+
+def _inner_loop_sizes(kernel):
+    """SASS instructions of the forward's key loops (a back edge over >= 60 MUFU.EX2, the smallest
+    two: one per consumer warpgroup), through the nvdisasm that ships with Triton."""
+    import os
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(kernel.asm["cubin"])
+    text = subprocess.run([nvdisasm, "-c", fh.name], capture_output=True, text=True, check=True).stdout
+    os.unlink(fh.name)
+    ins, labels = [], {}
+    for line in text.splitlines():
+        m = re.match(r"^\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        elif re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            ins.append(line)
+    sizes = []
+    for i, t in enumerate(ins):
+        m = re.search(r"BRA\s.*`\(\.(L_x_\d+)\)", t)
+        if m and labels.get(m.group(1), i) < i:
+            body = ins[labels[m.group(1)]:i + 1]
+            if len(body) < 3000 and sum("MUFU.EX2" in x for x in body) >= 60:
+                sizes.append(len(body))
+    return sorted(sizes)[:2]
+
+
+@_compiles
+def test_packed_forward_instructions_per_score():
+    """The Gluon forward with the packed / early mask (IOATTN_GLUON_DROPOUT_APPLY): no spills, the
+    Philox by mul.wide, and its key loop (64 scores a thread per 64 x 128 tile) at most 4 SASS
+    instructions per score over the plain loop (measured, hdim 128 causal: select 7.5, packed / early
+    3.6; sm_90a, ptxas 12.8)."""
+    from ioattn.kernels import forward_sm90
+    plain = _inner_loop_sizes(forward_sm90.compile_for(128, "bf16", True))
+    kernel = forward_sm90.compile_for(128, "bf16", True, dropout="early")
+    assert ptxas_report(kernel)["spill_bytes"] == 0
+    assert "mul.wide.u32" in kernel.asm["ptx"] and _count(kernel.asm["ptx"], "mul.hi") == 0
+    early = _inner_loop_sizes(kernel)
+    assert len(plain) == len(early) == 2, (plain, early)
+    per_score = (sum(early) - sum(plain)) / 2 / 64
+    assert 2.0 < per_score <= 4.0, (plain, early)
+    kernel = forward_sm90.compile_for(64, "bf16", False, dropout="packed")
+    assert ptxas_report(kernel)["spill_bytes"] == 0

@@ -57,6 +57,16 @@ WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (l
 # 64 slower: 1.149 vs 0.976, 4.340 vs 3.773), "all" at every head dim (checks), "0" never
 DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "auto")
 DROPOUT_HEAD_DIMS = (128, )
+# how the forward applies the masks (IOATTN_GLUON_DROPOUT_APPLY; the same kept entries in all three):
+# "select": a select per fp32 element (dropout_sm90.dropout_rows; session 8c: +50% forward at hdim
+# 128); "packed": on the bf16/fp16 pairs of P after the conversion (dropout_sm90.drop_packed_rows:
+# Philox by mul.wide, a SIMD byte compare of its words, one prmt + AND per two scores: ~3.5
+# instead of ~7.5 SASS instructions per score); "early": the same with Philox and the compare
+# issued while the tensor cores compute the scores (before the wait for them), leaving the prmt +
+# AND (1 per score) after it. Compiled only so far: "select" stays the default until
+# benchmarks/gluon_dropout_attn_check.py (gpu_suite s10c) has checked and timed the others.
+DROPOUT_APPLY = os.environ.get("IOATTN_GLUON_DROPOUT_APPLY", "select")
+_DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 # softcap and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES=0 keeps the Triton ones): H200,
 # session 9 (results/h200-session9a): 6/6 vs fp64 with errors within 2x the Triton kernels';
 # hdim 128 4k causal forward+backward +14% (softcap 30) / +15% (ALiBi) over plain, where the
@@ -174,6 +184,36 @@ def _softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
+def _keep_early(seed, salt, r0, n0, dropout_p, ROWS: gl.constexpr, N: gl.constexpr, HAS_DROPOUT: gl.constexpr):
+    """HAS_DROPOUT 3: dropout_sm90.keep_words_rows of queries r0.., keys n0.. (Philox and the byte
+    compare: ~3/4 of the mask's instructions), called between issuing the scores' wgmma and
+    waiting for it, so that it runs in the shadow of the tensor cores; otherwise a placeholder.
+    (Its words, 16 registers a thread, wait there; the int16 lane masks themselves, 32, spilled
+    at hdim 128.)"""
+    if HAS_DROPOUT == 3:
+        keep = dropout_sm90.keep_words_rows(seed, salt, r0, n0, dropout_p, ROWS, N)
+    else:
+        keep = 0
+    return keep
+
+
+@gluon.jit
+def _dropout(p32, keep, seed, salt, r0, n0, dropout_p, dtype: gl.constexpr, HAS_DROPOUT: gl.constexpr):
+    """P (fp32, wgmma layout) -> the P V operand in ``dtype`` with the dropped entries zeroed
+    (HAS_DROPOUT 1: a select per fp32 element; 2: on the converted 16-bit pairs,
+    dropout_sm90.drop_packed_rows, the same kept entries in about half the instructions; 3: as 2
+    with the masks drawn before the scores' wait, ``keep`` from _keep_early). Queries r0.., keys n0.."""
+    if HAS_DROPOUT == 3:
+        words, sel_lo, sel_hi = keep
+        return dropout_sm90.apply_lanes(p32.to(dtype), dropout_sm90.keep_lanes(words, sel_lo, sel_hi))
+    if HAS_DROPOUT == 2:
+        return dropout_sm90.drop_packed_rows(p32.to(dtype), seed, salt, r0, n0, dropout_p)
+    if HAS_DROPOUT:
+        p32 = dropout_sm90.dropout_rows(p32, seed, salt, r0, n0, dropout_p)
+    return p32.to(dtype)
+
+
+@gluon.jit
 def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, r0, seqlen_q, seqlen_k, qk_scale,
             causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT: gl.constexpr, sc_in, sc_out, slope2,
             HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
@@ -214,6 +254,7 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         mbarrier.wait(k_ready.index(st), (c0 // STAGES) & 1)
         k0 = k_smem.index(st)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
         s_tok = warpgroup_mma(q2, k0.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        keep = _keep_early(seed, salt, r0, n_lo, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
@@ -222,9 +263,7 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
-        if HAS_DROPOUT:
-            p32 = dropout_sm90.dropout_rows(p32, seed, salt, r0, n_lo, dropout_p)
-        p = gl.convert_layout(p32.to(dtype), p_layout)
+        p = gl.convert_layout(_dropout(p32, keep, seed, salt, r0, n_lo, dropout_p, dtype, HAS_DROPOUT), p_layout)
 
     for j in range(1, n_blocks):
         c = c0 + j
@@ -237,18 +276,18 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         mbarrier.wait(v_ready.index(sp), ((c - 1) // STAGES) & 1)
         vp = v_smem.index(sp)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
         o_tok = warpgroup_mma(p, vp, o, is_async=True)
+        kn = n_lo + j * BLOCK_N
+        # (HAS_DROPOUT 3: the keep masks while the tensor cores compute the scores)
+        keep = _keep_early(seed, salt, r0, kn, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
-        kn = n_lo + j * BLOCK_N
         if HAS_SOFTCAP or HAS_ALIBI:
             s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
                            slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
-        if HAS_DROPOUT:
-            p32 = dropout_sm90.dropout_rows(p32, seed, salt, r0, kn, dropout_p)
-        p_next = gl.convert_layout(p32.to(dtype), p_layout)
+        p_next = gl.convert_layout(_dropout(p32, keep, seed, salt, r0, kn, dropout_p, dtype, HAS_DROPOUT), p_layout)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(sp))
         o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -298,10 +337,10 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     q2 = q_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM], _TILE2)
     # whether dropout applies: a compile-time fact carried by the shape of a placeholder
     # allocation (gl.warp_specialize would make a constexpr argument a run-time value)
-    # (1 + HAS_DROPOUT + 2 HAS_SOFTCAP + 4 HAS_ALIBI)
-    HAS_DROPOUT: gl.constexpr = (drop_smem.shape[0] - 1) % 2 == 1
-    HAS_SOFTCAP: gl.constexpr = (drop_smem.shape[0] - 1) // 2 % 2 == 1
-    HAS_ALIBI: gl.constexpr = (drop_smem.shape[0] - 1) // 4 == 1
+    # (1 + HAS_DROPOUT + 4 HAS_SOFTCAP + 8 HAS_ALIBI, HAS_DROPOUT in 0..3)
+    HAS_DROPOUT: gl.constexpr = (drop_smem.shape[0] - 1) % 4
+    HAS_SOFTCAP: gl.constexpr = (drop_smem.shape[0] - 1) // 4 % 2 == 1
+    HAS_ALIBI: gl.constexpr = (drop_smem.shape[0] - 1) // 8 == 1
     mbarrier.wait(q_bars.index(WG), 0)
     o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
                           seqlen_k, qk_scale, causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT, sc_in, sc_out,
@@ -432,7 +471,7 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
         mbarrier.init(q_bars.index(i), count=1)
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
     # (unused: its shape tells the consumers HAS_DROPOUT, HAS_SOFTCAP and HAS_ALIBI)
-    drop_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_DROPOUT + 2 * HAS_SOFTCAP + 4 * HAS_ALIBI],
+    drop_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_DROPOUT + 4 * HAS_SOFTCAP + 8 * HAS_ALIBI],
                                           mbarrier.MBarrierLayout())
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
@@ -652,10 +691,11 @@ def _num_sms(device):
 
 
 def _dropout_args(dropout_p, rng_state, lse):
-    """(RNG, dropout_p, o_scale) kernel arguments and HAS_DROPOUT (RNG: any pointer without)."""
+    """(RNG, dropout_p, o_scale) kernel arguments and HAS_DROPOUT (RNG: any pointer without):
+    0 without dropout, else DROPOUT_APPLY's mode (1 select, 2 packed, 3 early; see _dropout)."""
     if dropout_p > 0:
-        return (rng_state, dropout_p, 1.0 / (1.0 - dropout_p)), True
-    return (lse, 0.0, 1.0), False
+        return (rng_state, dropout_p, 1.0 / (1.0 - dropout_p)), _DROPOUT_MODES[DROPOUT_APPLY]
+    return (lse, 0.0, 1.0), 0
 
 
 def _score_args(softmax_scale, softcap, alibi_slopes, lse):
@@ -737,7 +777,8 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False,
                 dropout=False, softcap=False, alibi=False):
-    """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests)."""
+    """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests).
+    dropout: False, True (= "select"), or "select" / "packed" / "early" (DROPOUT_APPLY)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -758,7 +799,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     if not persistent:
         constexprs["IS_VARLEN"] = varlen
-        constexprs["HAS_DROPOUT"] = dropout
+        constexprs["HAS_DROPOUT"] = _DROPOUT_MODES[dropout] if isinstance(dropout, str) else int(dropout)
         constexprs["HAS_SOFTCAP"] = softcap
         constexprs["HAS_ALIBI"] = alibi
     names = fn.arg_names
