@@ -65,6 +65,7 @@ def run(q, k, v, dout, p, causal, left, seed, mode):
 
 
 DEFAULT_APPLY = forward_sm90.DROPOUT_APPLY
+HDIMS = None  # --hdims
 
 
 def rel(x, ref):
@@ -77,6 +78,7 @@ def check(rows, modes):
     cases = [(128, 2, 1000, 1000, 4, 2, True, -1, 0.1), (128, 1, 777, 1300, 2, 2, False, -1, 0.3),
              (128, 1, 2048, 2048, 2, 1, True, 300, 0.1), (64, 2, 3000, 3000, 2, 2, True, -1, 0.2),
              (64, 1, 700, 500, 4, 4, False, -1, 0.1), (256, 1, 600, 600, 2, 2, True, -1, 0.1)]
+    cases = [c for c in cases if HDIMS is None or c[0] in HDIMS]
     for d, b, sq, sk, h, hk, causal, left, p in cases:
         seed = 1000 + len(rows)
         torch.manual_seed(len(rows))
@@ -144,8 +146,11 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--hdims", default=None, help="comma list: check only these head dims")
     ap.add_argument("--modes", default="select,packed,early", help="forward_sm90.DROPOUT_APPLY values to run")
     args = ap.parse_args(argv)
+    global HDIMS
+    HDIMS = None if args.hdims is None else {int(x) for x in args.hdims.split(",")}
     modes = args.modes.split(",")
     rows = []
     n_fail = 0 if args.skip_check else check(rows, modes)

@@ -470,7 +470,7 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None
     if (varlen and not VARLEN) or ((softcap > 0 or alibi_slopes is not None) and not forward_sm90.SCORES):
         return None
-    if (dropout_p > 0 and not forward_sm90.dropout_ok(q.shape[-1])) or window_right > 0 or (
+    if (dropout_p > 0 and not forward_sm90.dropout_ok(q.shape[-1], backward=True)) or window_right > 0 or (
             capability[0] != 9):
         return None  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if window_left >= 0 and not forward_sm90.WINDOW:

@@ -52,20 +52,23 @@ ENABLED = os.environ.get("IOATTN_GLUON", "1") != "0"
 VARLEN = os.environ.get("IOATTN_GLUON_VARLEN", "1") != "0"
 WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (left, 0) / (left, -1)
 # dropout (dropout_sm90's Philox masks) in the Gluon kernels (IOATTN_GLUON_DROPOUT): "auto" at the
-# head dims where it measured at least level with the Triton kernels (H200, hdim 128 4k causal,
-# results/h200-session8c: forward 0.735 vs 0.740 ms, forward+backward 2.693 vs 3.320 ms; at hdim
-# 64 slower: 1.149 vs 0.976, 4.340 vs 3.773), "all" at every head dim (checks), "0" never
+# head dims where it measured ahead of the Triton kernels, "all" at every head dim (checks), "0"
+# never. H200, 4k causal, bf16, p 0.1, same run (results/h200-session9e): hdim 128 forward 0.632 ms
+# packed vs Triton 0.731, forward+backward 2.605 vs 3.298; hdim 64 forward 0.881 vs 0.986, but the
+# Gluon backward under dropout is slower there (forward+backward 4.028 vs 3.797), so hdim 64 takes
+# the Gluon forward and the Triton backward (the masks are the same bits in both)
 DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "auto")
-DROPOUT_HEAD_DIMS = (128, )
+DROPOUT_HEAD_DIMS = (64, 128)
+DROPOUT_BWD_HEAD_DIMS = (128, )
 # how the forward applies the masks (IOATTN_GLUON_DROPOUT_APPLY; the same kept entries in all three):
-# "select": a select per fp32 element (dropout_sm90.dropout_rows; session 8c: +50% forward at hdim
-# 128); "packed": on the bf16/fp16 pairs of P after the conversion (dropout_sm90.drop_packed_rows:
-# Philox by mul.wide, a SIMD byte compare of its words, one prmt + AND per two scores: ~3.5
-# instead of ~7.5 SASS instructions per score); "early": the same with Philox and the compare
-# issued while the tensor cores compute the scores (before the wait for them), leaving the prmt +
-# AND (1 per score) after it. Compiled only so far: "select" stays the default until
-# benchmarks/gluon_dropout_attn_check.py (gpu_suite s10c) has checked and timed the others.
-DROPOUT_APPLY = os.environ.get("IOATTN_GLUON_DROPOUT_APPLY", "select")
+# "select": a select per fp32 element (dropout_sm90.dropout_rows); "packed" (default): on the
+# bf16/fp16 pairs of P after the conversion (dropout_sm90.drop_packed_rows: Philox by mul.wide, a
+# SIMD byte compare of its words, one prmt + AND per two scores: ~3.5 instead of ~7.5 SASS
+# instructions per score); "early": the same with Philox and the compare issued while the tensor
+# cores compute the scores (before the wait for them), leaving the prmt + AND after it. Measured
+# (h200-session9e, hdim 128 / 64 forward over plain): select +55% / +66%, packed +32% / +27%,
+# early +42% / +54%; masks bit-identical to the Triton ones (104/104)
+DROPOUT_APPLY = os.environ.get("IOATTN_GLUON_DROPOUT_APPLY", "packed")
 _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 # softcap and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES=0 keeps the Triton ones): H200,
 # session 9 (results/h200-session9a): 6/6 vs fp64 with errors within 2x the Triton kernels';
@@ -74,8 +77,9 @@ _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 
 
-def dropout_ok(head_dim):
-    return DROPOUT == "all" or (DROPOUT == "auto" and head_dim in DROPOUT_HEAD_DIMS)
+def dropout_ok(head_dim, backward=False):
+    dims = DROPOUT_BWD_HEAD_DIMS if backward else DROPOUT_HEAD_DIMS
+    return DROPOUT == "all" or (DROPOUT == "auto" and head_dim in dims)
 
 
 @gluon.constexpr_function
