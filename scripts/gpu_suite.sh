@@ -196,6 +196,10 @@ case "$mode" in
           # with the cached launch and Gluon softcap/ALiBi on by default; written to $OUT after every case
     timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
       --memory-seqlen 2048,8192,16384 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;
+  s10e)  # session 10: the hdim-256 Gluon backward's options (IOATTN_GLUON_BWD256_OPTIONS=1; compiled only so far):
+          # windows (left, 0) / (left, -1), softcap 30/50, ALiBi (h,)/(b, h), varlen with empty sequences, split and
+          # atomic vs fp64 next to the Triton backward (6 cases), then 4k causal softcap 50 / window 1024 timing
+    IOATTN_GLUON_BWD256_OPTIONS=1 timeout 200 python3 benchmarks/gluon_bwd256_check.py --options --out "$OUT/bwd256_options.json" 2>&1 | tee "$OUT/bwd256_options.log" | grep -v "^PASS" ;;
   s10b)  # session 10: the Gluon hdim-256 backward (IOATTN_GLUON_BWD256=1; off by default), atomic and split
           # modes vs fp64 next to the Triton backward on 6 shapes, then timing vs Triton and cuDNN at 1k/4k/16k
     IOATTN_GLUON_BWD256=1 timeout 230 python3 benchmarks/gluon_bwd256_check.py --out "$OUT/bwd256.json" 2>&1 | tee "$OUT/bwd256.log" | grep -v "^PASS" ;;

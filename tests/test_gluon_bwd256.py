@@ -1,7 +1,11 @@
 """The Gluon Hopper backward at head dim 256 (kernels/backward_sm90_d256.py, default on sm_90;
 IOATTN_GLUON_BWD256=0 turns it off): compiled for sm_90a on the CPU (shared memory, wgmma shapes, TMA loads,
 stores and dQ reductions, the register split, no spills), its dispatch rules and the launcher's
-wiring. Its numbers are checked on a GPU: benchmarks/gluon_bwd256_check.py (gpu_suite s10b)."""
+wiring; the options (sliding windows, softcap, ALiBi, packed varlen batches) behind
+IOATTN_GLUON_BWD256_OPTIONS=1 likewise. Its numbers are checked on a GPU:
+benchmarks/gluon_bwd256_check.py (gpu_suite s10b; --options: s10e)."""
+
+import re
 
 import pytest
 import torch
@@ -50,13 +54,38 @@ def test_gluon_bwd256_dispatch(monkeypatch):
     monkeypatch.setattr(bwd, "MODE", "atomic")
     assert b() == "atomic" and b(deterministic=True) == "split"
     monkeypatch.setattr(bwd, "MODE", "auto")
-    for kw in (dict(softcap=30.0), dict(alibi_slopes=torch.ones(2)), dict(dropout_p=0.1), dict(window_left=64),
-               dict(window_left=64, window_right=0), dict(window_right=16)):
-        assert b(**kw) is None, kw
-    assert b(dtype=torch.float32) is None
+    options = (dict(softcap=30.0), dict(alibi_slopes=torch.ones(2)), dict(window_left=64),
+               dict(window_left=63, window_right=0), dict(softcap=50.0, window_left=1023, window_right=0))
     packed = torch.zeros(1000, 2, 256, dtype=torch.bfloat16)
-    assert bwd.supported(packed, packed, packed, packed, **{**dense, "varlen": True}, max_seqlen_k=1000,
-                         deterministic=False, capability=(9, 0)) is None
+    varlen = lambda deterministic=False, **kw: bwd.supported(  # noqa: E731
+        packed, packed[:, :1], packed[:, :1], packed, **{**dense, "varlen": True, **kw}, max_seqlen_k=1000,
+        deterministic=deterministic, capability=(9, 0))
+    # the options are off until a GPU run checks them (IOATTN_GLUON_BWD256_OPTIONS)
+    assert not bwd.D256_OPTIONS
+    for kw in options + (dict(dropout_p=0.1), dict(window_right=16)):
+        assert b(**kw) is None, kw
+    assert varlen() is None and b(dtype=torch.float32) is None
+    monkeypatch.setattr(bwd, "D256_OPTIONS", True)
+    for kw in options:
+        assert b(**kw) == "split" and b(deterministic=True, **kw) == "split", kw
+    assert varlen() == "split" and varlen(window_left=100, window_right=0, softcap=30.0) == "split"
+    # dropout and right windows stay on the Triton backward; the forward's switches still apply
+    for kw in (dict(dropout_p=0.1), dict(dropout_p=0.1, window_left=64), dict(window_right=16)):
+        assert b(**kw) is None and varlen(**kw) is None, kw
+    assert b(dtype=torch.float32, softcap=30.0) is None
+    monkeypatch.setattr(bwd, "VARLEN", False)
+    assert varlen() is None
+    monkeypatch.setattr(bwd, "VARLEN", True)
+    monkeypatch.setattr(bwd.forward_sm90, "SCORES", False)
+    assert b(softcap=30.0) is None and b(window_left=64) == "split"
+    monkeypatch.setattr(bwd.forward_sm90, "SCORES", True)
+    monkeypatch.setattr(bwd, "MODE", "atomic")
+    assert b(softcap=30.0) == "atomic" and varlen() == "atomic" and varlen(deterministic=True) == "split"
+    monkeypatch.setattr(bwd, "MODE", "auto")
+    monkeypatch.setattr(bwd, "D256", False)  # IOATTN_GLUON_BWD256=0 turns the options off as well
+    assert b(softcap=30.0) is None and varlen() is None
+    monkeypatch.setattr(bwd, "D256", True)
+    monkeypatch.setattr(bwd, "D256_OPTIONS", False)
     monkeypatch.setattr(bwd, "MODE", "split")
     assert b() == "split"
     monkeypatch.setattr(bwd, "MODE", "0")
@@ -87,3 +116,81 @@ def test_gluon_bwd256_launcher_wiring(monkeypatch, with_dq):
     assert descs[6].base.dtype == (torch.float32 if with_dq else torch.bfloat16)
     assert tuple(descs[7].block_shape) == (1, 1, 1, 64)
     assert args[8:12] == (sq, sk, hk, h // hk) and kw["CAUSAL"] and kw["WITH_DQ"] == with_dq
+
+
+# (dtype, causal, with_dq, options, spill bytes allowed): the split kernels, the default at hdim 256,
+# must not spill; the one pass under varlen spilled 4 bytes in the producer's loop (24 registers)
+OPTION_VARIANTS = [
+    ("bf16", True, False, dict(window=True), 0),
+    ("bf16", False, False, dict(window=True, alibi=True), 0),  # window (left, -1)
+    ("fp16", True, False, dict(softcap=True), 0),
+    ("bf16", True, False, dict(varlen=True, window=True, softcap=True, alibi=True), 0),
+    ("bf16", True, True, dict(window=True, softcap=True), 0),
+    ("bf16", False, True, dict(varlen=True), 8),
+]
+
+
+@pytest.mark.parametrize("dtype,causal,with_dq,options,spills", OPTION_VARIANTS)
+def test_gluon_bwd256_options_compile_for_sm90a(dtype, causal, with_dq, options, spills):
+    """Windows, softcap, ALiBi and varlen (IOATTN_GLUON_BWD256_OPTIONS): the same shared memory
+    (+ at most 128 B for the placeholder that carries the options), wgmma shapes and register
+    split; softcap by tanh.approx; varlen's dK/dV by masked stores, not TMA stores."""
+    d256 = pytest.importorskip("ioattn.kernels.backward_sm90_d256")
+    kernel = d256.compile_for(dtype, causal, with_dq, **options)
+    assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    assert "m64n32k16" in ptx and "m64n128k16" in ptx and "setmaxnreg" in ptx
+    assert ("cp.reduce.async.bulk.tensor" in ptx) == with_dq and "atom.global" not in ptx
+    assert ("tanh.approx.f32" in ptx) == options.get("softcap", False)
+    tma_store = "cp.async.bulk.tensor.4d.global.shared"
+    assert (tma_store not in ptx) == options.get("varlen", False)
+    if options.get("varlen"):
+        assert "st.global" in ptx
+    regs = d256.config(with_dq, True)
+    assert re.search(rf"setmaxnreg.inc.sync.aligned.u32\s+{regs['CONSUMER_REGS']};", ptx)
+    assert re.search(rf"setmaxnreg.dec.sync.aligned.u32\s+{regs['PRODUCER_REGS']};", ptx)
+    assert ptxas_report(kernel)["spill_bytes"] <= spills
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gluon_bwd256_options_launcher_wiring(monkeypatch, varlen):
+    """The launcher passes the window, softcap, ALiBi (per-batch slopes) and varlen arguments
+    (recorded, not launched): descriptors on (1, total, heads, 128) views under varlen, one CTA
+    per 64 keys of the longest sequence, the options' constexprs and register split."""
+    bwd = pytest.importorskip("ioattn.kernels.backward_sm90")
+    d256 = pytest.importorskip("ioattn.kernels.backward_sm90_d256")
+    calls = []
+    monkeypatch.setattr(d256, "launch", lambda kern, grid, *a, **kw: calls.append((kern, grid, a, kw)))
+    b, h, hk = 3, 4, 2
+    lens_q, lens_k = [300, 0, 129], [130, 0, 200]
+    slopes = torch.rand(b, h)
+    if varlen:
+        q = torch.empty(sum(lens_q), h, 256, dtype=torch.bfloat16)
+        kv = torch.empty(sum(lens_k), hk, 256, dtype=torch.bfloat16)
+        cu_q = torch.tensor([0, 300, 300, 429], dtype=torch.int32)
+        cu_k = torch.tensor([0, 130, 130, 330], dtype=torch.int32)
+        stats = bwd.new_stats_varlen(h, q.shape[0], b, "cpu")
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_k=200)
+    else:
+        q = torch.empty(b, 300, h, 256, dtype=torch.bfloat16)
+        kv = torch.empty(b, 130, hk, 256, dtype=torch.bfloat16)
+        stats = bwd.new_stats(b, h, 300, "cpu")
+        kw = {}
+    bwd.attention_backward_sm90(q, q, kv, kv, stats, None, torch.empty_like(kv), torch.empty_like(kv),
+                                softmax_scale=0.0625, causal=True, window_left=101, softcap=30.0,
+                                alibi_slopes=slopes, **kw)
+    (kern, grid, args, kwargs), = calls
+    names = kern.arg_names
+    assert len(args) + sum(n in kwargs for n in names) == len(names)
+    assert grid == ((4 if varlen else 3), b * hk)  # (200 or 130 keys, 64 a CTA)
+    descs = args[:8]
+    assert [tuple(x.block_shape) for x in descs[:7]] == [(1, 64, 1, 128)] * 7
+    assert all(x.base.dim() == 4 for x in descs[:7]) and descs[0].base.shape[0] == (1 if varlen else b)
+    a = dict(zip(names, args))
+    assert a["left"] == 101 and a["qk_scale"] == 1.0 and a["ALIBI"] is slopes and a["stride_ab"] == h
+    assert a["sc_in"] == pytest.approx(0.0625 / 30.0) and a["sc_out"] == pytest.approx(30.0 * 1.4426950408889634)
+    assert (a["CU_Q"] is kw["cu_seqlens_q"]) if varlen else (a["CU_Q"] is stats)
+    assert a["stride_ks"] == hk * 256 and a["stride_kh"] == 256
+    assert kwargs["HAS_WINDOW"] and kwargs["HAS_SOFTCAP"] and kwargs["HAS_ALIBI"] and kwargs["CAUSAL"]
+    assert kwargs["IS_VARLEN"] == varlen and not kwargs["WITH_DQ"]
+    assert (kwargs["CONSUMER_REGS"], kwargs["PRODUCER_REGS"]) == (232, 40)

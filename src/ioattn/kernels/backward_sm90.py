@@ -24,7 +24,8 @@ where 5 suffice. This kernel:
 Scope: what forward_sm90 covers (bf16/fp16, dense or packed varlen, causal or not, sliding
 windows (left, 0) / (left, -1), GQA/MQA, dropout) at head dims 64 and 128 (at 256, dK and dV
 alone would take all of a warpgroup's registers: backward_sm90_d256 splits the head dim instead,
-dense batches, opt-in by IOATTN_GLUON_BWD256=1; this launcher hands it those calls). Varlen: the
+dense batches without options by default, windows / softcap / ALiBi / varlen with
+IOATTN_GLUON_BWD256_OPTIONS=1; this launcher hands it those calls). Varlen: the
 tiles run past a sequence's end into the next one's rows and keys, which the mask zeroes; dK/dV
 go out by a masked store; each sequence's lse/delta start 16-byte aligned in the stats buffer (stats_offset). delta (the
 rowsum of dO * O, with dlse folded in) comes from backward.py's preprocess kernel.
@@ -114,6 +115,40 @@ def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
 
 
 @gluon.jit
+def _bwd_mask(p, offs_k, offs_q, k0, m0, seqlen_q, seqlen_k, diag, causal, left, HAS_WINDOW: gl.constexpr,
+              IS_VARLEN: gl.constexpr, KEY_AXIS: gl.constexpr):
+    """Zero the probabilities p of the (key, query) pairs that do not attend: keys k0 + .. =
+    offs_k (absolute, along axis KEY_AXIS of p: 0 for P^T, 1 for P), queries m0 + offs_q (offs_q
+    from 0, along the other axis). A block needs the causal mask when its first query does not
+    see the block's last key or, under a sliding window of ``left`` keys, when its last query
+    does not see the first key (bottom-right aligned: diag = seqlen_k - seqlen_q); varlen: the
+    tiles run into the next sequence's rows and keys at its end, masked here too. Blocks that
+    need no mask skip it at run time."""
+    KEYS: gl.constexpr = offs_k.shape[0]
+    ROWS: gl.constexpr = offs_q.shape[0]
+    KX: gl.constexpr = 1 - KEY_AXIS  # (expand the keys along the queries' axis, and back)
+    if HAS_WINDOW or IS_VARLEN:
+        need = (causal != 0) & (m0 + diag < k0 + KEYS - 1)
+        if HAS_WINDOW:
+            need = need | (m0 + ROWS - 1 + diag - left > k0)
+        if IS_VARLEN:
+            need = need | (m0 + ROWS > seqlen_q) | (k0 + KEYS > seqlen_k)
+        if need:
+            d_kq = gl.expand_dims(offs_k, KX) - gl.expand_dims(m0 + offs_q, KEY_AXIS) - diag  # key - query - diag
+            ok = (d_kq <= 0) | (causal == 0)
+            if HAS_WINDOW:
+                ok = ok & (d_kq >= -left)
+            if IS_VARLEN:
+                ok = ok & (gl.expand_dims(offs_k < seqlen_k, KX) & gl.expand_dims(m0 + offs_q < seqlen_q, KEY_AXIS))
+            p = gl.where(ok, p, 0.0)
+    elif causal != 0:
+        if m0 + diag < k0 + KEYS - 1:
+            ok = gl.expand_dims(offs_k, KX) <= gl.expand_dims(m0 + offs_q, KEY_AXIS) + diag
+            p = gl.where(ok, p, 0.0)
+    return p
+
+
+@gluon.jit
 def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem, kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
@@ -181,27 +216,8 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
             st, tt = forward_sm90._scores(st, gl.expand_dims(m0 + offs_q, 0), gl.expand_dims(offs_k, 1), diag,
                                           sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
-        # a block needs the causal mask when its first query does not see this warpgroup's last key
-        # or, under a sliding window of `left` keys, when its last query does not see the first key
-        # (varlen: the tiles run into the next sequence's rows and keys at its end, masked here)
-        if HAS_WINDOW or IS_VARLEN:
-            need = (causal != 0) & (m0 + diag < k0 + KEYS - 1)
-            if HAS_WINDOW:
-                need = need | (m0 + ROWS - 1 + diag - left > k0)
-            if IS_VARLEN:
-                need = need | (m0 + ROWS > seqlen_q) | (k0 + KEYS > seqlen_k)
-            if need:
-                d_kq = gl.expand_dims(offs_k, 1) - gl.expand_dims(m0 + offs_q, 0) - diag  # key - query - diag
-                ok = (d_kq <= 0) | (causal == 0)
-                if HAS_WINDOW:
-                    ok = ok & (d_kq >= -left)
-                if IS_VARLEN:
-                    ok = ok & (gl.expand_dims(offs_k < seqlen_k, 1) & gl.expand_dims(m0 + offs_q < seqlen_q, 0))
-                pt = gl.where(ok, pt, 0.0)
-        elif causal != 0:
-            if m0 + diag < k0 + KEYS - 1:
-                ok = gl.expand_dims(offs_k, 1) <= gl.expand_dims(m0 + offs_q, 0) + diag
-                pt = gl.where(ok, pt, 0.0)
+        # causal / window / varlen masks (keys as rows), where the block needs them
+        pt = _bwd_mask(pt, offs_k, offs_q, k0, m0, seqlen_q, seqlen_k, diag, causal, left, HAS_WINDOW, IS_VARLEN, 0)
         dpt = warpgroup_mma_wait(0, deps=(dpt_tok, ))
         delta = st_smem.index(2 * s + 1)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(0, s_layout))
         if HAS_DROPOUT:
@@ -454,6 +470,11 @@ VARLEN = os.environ.get("IOATTN_GLUON_BWD_VARLEN", "1") != "0"
 # ("atomic", dQ by TMA reductions) was slower (1.04-1.33x Triton), so "split" is the default here
 # (deterministic as well) and "atomic" only with IOATTN_GLUON_BWD=atomic
 D256 = os.environ.get("IOATTN_GLUON_BWD256", "1") == "1"
+# the hdim-256 Gluon backward with sliding windows ((left, 0), (left, -1)), softcap, ALiBi and packed
+# varlen batches (IOATTN_GLUON_BWD256_OPTIONS=1): compiled only (no spills, tests/test_gluon_bwd256.py),
+# off until a GPU run checks it (benchmarks/gluon_bwd256_check.py --options, gpu_suite s10e); without
+# it those calls keep the Triton backward. Dropout at hdim 256 always does.
+D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "0") == "1"
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
@@ -476,8 +497,9 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
     if window_left >= 0 and not forward_sm90.WINDOW:
         return None
     if q.shape[-1] == 256 and D256:
-        # backward_sm90_d256: dense batches without window, dropout, softcap or ALiBi
-        if varlen or window_left >= 0 or dropout_p > 0 or softcap > 0 or alibi_slopes is not None:
+        # backward_sm90_d256: no dropout; windows, softcap, ALiBi and varlen with D256_OPTIONS only
+        if dropout_p > 0 or ((varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
+                             and not D256_OPTIONS):
             return None
     elif q.shape[-1] not in HEAD_DIMS:
         return None
@@ -537,11 +559,13 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     new_stats_varlen (each sequence's rows from stats_offset); one CTA per 128 keys of the
     longest sequence (the others return at once). dropout_p, rng_state, softcap, alibi_slopes:
     as the forward's (the same masks, scores and slopes)."""
-    if q.shape[-1] == 256:  # the kernel that splits the head dim (supported() sends dense calls only)
+    if q.shape[-1] == 256:  # the kernel that splits the head dim (supported(): no dropout)
         from . import backward_sm90_d256
-        assert cu_seqlens_q is None and window_left < 0 and dropout_p == 0 and softcap == 0 and alibi_slopes is None
-        return backward_sm90_d256.attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv,
-                                                          softmax_scale=softmax_scale, causal=causal)
+        assert dropout_p == 0
+        return backward_sm90_d256.attention_backward_d256(
+            dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, softcap=softcap,
+            alibi_slopes=alibi_slopes)
     with_dq = dq_accum is not None
     varlen = cu_seqlens_q is not None
     if varlen:  # descriptors on (1, total, heads, dim) views

@@ -1,6 +1,8 @@
 """Hopper (sm_90) backward at head dim 256 in Gluon: dK and dV (mode "split") or dK, dV and dQ
-in one pass (mode "atomic"), dense batches. Opt-in (IOATTN_GLUON_BWD256=1, backward_sm90.D256)
-until a GPU run has checked it.
+in one pass (mode "atomic"). Dense batches without options: on by default (backward_sm90.D256,
+checked on an H200 in session 9); sliding windows, softcap, ALiBi and packed varlen batches:
+with IOATTN_GLUON_BWD256_OPTIONS=1 only (backward_sm90.D256_OPTIONS), compiled but not yet run
+on a GPU (benchmarks/gluon_bwd256_check.py --options checks them).
 
 Why a kernel of its own: backward_sm90 lets each consumer warpgroup own 64 keys and keep their
 dK, dV (64 x hdim fp32) in registers: at hdim 256 that is 256 registers a thread for the two.
@@ -31,8 +33,17 @@ delta 1 KB = 230,400 B + barriers (limit 232,448).
 Scope: bf16/fp16 dense (batch, seqlen, heads, 256) tensors, causal (bottom-right) or not,
 GQA/MQA, seqlen_q != seqlen_k, any lengths (the TMA zero-fills rows past the ends: such query
 rows have Q = dO = 0 and lse = delta = 0, so they add nothing to dK/dV; keys past the end have
-K = V = 0 and their rows of dK/dV are dropped by the TMA store). Varlen, windows, dropout,
-softcap and ALiBi at hdim 256 keep the Triton backward (backward_sm90.supported).
+K = V = 0 and their rows of dK/dV are dropped by the TMA store). Options (the hdim-64/128
+kernel's helpers, with the scores' orientation turned: queries as rows here):
+- sliding windows (left, 0) / (left, -1): the CTA's query blocks end at the last query that sees
+  its last key; backward_sm90._bwd_mask (KEY_AXIS 1) masks the blocks that need it;
+- softcap / ALiBi: forward_sm90._scores on S_w (query index along the rows, key along the
+  columns; then qk_scale is 1), dS_w times 1 - t^2 under softcap; slopes per query head;
+- packed varlen: per-sequence bounds from cu_seqlens, tiles that run into the next sequence's
+  rows/keys masked (_bwd_mask), lse/delta from backward_sm90.stats_offset, dK/dV by a masked
+  store (backward_sm90._store_rows) instead of the TMA store, dQ reductions at the packed rows
+  (rows past the sequence add zeros). One CTA per 64 keys of the longest sequence.
+Dropout at hdim 256 keeps the Triton backward (backward_sm90.supported).
 """
 
 import torch
@@ -42,10 +53,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import forward_sm90
-from .backward_sm90 import _STATS_LAYOUT, _stats_descriptor, _tma_reduce_add
+from .backward_sm90 import _STATS_LAYOUT, _bwd_mask, _stats_descriptor, _store_rows, _tma_reduce_add, stats_offset
 from .configs import cdiv
 from .forward_sm90 import _wgmma_layout
-from .launch import launch
+from .launch import align, launch
 
 HEAD_DIM = 256
 HALF_D = 128  # the columns of dK/dV (and dQ) of one consumer warpgroup
@@ -55,15 +66,17 @@ BLOCK_N = 64  # keys per CTA (32 per warpgroup in the score products)
 
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
-              q_empty, b, hk, group, n0, m_first, n_mblocks):
+              q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off):
+    # (varlen: b = 0 and the sequence's rows start at q_off / k_off of the packed tensors, its
+    # lse/delta at st_off of the stats buffer)
     STAGES: gl.constexpr = st_smem.shape[0] // 2
     ROWS: gl.constexpr = qd_smem.shape[2]
     HALF: gl.constexpr = qd_smem.shape[4]
     # K and V (column halves), once per CTA
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, n0, hk, w * HALF], kv_bar, k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [b, n0, hk, w * HALF], kv_bar, v_smem.index(w))
+        tma.async_copy_global_to_shared(k_desc, [b, k_off + n0, hk, w * HALF], kv_bar, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [b, k_off + n0, hk, w * HALF], kv_bar, v_smem.index(w))
     for t in range(group * n_mblocks):
         s = t % STAGES
         h = hk * group + t // n_mblocks
@@ -74,18 +87,20 @@ def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem,
         # stage s holds Q[:, half 0], dO[:, half 0], Q[:, half 1], dO[:, half 1] in this order:
         # half w's two tiles are one contiguous 32 KB (warpgroup w's fp32 dQ tile in "atomic")
         for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [b, m0, h, w * HALF], q_ready.index(s),
+            tma.async_copy_global_to_shared(q_desc, [b, q_off + m0, h, w * HALF], q_ready.index(s),
                                             qd_smem.index(4 * s + 2 * w))
-            tma.async_copy_global_to_shared(do_desc, [b, m0, h, w * HALF], q_ready.index(s),
+            tma.async_copy_global_to_shared(do_desc, [b, q_off + m0, h, w * HALF], q_ready.index(s),
                                             qd_smem.index(4 * s + 2 * w + 1))
-        tma.async_copy_global_to_shared(st_desc, [b, h, 0, m0], q_ready.index(s), st_smem.index(2 * s))
-        tma.async_copy_global_to_shared(st_desc, [b, h, 1, m0], q_ready.index(s), st_smem.index(2 * s + 1))
+        tma.async_copy_global_to_shared(st_desc, [b, h, 0, st_off + m0], q_ready.index(s), st_smem.index(2 * s))
+        tma.async_copy_global_to_shared(st_desc, [b, h, 1, st_off + m0], q_ready.index(s),
+                                        st_smem.index(2 * s + 1))
 
 
 @gluon.jit
-def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
-              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
-              WG: gl.constexpr, WITH_DQ: gl.constexpr):
+def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+              q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
+              causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, WG: gl.constexpr,
+              WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = st_smem.shape[0] // 2
     ROWS: gl.constexpr = qd_smem.shape[2]  # queries per block
@@ -96,6 +111,13 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
     acc_layout: gl.constexpr = _wgmma_layout(HALF)  # dK, dV: KEYS x HALF; dQ: ROWS x HALF
     tile2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    # compile-time options carried by the shape of a placeholder allocation (gl.warp_specialize
+    # would turn constexpr arguments into run-time values), as backward_sm90's consumers do:
+    # 1 + HAS_WINDOW + 2 IS_VARLEN + 4 HAS_SOFTCAP + 8 HAS_ALIBI
+    HAS_WINDOW: gl.constexpr = (flags_smem.shape[0] - 1) % 2 == 1
+    IS_VARLEN: gl.constexpr = (flags_smem.shape[0] - 1) // 2 % 2 == 1
+    HAS_SOFTCAP: gl.constexpr = (flags_smem.shape[0] - 1) // 4 % 2 == 1
+    HAS_ALIBI: gl.constexpr = (flags_smem.shape[0] - 1) // 8 == 1
 
     k_lo = k_smem.index(0)._reinterpret(dtype, [KEYS, HALF], tile2)
     k_hi = k_smem.index(1)._reinterpret(dtype, [KEYS, HALF], tile2)
@@ -149,14 +171,20 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
         sc = warpgroup_mma_wait(2, deps=(s_tok, ))
         # lse and delta straight from the stage into the rows' layout
         lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(1, s_layout))
+        if HAS_SOFTCAP or HAS_ALIBI:  # (qk_scale is 1: _scores gives log2 units; queries as rows)
+            slope2 = 0.0
+            if HAS_ALIBI:
+                slope2 = gl.load(ALIBI + ab_off + h).to(gl.float32) * 1.4426950408889634
+            sc, tt = forward_sm90._scores(sc, gl.expand_dims(m0 + offs_q, 1), gl.expand_dims(offs_k, 0), diag, sc_in,
+                                          sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         p = gl.exp2(sc * qk_scale - gl.expand_dims(lse, 1))
-        if causal != 0:  # the block needs the mask when its first query does not see this warpgroup's last key
-            if m0 + diag < k0 + KW - 1:
-                ok = gl.expand_dims(offs_k, 0) <= gl.expand_dims(m0 + offs_q, 1) + diag
-                p = gl.where(ok, p, 0.0)
+        # causal / window / varlen masks (keys along the columns), where the block needs them
+        p = _bwd_mask(p, offs_k, offs_q, k0, m0, seqlen_q, seqlen_k, diag, causal, left, HAS_WINDOW, IS_VARLEN, 1)
         dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
         delta = st_smem.index(2 * s + 1)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(1, s_layout))
         ds = p * (dp - gl.expand_dims(delta, 1))
+        if HAS_SOFTCAP:  # d tanh: the scores' gradient through the cap
+            ds = ds * (1.0 - tt * tt)
         # P_w^T, dS_w^T into rows WG * KW.. of the shared key x query tiles (double-buffered: the
         # products of block t - 2 that read buffer t % 2 were waited for before either warpgroup
         # arrived on block t - 1's barrier, which this one has passed)
@@ -175,11 +203,12 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
             dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             # Q[:, half w] and dO[:, half w] of this stage are read by nobody now: dQ's fp32 tile
-            # goes there, then one bulk reduction into the accumulator (rows past seqlen_q dropped)
+            # goes there, then one bulk reduction into the accumulator (rows past seqlen_q dropped;
+            # varlen: rows past the sequence add zeros to the next one's, their dS being 0)
             dq_buf = dq_all.index(2 * s + WG)
             dq_buf._reinterpret(gl.float32, [ROWS, HALF], dq2_layout).store(dq * sm_scale)
             fence_async_shared()
-            _tma_reduce_add(dq_desc, [b, m0, h, WG * HALF], dq_buf)
+            _tma_reduce_add(dq_desc, [b, q_off + m0, h, WG * HALF], dq_buf)
         else:
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(q_empty.index(s))
@@ -192,53 +221,61 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
     # last block's barrier, both warpgroups' score products (the other readers) are done
     k_own.store((dk * sm_scale).to(dtype))
     v_own.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, WG * HALF], k_smem.index(WG))
-    tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * HALF], v_smem.index(WG))
-    tma.store_wait(0)
+    if IS_VARLEN:  # a TMA store would write into the next sequence's keys: a masked store
+        _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
+        _store_rows(v_own, DV + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
+    else:
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, WG * HALF], k_smem.index(WG))
+        tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * HALF], v_smem.index(WG))
+        tma.store_wait(0)
 
 
 # one wrapper per (warpgroup, mode): gl.warp_specialize turns constexpr arguments into values
 @gluon.jit
-def _consumer_wg0_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
-                        q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
-                        sm_scale, causal):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
-              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
-              0, False)
+def _consumer_wg0_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
+                        kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                        qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
+                        sc_out):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+              q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
+              causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 0, False)
 
 
 @gluon.jit
-def _consumer_wg1_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
-                        q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
-                        sm_scale, causal):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
-              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
-              1, False)
+def _consumer_wg1_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
+                        kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                        qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
+                        sc_out):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+              q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
+              causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 1, False)
 
 
 @gluon.jit
-def _consumer_wg0_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
+def _consumer_wg0_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
                      q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
-                     sm_scale, causal):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
-              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
-              0, True)
+                     sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+              q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
+              causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 0, True)
 
 
 @gluon.jit
-def _consumer_wg1_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar,
+def _consumer_wg1_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
                      q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
-                     sm_scale, causal):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
-              q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale, causal,
-              1, True)
+                     sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out):
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+              q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
+              causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 1, True)
 
 
 @gluon.jit
 def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, st_desc, seqlen_q, seqlen_k, nheads_k,
-                   group, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   group, qk_scale, sm_scale, left, CU_Q, CU_K, DK, DV, stride_ks, stride_kh, ALIBI, stride_ab, sc_in,
+                   sc_out, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr,
+                   IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     # (causal: the first key blocks have the most query blocks; they come first)
@@ -246,10 +283,30 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
     bh = gl.program_id(1)
     b = bh // nheads_k
     hk = bh % nheads_k
+    ab_off = b * stride_ab  # (ALiBi slopes of this batch element: (batch, nheads) or (nheads,))
+    q_off = 0
+    k_off = 0
+    st_off = 0
+    if IS_VARLEN:
+        # packed (1, total, heads, 256) tensors: sequence b's rows from cu_seqlens; DK and DV (the
+        # masked epilogue's pointers) move to its first key; its lse/delta from stats_offset
+        q_off = gl.load(CU_Q + b)
+        seqlen_q = gl.load(CU_Q + b + 1) - q_off
+        k_off = gl.load(CU_K + b)
+        seqlen_k = gl.load(CU_K + b + 1) - k_off
+        DK += k_off.to(gl.int64) * stride_ks
+        DV += k_off.to(gl.int64) * stride_ks
+        st_off = stats_offset(q_off, b)
+        b = 0
+        if n0 >= seqlen_k:  # (one CTA per 64 keys of the longest sequence)
+            return
     m_first = 0
     if CAUSAL:  # query i sees key j when j <= i + seqlen_k - seqlen_q
         m_first = gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // ROWS
-    n_mblocks = gl.maximum((seqlen_q + ROWS - 1) // ROWS - m_first, 0)
+    m_end = seqlen_q
+    if HAS_WINDOW:  # a sliding window of `left` keys: the last query that sees the CTA's last key
+        m_end = gl.maximum(gl.minimum(m_end, n0 + KEYS - (seqlen_k - seqlen_q) + left), 0)
+    n_mblocks = gl.maximum((m_end + ROWS - 1) // ROWS - m_first, 0)
     causal = 1 if CAUSAL else 0
 
     dtype: gl.constexpr = q_desc.dtype
@@ -265,6 +322,9 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # (unused, at most 128 bytes: its shape tells the consumers the options, see _consumer)
+    flags_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_SOFTCAP
+                                                      + 8 * HAS_ALIBI], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
@@ -272,11 +332,12 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)
 
-    consumer_args = (dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, kv_bar, q_ready,
-                     q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                     causal)
+    consumer_args = (dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
+                     kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
+                     qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
+                     sc_out)
     producer_args = (q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
-                     q_empty, b, hk, group, n0, m_first, n_mblocks)
+                     q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off)
     if WITH_DQ:
         gl.warp_specialize([(_consumer_wg0_dq, consumer_args), (_consumer_wg1_dq, consumer_args),
                             (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -292,46 +353,73 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
         mbarrier.invalidate(ds_ready.index(i))
 
 
-def config():
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+def config(with_dq=False, options=False):
+    """Tiles and register split. ``options`` (a window, softcap, ALiBi or varlen) in the split mode:
+    40 producer / 232 consumer registers (at 24 / 240 ptxas spilled 4 bytes: in the producer's
+    loop under varlen, once per CTA in the consumers' epilogue under ALiBi; at 232 the split
+    consumers do not spill, the one pass's do, so it keeps 24 / 240)."""
+    regs = (232, 40) if options and not with_dq else (240, 24)
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=2, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], num_warps=4)
 
 
 def _blocks(cfg):
     return dict(q=(1, cfg["BLOCK_M"], 1, HALF_D), kv=(1, cfg["BLOCK_N"], 1, HALF_D), dq=(1, cfg["BLOCK_M"], 1, HALF_D))
 
 
-def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None):
+def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
+                            window_left=-1, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_k=None, softcap=0.0,
+                            alibi_slopes=None):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
-    zeroed fp32 tensor of q's shape; dense (batch, seqlen, heads, 256) bf16/fp16 tensors.
-    ``stats``: backward_sm90.new_stats's buffer, filled by the preprocess."""
+    zeroed fp32 tensor of q's shape; dense (batch, seqlen, heads, 256) bf16/fp16 tensors, or
+    packed varlen ones (cu_seqlens_q given: (total, heads, 256), one CTA per 64 keys of the
+    longest sequence). ``stats``: backward_sm90.new_stats's buffer (varlen: new_stats_varlen's),
+    filled by the preprocess. window_left (with causal: (left, 0); without: (left, -1)),
+    softcap, alibi_slopes: as the forward's."""
     with_dq = dq_accum is not None
-    batch, seqlen_q, nheads, head_dim = q.shape
-    assert head_dim == HEAD_DIM
+    varlen = cu_seqlens_q is not None
+    if varlen:  # descriptors on (1, total, heads, dim) views
+        q, k, v, dout, dk4, dv4 = (t.unsqueeze(0) for t in (q, k, v, dout, dk, dv))
+        dq_accum = dq_accum.unsqueeze(0) if with_dq else None
+        batch = cu_seqlens_q.shape[0] - 1
+        seqlen_k_grid = max_seqlen_k
+    else:
+        dk4, dv4 = dk, dv
+        batch = q.shape[0]
+        seqlen_k_grid = k.shape[1]
+    _, seqlen_q, nheads, head_dim = q.shape
+    assert head_dim == HEAD_DIM and dk.stride() == dv.stride()
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    cfg = cfg or config()
+    cfg = cfg or config(with_dq, varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
     blk = _blocks(cfg)
     d = forward_sm90._descriptor
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
-             d(dk, blk["kv"], q.dtype), d(dv, blk["kv"], q.dtype)]
+             d(dk4, blk["kv"], q.dtype), d(dv4, blk["kv"], q.dtype)]
     descs.append(d(dq_accum, blk["dq"], torch.float32) if with_dq else descs[-1])  # (not read without dQ)
     descs.append(_stats_descriptor(stats, cfg["BLOCK_M"]))
-    grid = (cdiv(seqlen_k, cfg["BLOCK_N"]), batch * nheads_k)
-    qk_scale = softmax_scale * forward_sm90.LOG2E
-    # (every argument is a descriptor, fixed by the dtype and cfg, or an int fixed by the shapes)
-    key = (q.shape, k.shape, q.dtype, causal, with_dq, tuple(cfg.values()))
+    grid = (cdiv(seqlen_k_grid, cfg["BLOCK_N"]), batch * nheads_k)
+    cu_q = cu_seqlens_q if varlen else stats  # (not read when dense)
+    cu_k = cu_seqlens_k if varlen else stats
+    qk_scale, score_args, has_softcap, has_alibi = forward_sm90._score_args(softmax_scale, softcap, alibi_slopes,
+                                                                            stats)
+    # (every argument is a descriptor, fixed by the dtype and cfg, an int fixed by the shapes,
+    # strides and window_left, a float, or a pointer of the align() bits)
+    key = (varlen, q.shape, k.shape, dk4.stride(), window_left, q.dtype, causal, with_dq, has_softcap, has_alibi,
+           score_args[1], tuple(cfg.values()), align(cu_q, cu_k, dk, dv, score_args[0]))
     return launch(_attn_bwd_d256, grid, *descs, seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, qk_scale,
-                  softmax_scale, CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
-                  CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"],
-                  key=key)
+                  softmax_scale, window_left, cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2), *score_args,
+                  CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
+                  PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_WINDOW=window_left >= 0, IS_VARLEN=varlen,
+                  HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
 
 
-def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg=None):
+def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg=None, window=False, varlen=False,
+                softcap=False, alibi=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    cfg = cfg or config()
+    cfg = cfg or config(with_dq, window or varlen or softcap or alibi)
     blk = _blocks(cfg)
 
     def desc(block, dt=dtype, tdt=tdtype):
@@ -342,9 +430,12 @@ def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg
                dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
                dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
                st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32",
-               nheads_k="i32", group="i32", qk_scale="fp32", sm_scale="fp32")
+               nheads_k="i32", group="i32", qk_scale="fp32", sm_scale="fp32", left="i32", CU_Q="*i32", CU_K="*i32",
+               DK=f"*{dtype}", DV=f"*{dtype}", stride_ks="i32", stride_kh="i32", ALIBI="*fp32", stride_ab="i32",
+               sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
-                      PRODUCER_REGS=cfg["PRODUCER_REGS"])
+                      PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_WINDOW=window, IS_VARLEN=varlen, HAS_SOFTCAP=softcap,
+                      HAS_ALIBI=alibi)
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
