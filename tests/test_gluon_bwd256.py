@@ -1,8 +1,8 @@
 """The Gluon Hopper backward at head dim 256 (kernels/backward_sm90_d256.py, default on sm_90;
 IOATTN_GLUON_BWD256=0 turns it off): compiled for sm_90a on the CPU (shared memory, wgmma shapes, TMA loads,
 stores and dQ reductions, the register split, no spills), its dispatch rules and the launcher's
-wiring; the options (sliding windows, softcap, ALiBi, packed varlen batches) behind
-IOATTN_GLUON_BWD256_OPTIONS=1 likewise. Its numbers are checked on a GPU:
+wiring; the options (sliding windows, softcap, ALiBi, packed varlen batches; on by default,
+IOATTN_GLUON_BWD256_OPTIONS=0 turns them off) likewise. Its numbers are checked on a GPU:
 benchmarks/gluon_bwd256_check.py (gpu_suite s10b; --options: s10e)."""
 
 import re
@@ -60,8 +60,10 @@ def test_gluon_bwd256_dispatch(monkeypatch):
     varlen = lambda deterministic=False, **kw: bwd.supported(  # noqa: E731
         packed, packed[:, :1], packed[:, :1], packed, **{**dense, "varlen": True, **kw}, max_seqlen_k=1000,
         deterministic=deterministic, capability=(9, 0))
-    # the options are off until a GPU run checks them (IOATTN_GLUON_BWD256_OPTIONS)
-    assert not bwd.D256_OPTIONS
+    # the options are on by default since the H200 check (results/h200-session9f);
+    # IOATTN_GLUON_BWD256_OPTIONS=0 sends them to the Triton backward
+    assert bwd.D256_OPTIONS
+    monkeypatch.setattr(bwd, "D256_OPTIONS", False)
     for kw in options + (dict(dropout_p=0.1), dict(window_right=16)):
         assert b(**kw) is None, kw
     assert varlen() is None and b(dtype=torch.float32) is None

@@ -24,8 +24,7 @@ where 5 suffice. This kernel:
 Scope: what forward_sm90 covers (bf16/fp16, dense or packed varlen, causal or not, sliding
 windows (left, 0) / (left, -1), GQA/MQA, dropout) at head dims 64 and 128 (at 256, dK and dV
 alone would take all of a warpgroup's registers: backward_sm90_d256 splits the head dim instead,
-dense batches without options by default, windows / softcap / ALiBi / varlen with
-IOATTN_GLUON_BWD256_OPTIONS=1; this launcher hands it those calls). Varlen: the
+dense or varlen, windows / softcap / ALiBi, no dropout; this launcher hands it those calls). Varlen: the
 tiles run past a sequence's end into the next one's rows and keys, which the mask zeroes; dK/dV
 go out by a masked store; each sequence's lse/delta start 16-byte aligned in the stats buffer (stats_offset). delta (the
 rowsum of dO * O, with dlse folded in) comes from backward.py's preprocess kernel.
@@ -471,10 +470,11 @@ VARLEN = os.environ.get("IOATTN_GLUON_BWD_VARLEN", "1") != "0"
 # (deterministic as well) and "atomic" only with IOATTN_GLUON_BWD=atomic
 D256 = os.environ.get("IOATTN_GLUON_BWD256", "1") == "1"
 # the hdim-256 Gluon backward with sliding windows ((left, 0), (left, -1)), softcap, ALiBi and packed
-# varlen batches (IOATTN_GLUON_BWD256_OPTIONS=1): compiled only (no spills, tests/test_gluon_bwd256.py),
-# off until a GPU run checks it (benchmarks/gluon_bwd256_check.py --options, gpu_suite s10e); without
-# it those calls keep the Triton backward. Dropout at hdim 256 always does.
-D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "0") == "1"
+# varlen batches (IOATTN_GLUON_BWD256_OPTIONS=0 keeps the Triton backward for those): H200, session 9
+# (results/h200-session9f): 6/6 vs fp64 with the Triton kernels' errors (windows, softcap 30/50,
+# ALiBi (h,)/(b, h), varlen with empty sequences); 4k causal split mode 1.24x the Triton backward
+# with softcap 50 and with a window of 1024. Dropout at hdim 256 keeps the Triton backward.
+D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,

@@ -1,8 +1,7 @@
 """Hopper (sm_90) backward at head dim 256 in Gluon: dK and dV (mode "split") or dK, dV and dQ
-in one pass (mode "atomic"). Dense batches without options: on by default (backward_sm90.D256,
-checked on an H200 in session 9); sliding windows, softcap, ALiBi and packed varlen batches:
-with IOATTN_GLUON_BWD256_OPTIONS=1 only (backward_sm90.D256_OPTIONS), compiled but not yet run
-on a GPU (benchmarks/gluon_bwd256_check.py --options checks them).
+in one pass (mode "atomic"). On by default on sm_90 for dense and packed varlen batches, with
+sliding windows, softcap and ALiBi (backward_sm90.D256, D256_OPTIONS; checked on an H200 in
+session 9: benchmarks/gluon_bwd256_check.py, --options); dropout keeps the Triton backward.
 
 Why a kernel of its own: backward_sm90 lets each consumer warpgroup own 64 keys and keep their
 dK, dV (64 x hdim fp32) in registers: at hdim 256 that is 256 registers a thread for the two.
