@@ -376,13 +376,9 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     if IS_VARLEN:
         # packed (1, total, heads, dim) tensors: sequence b's rows from cu_seqlens; DK and DV
         # (the masked epilogue's pointers) move to its first key
-        q_off = gl.load(CU_Q + b)
-        seqlen_q = gl.load(CU_Q + b + 1) - q_off
-        k_off = gl.load(CU_K + b)
-        seqlen_k = gl.load(CU_K + b + 1) - k_off
+        q_off, seqlen_q, k_off, seqlen_k, st_off = sequence_bounds(CU_Q, CU_K, b)
         DK += k_off.to(gl.int64) * stride_ks
         DV += k_off.to(gl.int64) * stride_ks
-        st_off = stats_offset(q_off, b)
         b = 0
         if n0 >= seqlen_k:
             return
@@ -528,6 +524,17 @@ def stats_offset(q_off, b):
     unaligned one is an illegal instruction), 4 * b more than q_off rounded up, so sequences
     never overlap. (The preprocess computes the same in Triton.)"""
     return (q_off + 3) // 4 * 4 + 4 * b
+
+
+@gluon.jit
+def sequence_bounds(CU_Q, CU_K, b):
+    """Sequence b of a packed varlen batch: (q_off, seqlen_q, k_off, seqlen_k, st_off), its first
+    packed query and key rows, its lengths, and where its lse/delta start in the stats buffer."""
+    q_off = gl.load(CU_Q + b)
+    seqlen_q = gl.load(CU_Q + b + 1) - q_off
+    k_off = gl.load(CU_K + b)
+    seqlen_k = gl.load(CU_K + b + 1) - k_off
+    return q_off, seqlen_q, k_off, seqlen_k, stats_offset(q_off, b)
 
 
 def new_stats(batch, nheads, seqlen_q, device):

@@ -39,7 +39,7 @@ kernel's helpers, with the scores' orientation turned: queries as rows here):
 - softcap / ALiBi: forward_sm90._scores on S_w (query index along the rows, key along the
   columns; then qk_scale is 1), dS_w times 1 - t^2 under softcap; slopes per query head;
 - packed varlen: per-sequence bounds from cu_seqlens, tiles that run into the next sequence's
-  rows/keys masked (_bwd_mask), lse/delta from backward_sm90.stats_offset, dK/dV by a masked
+  rows/keys masked (_bwd_mask), lse/delta from backward_sm90.sequence_bounds, dK/dV by a masked
   store (backward_sm90._store_rows) instead of the TMA store, dQ reductions at the packed rows
   (rows past the sequence add zeros). One CTA per 64 keys of the longest sequence.
 Dropout at hdim 256 keeps the Triton backward (backward_sm90.supported).
@@ -52,7 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import forward_sm90
-from .backward_sm90 import _STATS_LAYOUT, _bwd_mask, _stats_descriptor, _store_rows, _tma_reduce_add, stats_offset
+from .backward_sm90 import _STATS_LAYOUT, _bwd_mask, _stats_descriptor, _store_rows, _tma_reduce_add, sequence_bounds
 from .configs import cdiv
 from .forward_sm90 import _wgmma_layout
 from .launch import align, launch
@@ -289,13 +289,9 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
     if IS_VARLEN:
         # packed (1, total, heads, 256) tensors: sequence b's rows from cu_seqlens; DK and DV (the
         # masked epilogue's pointers) move to its first key; its lse/delta from stats_offset
-        q_off = gl.load(CU_Q + b)
-        seqlen_q = gl.load(CU_Q + b + 1) - q_off
-        k_off = gl.load(CU_K + b)
-        seqlen_k = gl.load(CU_K + b + 1) - k_off
+        q_off, seqlen_q, k_off, seqlen_k, st_off = sequence_bounds(CU_Q, CU_K, b)
         DK += k_off.to(gl.int64) * stride_ks
         DV += k_off.to(gl.int64) * stride_ks
-        st_off = stats_offset(q_off, b)
         b = 0
         if n0 >= seqlen_k:  # (one CTA per 64 keys of the longest sequence)
             return
