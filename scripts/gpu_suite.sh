@@ -186,6 +186,10 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s11b)  # session 11: the hdim-256 split backward's software-pipelined consumer loop (IOATTN_D256_PIPELINE;
+          # compiled only so far): path "pipe" next to "split" vs fp64 with the Triton backward (6 dense + 6 option
+          # cases), then backward TFLOP/s pipe / split / cuDNN at 1k/4k/16k, causal or not (~3.5 min)
+    timeout 235 python3 benchmarks/gluon_bwd256_check.py --pipeline --out "$OUT/bwd256_pipeline.json" 2>&1 | tee "$OUT/bwd256_pipeline.log" | grep -v "^PASS\|^  " ;;
   s10c)  # session 10: dropout masks applied to the packed bf16 P in the Gluon forward (IOATTN_GLUON_DROPOUT_APPLY
           # packed / early; compiled only): masks bit-identical to the Triton ones (the packed path's mask
           # kernel), forward+backward vs fp32 with the replayed mask per mode, then the cost of each mode

@@ -196,3 +196,41 @@ def test_gluon_bwd256_options_launcher_wiring(monkeypatch, varlen):
     assert kwargs["HAS_WINDOW"] and kwargs["HAS_SOFTCAP"] and kwargs["HAS_ALIBI"] and kwargs["CAUSAL"]
     assert kwargs["IS_VARLEN"] == varlen and not kwargs["WITH_DQ"]
     assert (kwargs["CONSUMER_REGS"], kwargs["PRODUCER_REGS"]) == (232, 40)
+
+
+# (dtype, causal, options) of the pipelined split loop (IOATTN_D256_PIPELINE=1): dense and the options
+PIPELINE_VARIANTS = [
+    ("bf16", False, {}),
+    ("fp16", True, {}),
+    ("bf16", True, dict(varlen=True, window=True, softcap=True, alibi=True)),
+]
+
+
+@pytest.mark.parametrize("dtype,causal,options", PIPELINE_VARIANTS)
+def test_gluon_bwd256_pipeline_compiles_for_sm90a(dtype, causal, options):
+    """The software-pipelined consumer loop (backward_sm90_d256._consumer_pipe; compiled only, not
+    yet run on a GPU): the split mode's shared memory and register split, no spills, and no wgmma
+    serialized by ptxas (its C7511-C7515 notes: a wait that does not follow the in-flight group
+    count across the loop's back edge, or a conditional issue, serialized every product); the
+    default loop's PTX is untouched by the flag (checked by hand: identical in 12 variants up to
+    debug lines)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    d256 = pytest.importorskip("ioattn.kernels.backward_sm90_d256")
+    kernel = d256.compile_for(dtype, causal, False, pipeline=True, **options)
+    assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    assert "m64n32k16" in ptx and "m64n128k16" in ptx and "cp.reduce.async.bulk.tensor" not in ptx
+    # the pipeline's waits: 6 groups in flight after the next block's products, 4 across the back edge
+    assert "wgmma.wait_group.sync.aligned 6;" in ptx and "wgmma.wait_group.sync.aligned 4;" in ptx
+    regs = d256.config(False, bool(options))
+    assert re.search(rf"setmaxnreg.inc.sync.aligned.u32\s+{regs['CONSUMER_REGS']};", ptx)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(ptx)
+        fh.flush()
+        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", fh.name, "-o", "/dev/null"],
+                             capture_output=True, text=True).stderr
+    assert "serialized" not in out, out
+    assert max(int(x) for x in re.findall(r"(\d+) bytes spill stores", out)) == 0
