@@ -190,6 +190,10 @@ case "$mode" in
           # compiled only so far): path "pipe" next to "split" vs fp64 with the Triton backward (6 dense + 6 option
           # cases), then backward TFLOP/s pipe / split / cuDNN at 1k/4k/16k, causal or not (~3.5 min)
     timeout 235 python3 benchmarks/gluon_bwd256_check.py --pipeline --out "$OUT/bwd256_pipeline.json" 2>&1 | tee "$OUT/bwd256_pipeline.log" | grep -v "^PASS\|^  " ;;
+  s11a)  # session 11: the one pass with its dQ reductions in a fixed order (mode "ordered", IOATTN_GLUON_BWD_ORDERED=1;
+          # compiled only so far): 6 shapes vs fp64 next to split, 5 calls bit-identical, semaphore counts; then
+          # ordered / atomic / split / SDPA cuDNN at hdim 64/128, 4k/16k, causal or not (a hang = an ordering bug)
+    IOATTN_GLUON_BWD_ORDERED=1 timeout 240 python3 benchmarks/gluon_ordered_check.py --out "$OUT/ordered.json" 2>&1 | tee "$OUT/ordered.log" | grep -v "^PASS" ;;
   s10c)  # session 10: dropout masks applied to the packed bf16 P in the Gluon forward (IOATTN_GLUON_DROPOUT_APPLY
           # packed / early; compiled only): masks bit-identical to the Triton ones (the packed path's mask
           # kernel), forward+backward vs fp32 with the replayed mask per mode, then the cost of each mode

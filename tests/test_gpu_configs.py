@@ -210,3 +210,57 @@ def test_gluon_dispatch_rules():
         assert b(128) is None
     finally:
         bwd.MODE = "auto"
+
+
+@pytest.mark.parametrize("head_dim,causal,window", [(128, False, False), (64, True, False), (128, True, True)])
+def test_gluon_ordered_backward_compiles_for_sm90a(head_dim, causal, window):
+    """Mode "ordered" of the Gluon backward (deterministic one pass; IOATTN_GLUON_BWD_ORDERED=1):
+    within the shared memory, no more spills than the unordered pass (measured: hdim 128 0 / 4 B,
+    hdim 64 causal 132 B against 180), and the semaphore protocol in the PTX: an acquire-load spin
+    before each bulk reduction, a full completion wait (not only .read) before the release-add of
+    each warp's elected thread, the async-proxy fences; with a causal mask the grid reversed."""
+    backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
+    kernel = backward_sm90.compile_for(head_dim, "bf16", causal, window=window, ordered=True)
+    assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    for pattern in ("ld.acquire.gpu.global.b32", "red.release.gpu.global.add.s32", "elect.sync",
+                    "cp.async.bulk.wait_group 0;", "fence.proxy.async.global", "cp.reduce.async.bulk.tensor"):
+        assert pattern in ptx, pattern
+    assert ("%nctaid.x" in ptx) == causal  # (decreasing key blocks: the last ones first)
+    assert "atom.global" not in ptx
+    spills = ptxas_report(kernel)["spill_bytes"]
+    if window:  # (the unordered pass: 4 B)
+        assert spills <= 16, spills
+    else:  # (the same unordered variants as test_gluon_backward_compiles_for_sm90a: Triton's cache has them)
+        assert spills <= ptxas_report(backward_sm90.compile_for(head_dim, "bf16", causal))["spill_bytes"]
+
+
+def test_gluon_ordered_dispatch():
+    """IOATTN_GLUON_BWD_ORDERED (off by default): deterministic=True takes mode "ordered" instead of
+    "split" at head dims 64/128 (dense and varlen), unless IOATTN_GLUON_BWD=split; hdim 256 keeps
+    split, deterministic=False the unordered pass."""
+    import torch
+    bwd = pytest.importorskip("ioattn.kernels.backward_sm90")
+    dense = dict(varlen=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0)
+    t = lambda d, n=4096: torch.zeros(1, n, 2, d, dtype=torch.bfloat16)  # noqa: E731
+    b = lambda d, deterministic=False, **kw: bwd.supported(  # noqa: E731
+        t(d), t(d), t(d), t(d), **{**dense, **kw}, deterministic=deterministic, capability=(9, 0))
+    pb = lambda d, **kw: bwd.supported(  # noqa: E731
+        *(torch.zeros(4096, 2, d, dtype=torch.bfloat16) for _ in range(4)),
+        **{**dense, "varlen": True, "max_seqlen_k": 4096, **kw}, deterministic=True, capability=(9, 0))
+    assert not bwd.ORDERED and b(128, deterministic=True) == "split"
+    bwd.ORDERED = True
+    try:
+        assert b(128, deterministic=True) == "ordered" and b(64, deterministic=True) == "ordered"
+        assert b(128, deterministic=True, window_right=0) == "ordered"
+        assert b(128, deterministic=True, window_left=100, window_right=0) == "ordered"
+        assert b(128, deterministic=True, dropout_p=0.1) == "ordered" and pb(128, window_right=0) == "ordered"
+        assert b(128) == "atomic" and b(256, deterministic=True) == "split"
+        assert b(64, deterministic=True, window_right=0) == "ordered"  # (4k keys; <= 2k: the Triton backward)
+        bwd.MODE = "split"
+        assert b(128, deterministic=True) == "split" and b(128) == "split"
+        bwd.MODE = "atomic"
+        assert b(128, deterministic=True) == "ordered" and b(128) == "atomic"
+    finally:
+        bwd.ORDERED = False
+        bwd.MODE = "auto"
