@@ -12,6 +12,7 @@ ahead of the GPU) sees the graph column.
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -22,18 +23,8 @@ import torch.nn.functional as F
 
 import ioattn
 
-
-def graph_ms(fn, calls=10):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / calls
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import graph_ms  # noqa: E402  (per-call time of a CUDA graph replaying the call)
 
 
 def host_us(fn, calls=200):
