@@ -6,7 +6,8 @@
 - dropout 0.1 vs none, forward + backward, 4k, hdim 128: overhead (target <= 25%).
 Also softcap and ALiBi overheads. bf16, 16 heads, triton.testing.do_bench medians.
 
-    python benchmarks/bench_features.py [--out features.json]
+    python benchmarks/bench_features.py [--out features.json] [--hdim 64] [--parts options]
+(--parts: any of varlen,window,options; the summary keeps the ratios whose rows ran)
 """
 
 import argparse
@@ -32,8 +33,12 @@ def fwd_bwd(call, inputs):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hdim", type=int, default=128)
+    ap.add_argument("--parts", default="varlen,window,options")
     args = ap.parse_args(argv)
-    dev, dt, h, d = "cuda", torch.bfloat16, 16, 128
+    parts = set(args.parts.split(","))
+    dev, dt, d = "cuda", torch.bfloat16, args.hdim
+    h = 16 * 128 // d  # 2048 channels whatever the head dim
     gen = torch.Generator().manual_seed(0)
     rows = []
 
@@ -43,7 +48,24 @@ def main(argv=None):
         tf = f"{row['tflops']:7.1f} TFLOP/s" if flops else ""
         print(f"{name:45s} {ms:8.3f} ms {tf}", flush=True)
 
-    # ---- varlen vs dense, same tokens
+    if "varlen" in parts:
+        varlen_part(add, gen, dev, dt, h, d)
+    if "window" in parts:
+        window_part(add, dev, dt, h, d)
+    if "options" in parts:
+        options_part(add, dev, dt, h, d)
+    summary = summarize({r["case"]: r for r in rows})
+    print()
+    for key, val in summary.items():
+        print(f"{key:40s} {val:6.3f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           hdim=d, nheads=h, rows=rows, summary=summary), fh, indent=1)
+
+
+def varlen_part(add, gen, dev, dt, h, d):
+    """Varlen vs dense, same tokens."""
     total, nseq = 65536, 64
     cuts = torch.sort(torch.randperm(total - 1, generator=gen)[:nseq - 1] + 1).values
     lens = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([total])])).tolist()
@@ -63,7 +85,9 @@ def main(argv=None):
     call = lambda: ioattn.flash_attn_varlen_func(q, k, v, cu_eq, cu_eq, 1024, 1024, causal=True)  # noqa: E731
     add("varlen fwd (64 x 1k equal lengths, causal)", bench(call), fl_d)
 
-    # ---- sliding window vs full causal, 16k
+
+def window_part(add, dev, dt, h, d):
+    """Sliding window vs full causal, 16k."""
     n = 16384
     q, k, v = (torch.randn(1, n, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     full = lambda: ioattn.flash_attn_func(q, k, v, causal=True)  # noqa: E731
@@ -73,7 +97,9 @@ def main(argv=None):
     add("causal 16k fwd+bwd", bench(fwd_bwd(full, (q, k, v))))
     add("window (1024,0) 16k fwd+bwd", bench(fwd_bwd(win, (q, k, v))))
 
-    # ---- dropout, softcap, alibi at 4k
+
+def options_part(add, dev, dt, h, d):
+    """Dropout, softcap, ALiBi at 4k, and SDPA flash's dropout in the same run."""
     n, b = 4096, 4
     q, k, v = (torch.randn(b, n, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     slopes = torch.rand(h, device=dev) * 0.1
@@ -94,28 +120,31 @@ def main(argv=None):
         add(f"sdpa flash 4k causal {name} fwd", bench(sdpa), 4 * b * h * n * n * d / 2)
         add(f"sdpa flash 4k causal {name} fwd+bwd", bench(fwd_bwd(sdpa, (qt, kt, vt))), 3.5 * 4 * b * h * n * n * d / 2)
 
-    by = {r["case"]: r for r in rows}
-    summary = {
-        "varlen/dense TFLOP/s fwd": by["varlen fwd (64 seqs, 64k tokens, causal)"]["tflops"] / by["dense fwd (64 x 1k, causal)"]["tflops"],
-        "varlen/dense TFLOP/s fwd+bwd": by["varlen fwd+bwd"]["tflops"] / by["dense fwd+bwd"]["tflops"],
-        "window speedup fwd": by["causal 16k fwd"]["ms"] / by["window (1024,0) 16k fwd"]["ms"],
-        "window speedup fwd+bwd": by["causal 16k fwd+bwd"]["ms"] / by["window (1024,0) 16k fwd+bwd"]["ms"],
-        "dropout overhead fwd+bwd": by["4k causal dropout 0.1 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
-        "dropout overhead fwd": by["4k causal dropout 0.1 fwd"]["ms"] / by["4k causal plain fwd"]["ms"] - 1,
-        "sdpa flash dropout overhead fwd": by["sdpa flash 4k causal dropout 0.1 fwd"]["ms"] / by["sdpa flash 4k causal plain fwd"]["ms"] - 1,
-        "sdpa flash dropout overhead fwd+bwd": by["sdpa flash 4k causal dropout 0.1 fwd+bwd"]["ms"] / by["sdpa flash 4k causal plain fwd+bwd"]["ms"] - 1,
-        "dropout fwd+bwd ms ioattn/sdpa flash": by["4k causal dropout 0.1 fwd+bwd"]["ms"] / by["sdpa flash 4k causal dropout 0.1 fwd+bwd"]["ms"],
-        "softcap overhead fwd": by["4k causal softcap 30 fwd"]["ms"] / by["4k causal plain fwd"]["ms"] - 1,
-        "softcap overhead fwd+bwd": by["4k causal softcap 30 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
-        "alibi overhead fwd+bwd": by["4k causal alibi fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
+
+
+def summarize(by):
+    """The issue-4 ratios of the rows that ran."""
+    pairs = {
+        "varlen/dense TFLOP/s fwd": lambda: by["varlen fwd (64 seqs, 64k tokens, causal)"]["tflops"] / by["dense fwd (64 x 1k, causal)"]["tflops"],
+        "varlen/dense TFLOP/s fwd+bwd": lambda: by["varlen fwd+bwd"]["tflops"] / by["dense fwd+bwd"]["tflops"],
+        "window speedup fwd": lambda: by["causal 16k fwd"]["ms"] / by["window (1024,0) 16k fwd"]["ms"],
+        "window speedup fwd+bwd": lambda: by["causal 16k fwd+bwd"]["ms"] / by["window (1024,0) 16k fwd+bwd"]["ms"],
+        "dropout overhead fwd+bwd": lambda: by["4k causal dropout 0.1 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
+        "dropout overhead fwd": lambda: by["4k causal dropout 0.1 fwd"]["ms"] / by["4k causal plain fwd"]["ms"] - 1,
+        "sdpa flash dropout overhead fwd": lambda: by["sdpa flash 4k causal dropout 0.1 fwd"]["ms"] / by["sdpa flash 4k causal plain fwd"]["ms"] - 1,
+        "sdpa flash dropout overhead fwd+bwd": lambda: by["sdpa flash 4k causal dropout 0.1 fwd+bwd"]["ms"] / by["sdpa flash 4k causal plain fwd+bwd"]["ms"] - 1,
+        "dropout fwd+bwd ms ioattn/sdpa flash": lambda: by["4k causal dropout 0.1 fwd+bwd"]["ms"] / by["sdpa flash 4k causal dropout 0.1 fwd+bwd"]["ms"],
+        "softcap overhead fwd": lambda: by["4k causal softcap 30 fwd"]["ms"] / by["4k causal plain fwd"]["ms"] - 1,
+        "softcap overhead fwd+bwd": lambda: by["4k causal softcap 30 fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
+        "alibi overhead fwd+bwd": lambda: by["4k causal alibi fwd+bwd"]["ms"] / by["4k causal plain fwd+bwd"]["ms"] - 1,
     }
-    print()
-    for key, val in summary.items():
-        print(f"{key:40s} {val:6.3f}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           triton=triton.__version__, rows=rows, summary=summary), fh, indent=1)
+    out = {}
+    for key, fn in pairs.items():
+        try:
+            out[key] = fn()
+        except KeyError:
+            pass
+    return out
 
 
 if __name__ == "__main__":

@@ -381,8 +381,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
 # the one-pass Gluon backward adds dQ into an fp32 accumulator, twice the size of dQ in bf16/fp16;
 # above this size it runs over groups of KV heads, one launch each, with an accumulator for that
 # group only, so that the accumulator is no larger than dQ itself (16k tokens x 2048: peak memory of
-# one forward+backward 388 -> 324 MiB, results/h200-session9c). Dense batches only for now (the
-# varlen path is not yet checked on a GPU). IOATTN_DQ_ACCUM_CHUNK_MIB=0 splits whenever it can (checks)
+# one forward+backward 388 -> 324 MiB, results/h200-session9c). Dense and packed varlen batches (the
+# varlen stats buffer is (1, nheads, 2, rows): sliced by head the same way). IOATTN_DQ_ACCUM_CHUNK_MIB=0
+# splits whenever it can (checks)
 DQ_ACCUM_CHUNK_BYTES = int(os.environ.get("IOATTN_DQ_ACCUM_CHUNK_MIB", "64")) << 20
 
 
@@ -452,7 +453,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     sm90_kw.update(dropout_p=dropout_p, rng_state=rng_state, softcap=softcap, alibi_slopes=alibi_slopes)
     if use_sm90 in ("atomic", "ordered"):  # one Gluon pass, dQ summed by bulk TMA reductions (in a fixed order)
         head_dim_ax = 1 if varlen else 2
-        chunks = 1 if varlen else _dq_accum_chunks(q, nheads_k, dropout_p)  # (varlen: not yet checked on a GPU)
+        chunks = _dq_accum_chunks(q, nheads_k, dropout_p)
         per = nheads_k // chunks  # KV heads per launch (a GQA group never splits)
         for c in range(chunks):
             hq, hk = slice(c * per * (nheads // nheads_k), (c + 1) * per * (nheads // nheads_k)), slice(c * per, (c + 1) * per)
