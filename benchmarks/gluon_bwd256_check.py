@@ -18,14 +18,8 @@ and empty sequences, against the fp64 reference (varlen: attention_varlen_ref, e
 alone) next to the Triton backward, same pass rule; then the backward time at hdim 256, 4k,
 causal with softcap 50 and with a window of 1024 keys: Gluon split / atomic vs Triton (ms).
 
-With --pipeline: the split mode's software-pipelined consumer loop (IOATTN_D256_PIPELINE, path
-"pipe"; compiled only so far) next to the serial split loop: the dense cases and the option cases
-against fp64 next to the Triton backward (same pass rule; "pipe" must also have run the pipelined
-kernel), then backward TFLOP/s pipe / split / cuDNN at 1k/4k/16k, causal or not.
-
     IOATTN_GLUON_BWD256=1 python benchmarks/gluon_bwd256_check.py [--out f.json] [--skip-bench]
     IOATTN_GLUON_BWD256_OPTIONS=1 python benchmarks/gluon_bwd256_check.py --options [--out f.json]
-    python benchmarks/gluon_bwd256_check.py --pipeline [--out f.json] [--skip-bench]
 """
 
 import argparse
@@ -41,7 +35,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ioattn
-from ioattn.kernels import backward_sm90, backward_sm90_d256, configs
+from ioattn.kernels import backward_sm90, configs
 from ioattn.reference import attention_ref, attention_varlen_ref
 
 MODES = ("atomic", "split")  # the Gluon modes; "triton" is the Triton backward
@@ -56,19 +50,11 @@ CASES = [  # (dtype, batch, seqlen_q, seqlen_k, heads, kv heads, causal)
 
 
 def set_path(path, options=False):
-    """'atomic' / 'split': the hdim-256 Gluon kernel in that mode; 'pipe': the split mode with the
-    pipelined consumer loop (IOATTN_D256_PIPELINE); 'triton': the Triton backward.
+    """'atomic' / 'split': the hdim-256 Gluon kernel in that mode; 'triton': the Triton backward.
     options: the window / softcap / ALiBi / varlen coverage as well (IOATTN_GLUON_BWD256_OPTIONS)."""
     backward_sm90.D256 = path != "triton"
     backward_sm90.D256_OPTIONS = options and path != "triton"
-    backward_sm90.MODE = {"triton": "auto", "pipe": "split"}.get(path, path)
-    backward_sm90_d256.PIPELINE = path == "pipe"
-
-
-def ran_pipe():
-    """Whether the last backward ran the pipelined hdim-256 loop (its 6-group wait is in no other)."""
-    k = configs.last_compiled.get("bwd_sm90") or configs.last_compiled.get("dkdv")
-    return "wgmma.wait_group.sync.aligned 6;" in (getattr(k, "asm", None) or {}).get("ptx", "")
+    backward_sm90.MODE = path if path != "triton" else "auto"
 
 
 def ran_d256():
@@ -84,7 +70,7 @@ def grads(q, k, v, dout, causal, path):
     out = ioattn.flash_attn_func(qi, ki, vi, causal=causal)
     g = torch.autograd.grad(out, (qi, ki, vi), dout)
     torch.cuda.synchronize()
-    return (out.detach(), *g), ran_d256() and (ran_pipe() == (path == "pipe"))
+    return (out.detach(), *g), ran_d256()
 
 
 def reference(q, k, v, dout, causal):
@@ -97,7 +83,7 @@ def rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def check(rows, modes=MODES):
+def check(rows):
     configs.poison_outputs = True
     n_fail = 0
     for dtype, b, sq, sk, h, hk, causal in CASES:
@@ -110,13 +96,13 @@ def check(rows, modes=MODES):
         errs, ran = {}, {}
         try:
             ref = reference(q, k, v, dout, causal)
-            for path in ("triton", ) + modes:  # (each printed at once: a hang shows where it is)
+            for path in ("triton", ) + MODES:  # (each printed at once: a hang shows where it is)
                 g, ran[path] = grads(q, k, v, dout, causal, path)
                 errs[path] = [rel(x, r) for x, r in zip(g, ref)]
                 print(f"  {shape} {path:6s} ran_d256={ran[path]} err out/dq/dk/dv " +
                       " ".join(f"{e:.2e}" for e in errs[path]), flush=True)
-            good = all(ran[m] for m in modes) and not ran["triton"] and all(
-                math.isfinite(eg) and eg <= 2 * et + 1e-3 for m in modes for eg, et in zip(errs[m], errs["triton"]))
+            good = all(ran[m] for m in MODES) and not ran["triton"] and all(
+                math.isfinite(eg) and eg <= 2 * et + 1e-3 for m in MODES for eg, et in zip(errs[m], errs["triton"]))
         except Exception as exc:  # noqa: BLE001
             good = False
             print("ERROR", shape, repr(exc)[:400], flush=True)
@@ -129,42 +115,6 @@ def check(rows, modes=MODES):
     set_path("atomic")
     print(f"gluon hdim256 backward check: {len(CASES) - n_fail}/{len(CASES)} passed", flush=True)
     return n_fail
-
-
-def bench_pipeline(rows, seqlens):
-    """Backward TFLOP/s at hdim 256 (16k tokens, 8 heads, bf16): the pipelined split loop, the
-    serial split loop and SDPA cuDNN, interleaved per shape."""
-    d, h = 256, 8
-    for n in seqlens:
-        b = 16384 // n
-        for causal in (False, True):
-            q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            dout = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
-            set_path("split")
-            out = ioattn.flash_attn_func(q, k, v, causal=causal)
-            runs = {f"ioattn_{p}": (out, (q, k, v), dout, p) for p in ("pipe", "split")}
-            qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                runs["sdpa_cudnn"] = (F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), (qt, kt, vt),
-                                      dout.transpose(1, 2), None)
-            res = {}
-            for name, (o, inputs, g, path) in runs.items():
-                if path is not None:
-                    set_path(path)
-                try:
-                    ms = triton.testing.do_bench(lambda: torch.autograd.grad(o, inputs, g, retain_graph=True),
-                                                 warmup=25, rep=100, return_mode="median")
-                    res[name] = flops(b, h, n, d, causal) / ms / 1e9
-                except Exception as exc:  # noqa: BLE001
-                    print(name, "failed", repr(exc)[:200], flush=True)
-                    res[name] = float("nan")
-                rows.append(dict(kind="bench_pipeline", provider=name, mode="bwd", hdim=d, seqlen=n, batch=b,
-                                 nheads=h, causal=causal, tflops=res[name]))
-            set_path("split")
-            print(f"bwd hdim 256 n {n:5d} causal {causal!s:5}: " + "  ".join(f"{k} {v:6.1f}" for k, v in res.items())
-                  + f"  pipe/split {res['ioattn_pipe'] / res['ioattn_split']:.3f}"
-                  + f"  pipe/cudnn {res['ioattn_pipe'] / res['sdpa_cudnn']:.2f}", flush=True)
 
 
 def flops(b, h, n, d, causal):
@@ -231,7 +181,7 @@ def option_grads(q, k, v, dout, c, path, varlen_args=None):
         out = ioattn.flash_attn_varlen_func(qi, ki, vi, *varlen_args, **kw)
     g = torch.autograd.grad(out, (qi, ki, vi), dout)
     torch.cuda.synchronize()
-    return (out.detach(), *g), ran_d256() and (ran_pipe() == (path == "pipe"))
+    return (out.detach(), *g), ran_d256()
 
 
 def option_reference(q, k, v, dout, c, cu=None):
@@ -330,8 +280,6 @@ def main(argv=None):
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--options", action="store_true", help="the window / softcap / ALiBi / varlen coverage")
     ap.add_argument("--modes", default=",".join(MODES), help="Gluon modes checked (--options)")
-    ap.add_argument("--pipeline", action="store_true",
-                    help="the pipelined split loop (path 'pipe') next to 'split': dense and option checks, timing")
     args = ap.parse_args(argv)
     rows = []
     t0 = time.time()
@@ -340,14 +288,6 @@ def main(argv=None):
           os.environ.get("IOATTN_GLUON_BWD256_OPTIONS"), flush=True)
     n_fail = 0
     try:
-        if args.pipeline:
-            n_fail = check(rows, ("split", "pipe"))
-            print(f"dense check took {time.time() - t0:.0f}s", flush=True)
-            n_fail += check_options(rows, ("split", "pipe"))
-            print(f"checks took {time.time() - t0:.0f}s", flush=True)
-            if not args.skip_bench:
-                bench_pipeline(rows, [int(x) for x in args.seqlens.split(",")])
-            return 1 if n_fail else 0
         if args.options:
             modes = tuple(args.modes.split(","))
             n_fail = check_options(rows, modes)

@@ -186,22 +186,14 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s12a)  # session 12: s11a (the ordered deterministic one pass), then the dQ accumulator split over KV-head
-          # groups on packed varlen batches (forced: IOATTN_DQ_ACCUM_CHUNK_MIB=0) vs the Triton path (~6 min)
-    IOATTN_GLUON_BWD_ORDERED=1 timeout 240 python3 benchmarks/gluon_ordered_check.py --out "$OUT/ordered.json" 2>&1 | tee "$OUT/ordered.log" | grep -v "^PASS"
+  s12a)  # session 12: the dQ accumulator split over KV-head groups on packed varlen batches (forced:
+          # IOATTN_DQ_ACCUM_CHUNK_MIB=0) vs the Triton path. (Run first with the ordered deterministic one
+          # pass's check, benchmarks/gluon_ordered_check.py, removed with that mode after it: commit 637c402.)
     IOATTN_DQ_ACCUM_CHUNK_MIB=0 timeout 150 python3 benchmarks/gluon_varlen_check.py --out "$OUT/varlen_dqsplit.json" 2>&1 | tee "$OUT/varlen_dqsplit.log" | grep -v "^PASS" ;;
-  s12b)  # session 12: s11b (the pipelined hdim-256 split backward), then the option costs at hdim 64
-          # (dropout: Gluon forward + Triton backward; softcap, ALiBi; SDPA flash's dropout) (~6 min)
-    timeout 235 python3 benchmarks/gluon_bwd256_check.py --pipeline --out "$OUT/bwd256_pipeline.json" 2>&1 | tee "$OUT/bwd256_pipeline.log" | grep -v "^PASS\|^  "
+  s12b)  # session 12: the option costs at hdim 64 (dropout: Gluon forward + Triton backward; softcap, ALiBi;
+          # SDPA flash's dropout). (Run first with gluon_bwd256_check.py --pipeline, removed with the
+          # pipelined hdim-256 loop after it: commit 2e71608.)
     timeout 150 python3 benchmarks/bench_features.py --hdim 64 --parts options --out "$OUT/features_d64.json" 2>&1 | tee "$OUT/features_d64.log" ;;
-  s11b)  # session 11: the hdim-256 split backward's software-pipelined consumer loop (IOATTN_D256_PIPELINE;
-          # compiled only so far): path "pipe" next to "split" vs fp64 with the Triton backward (6 dense + 6 option
-          # cases), then backward TFLOP/s pipe / split / cuDNN at 1k/4k/16k, causal or not (~3.5 min)
-    timeout 235 python3 benchmarks/gluon_bwd256_check.py --pipeline --out "$OUT/bwd256_pipeline.json" 2>&1 | tee "$OUT/bwd256_pipeline.log" | grep -v "^PASS\|^  " ;;
-  s11a)  # session 11: the one pass with its dQ reductions in a fixed order (mode "ordered", IOATTN_GLUON_BWD_ORDERED=1;
-          # compiled only so far): 6 shapes vs fp64 next to split, 5 calls bit-identical, semaphore counts; then
-          # ordered / atomic / split / SDPA cuDNN at hdim 64/128, 4k/16k, causal or not (a hang = an ordering bug)
-    IOATTN_GLUON_BWD_ORDERED=1 timeout 240 python3 benchmarks/gluon_ordered_check.py --out "$OUT/ordered.json" 2>&1 | tee "$OUT/ordered.log" | grep -v "^PASS" ;;
   s10c)  # session 10: dropout masks applied to the packed bf16 P in the Gluon forward (IOATTN_GLUON_DROPOUT_APPLY
           # packed / early; compiled only): masks bit-identical to the Triton ones (the packed path's mask
           # kernel), forward+backward vs fp32 with the replayed mask per mode, then the cost of each mode

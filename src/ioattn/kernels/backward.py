@@ -451,7 +451,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     )
     sm90_kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k) if varlen else {}
     sm90_kw.update(dropout_p=dropout_p, rng_state=rng_state, softcap=softcap, alibi_slopes=alibi_slopes)
-    if use_sm90 in ("atomic", "ordered"):  # one Gluon pass, dQ summed by bulk TMA reductions (in a fixed order)
+    if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         head_dim_ax = 1 if varlen else 2
         chunks = _dq_accum_chunks(q, nheads_k, dropout_p)
         per = nheads_k // chunks  # KV heads per launch (a GQA group never splits)
@@ -465,7 +465,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
                 kw["alibi_slopes"] = alibi_slopes[..., hq]
             configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
                 doc, qc, kc, vc, stats[:, hq], dq_accum, dkc, dvc, softmax_scale=softmax_scale,
-                causal=window_right == 0, window_left=window_left, ordered=use_sm90 == "ordered", **kw)
+                causal=window_right == 0, window_left=window_left, **kw)
             dqc.copy_(dq_accum)
             dq_accum = None
         return dq, dk, dv

@@ -113,118 +113,6 @@ def _dq_out(dq_desc, dqw, dq_buf, dq, b, h, m0, c0):
     _tma_reduce_add(dq_desc, [b, m0, h, c0], dq_buf)
 
 
-# Mode "ordered" (deterministic one pass; compiled only, not yet run on a GPU): the dQ tile of
-# (batch, query head, query block, column half) receives the CTAs' reductions in a fixed order,
-# kept by an int32 semaphore per tile in global memory (zeroed by the launcher). Before its
-# reduction a warpgroup waits until the semaphore counts every reduction that comes before its
-# own for that tile (ordered_predecessors restates the count in Python; tests check it against
-# an enumeration of the CTAs' query blocks); once the reduction has completed (its adds
-# performed, not only its source read) it releases: +1 from each of its 4 warps. The release
-# waits until the middle of the next block (after that block's dK product is issued, ~1 us after
-# the reduction: no stall, and spill-free where other places spilled), or the loop's end.
-# The order follows the grid's dispatch order, so that a CTA only ever waits for CTAs launched
-# before it (no deadlock while a waiting CTA holds its SM; both warpgroups and the producer
-# only wait for their own CTA otherwise): increasing key blocks without a causal mask; with one,
-# decreasing key blocks, the grid's first CTAs taking the last key blocks. There the CTA of key
-# block n + 1 reaches a query block two blocks (hdim 64: one) before the CTA of key block n, so
-# the semaphore is ready when asked; in increasing order every CTA would wait for its
-# predecessor's first blocks, a wavefront that about halves the causal throughput (a schedule
-# model, benchmarks/gluon_ordered_check.py --model: 0.46-0.57x the unordered pass, against
-# 0.94-1.0x in decreasing order). Without a mask the CTAs of one (batch, head) that start
-# together meet every query block at the same time: each waits ~half a block per CTA before it
-# (once per start, the model: 0.83-1.0x).
-ORDER_SPIN_LIMIT = 1 << 24  # polls before a wait gives up (seconds; a legitimate wait is a few us; in _ordered_wait's asm)
-
-
-@gluon.jit
-def _ordered_wait(sem, target):
-    """Every thread of the warpgroup polls the semaphore at sem (ld.acquire.gpu; the warp's loads
-    of one address are one request) until it reaches target, then fences the async proxy so the
-    bulk reduction that follows is ordered after the acquire. After ORDER_SPIN_LIMIT polls it
-    gives up: it sets bit 30 of the semaphore (every later wait on it passes) and goes on, the sums
-    still right but in no fixed order, so that an ordering bug shows on the host (last_semaphores,
-    checked by benchmarks/gluon_ordered_check.py) rather than as a hang."""
-    gl.inline_asm_elementwise(
-        """{
-        .reg .pred p;
-        .reg .b32 v, n;
-        mov.u32 n, 0;
-        ord_spin:
-        ld.acquire.gpu.global.b32 v, [$1];
-        setp.ge.s32 p, v, $2;
-        @p bra ord_done;
-        add.u32 n, n, 1;
-        setp.lt.u32 p, n, 16777216;
-        @p bra ord_spin;
-        red.relaxed.gpu.global.or.b32 [$1], 1073741824;
-        ord_done:
-        fence.proxy.async.global;
-        mov.u32 $0, n;
-        }""", "=r,l,r", [sem, target], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _ordered_release(sem):
-    """After this warpgroup's last bulk reduction: wait until it has completed (the issuing
-    threads: cp.async.bulk.wait_group without .read, i.e. the adds performed), a warpgroup
-    barrier, then one thread of each warp adds 1 to the semaphore at sem with release semantics
-    (4 a warpgroup: a thread chosen by %tid.x made ptxas spill 450 bytes at hdim 128)."""
-    gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, 0;",
-                              "=r,l", [sem], dtype=gl.int32, is_pure=False, pack=1)
-    gl.thread_barrier()
-    gl.inline_asm_elementwise(
-        """{
-        .reg .pred p;
-        .reg .b32 t;
-        elect.sync t|p, -1;
-        @p red.release.gpu.global.add.s32 [$1], 1;
-        mov.u32 $0, 0;
-        }""", "=r,l", [sem], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _ordered_slot(t, n_mblocks, ord_p, ord_a, ord_c, nheads, ROWS: gl.constexpr, KB: gl.constexpr,
-                  WG: gl.constexpr, ORD_CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr):
-    """(semaphore, how many reductions come before this CTA's) of block t of the CTA's loop
-    (query head g = t // n_mblocks of the group, row block i = t % n_mblocks from the first);
-    ord_p, ord_a, ord_c: ordered_constants'."""
-    g = t // n_mblocks
-    i = t % n_mblocks
-    if ORD_CAUSAL:
-        target = gl.minimum(ord_a, (i * ROWS + ord_c) // KB)
-    elif HAS_WINDOW:
-        target = ord_a - gl.maximum(i * ROWS + ord_c, 0) // KB
-    else:
-        target = ord_a
-    return ord_p + WG + (i * nheads + g) * 2, 4 * target  # (_ordered_release: 4 arrivals a warpgroup)
-
-
-@gluon.jit
-def ordered_constants(SEM, sem_row0, nheads, hk, group, n0, m_first, seqlen_q, seqlen_k, left, CAUSAL: gl.constexpr,
-                      ROWS: gl.constexpr, KB: gl.constexpr):
-    """A CTA's constants for _ordered_slot. The semaphores: one per (row block, query head,
-    column half), the row blocks of the whole batch (dense: batch b's from sem_row0 =
-    b * cdiv(seqlen_q, ROWS); varlen: sequence b's from q_off // ROWS + b, which no earlier
-    sequence reaches). The CTAs that reach row
-    block m form a run of key blocks (the first and the last row block of a CTA grow with its key
-    block nb = n0 / KB): causal, in decreasing order, nb + 1 up to the last key block whose first
-    row block is <= m, i.e. min(cdiv(seqlen_k, KB) - 1, ((m + 1) ROWS + diag - 1) // KB) - nb,
-    where (m + 1) ROWS + diag - 1 >= n0 for the blocks this CTA reaches; otherwise, in increasing
-    order, the first one whose last row block is >= m (0 but under a sliding window:
-    max(m ROWS + diag - left, 0) // KB) up to nb - 1. Returns (the semaphore of the CTA's first row
-    block and query head, ord_a, ord_c): causal min(ord_a, (i ROWS + ord_c) // KB), otherwise
-    ord_a - max(i ROWS + ord_c, 0) // KB (no window: ord_a) for the CTA's row block i."""
-    nb = n0 // KB
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        ord_a = (seqlen_k + KB - 1) // KB - 1 - nb
-        ord_c = (m_first + 1) * ROWS + diag - 1 - n0
-    else:
-        ord_a = nb
-        ord_c = m_first * ROWS + diag - left
-    return SEM + ((sem_row0 + m_first) * nheads + hk * group) * 2, ord_a, ord_c
-
-
 @gluon.jit
 def _bwd_mask(p, offs_k, offs_q, k0, m0, seqlen_q, seqlen_k, diag, causal, left, HAS_WINDOW: gl.constexpr,
               IS_VARLEN: gl.constexpr, KEY_AXIS: gl.constexpr):
@@ -263,10 +151,7 @@ def _bwd_mask(p, offs_k, offs_q, k0, m0, seqlen_q, seqlen_k, diag, causal, left,
 def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem, kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, WG: gl.constexpr, WITH_DQ: gl.constexpr,
-                  ord_p, ord_a, ord_c, nheads, ORDERED: gl.constexpr):
-    # (ORDERED, mode "ordered": dQ reductions in a fixed order by the semaphores of _ordered_slot,
-    # ord_p, ord_a, ord_c: ordered_constants'. The other modes pass zeros for these.)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, WG: gl.constexpr, WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[2]  # queries per block
@@ -293,8 +178,7 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     IS_VARLEN: gl.constexpr = (win_smem.shape[0] - 1) // 2 % 2 == 1
     HAS_DROPOUT: gl.constexpr = (win_smem.shape[0] - 1) // 4 % 2 == 1
     HAS_SOFTCAP: gl.constexpr = (win_smem.shape[0] - 1) // 8 % 2 == 1
-    HAS_ALIBI: gl.constexpr = (win_smem.shape[0] - 1) // 16 % 2 == 1
-    ORD_CAUSAL: gl.constexpr = (win_smem.shape[0] - 1) // 32 == 1  # (mode "ordered", causal)
+    HAS_ALIBI: gl.constexpr = (win_smem.shape[0] - 1) // 16 == 1
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
@@ -358,11 +242,6 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
             mbarrier.arrive(ds_ready.index(t % 2))
             dst_a = gl.convert_layout(dst16, a_layout)
             dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
-            if ORDERED:
-                if t > 0:  # the previous block's reduction, issued about half a block ago: release it
-                    prev, _ = _ordered_slot(t - 1, n_mblocks, ord_p, ord_a, ord_c, nheads, ROWS, 2 * KEYS, WG,
-                                            ORD_CAUSAL, HAS_WINDOW)
-                    _ordered_release(prev)
             mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
             dq_tok = warpgroup_mma(dsb.permute((1, 0)), kc, dq_init, use_acc=False, is_async=True)
             dv, dk = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok))
@@ -371,26 +250,13 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
             # dP^T, spills 600 bytes at hdim 128: the dQ tile would be live next to both)
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             # (varlen: rows past the sequence add zeros to the next one's, their dS being 0)
-            if ORDERED:  # (the tile's previous reduction has completed: released above)
-                dqw.store(dq * sm_scale)
-                fence_async_shared()
-                slot, target = _ordered_slot(t, n_mblocks, ord_p, ord_a, ord_c, nheads, ROWS, 2 * KEYS, WG,
-                                             ORD_CAUSAL, HAS_WINDOW)
-                _ordered_wait(slot, target)
-                _tma_reduce_add(dq_desc, [b, q_off + m0, h, WG * HALF_D], dq_smem.index(WG))
-            else:
-                _dq_out(dq_desc, dqw, dq_smem.index(WG), dq * sm_scale, b, h, q_off + m0, WG * HALF_D)
+            _dq_out(dq_desc, dqw, dq_smem.index(WG), dq * sm_scale, b, h, q_off + m0, WG * HALF_D)
         else:  # dK and dV only (the Triton dQ kernel runs after)
             dst_a = gl.convert_layout(dst16, a_layout)
             dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(q_empty.index(s))
 
-    if ORDERED:
-        if n_iter > 0:  # the last block's reduction
-            last, _ = _ordered_slot(n_iter - 1, n_mblocks, ord_p, ord_a, ord_c, nheads, ROWS, 2 * KEYS, WG,
-                                    ORD_CAUSAL, HAS_WINDOW)
-            _ordered_release(last)
     # epilogue: dK (scaled) and dV through the K/V tiles, which no product reads any more
     kw.store((dk * sm_scale).to(dtype))
     vw.store(dv.to(dtype))
@@ -430,7 +296,7 @@ def _bwd_consumer_wg0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 0, True, 0, 0, 0, 0, False)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 0, True)
 
 
 @gluon.jit
@@ -442,7 +308,7 @@ def _bwd_consumer_wg1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 1, True, 0, 0, 0, 0, False)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 1, True)
 
 
 @gluon.jit
@@ -454,7 +320,7 @@ def _bwd_consumer_wg0_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 0, False, 0, 0, 0, 0, False)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 0, False)
 
 
 @gluon.jit
@@ -466,33 +332,7 @@ def _bwd_consumer_wg1_dkdv(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v
                   kv_bar,
                   q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                   qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0, dropout_p,
-                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 1, False, 0, 0, 0, 0, False)
-
-
-@gluon.jit
-def _bwd_consumer_wg0_ord(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
-                          win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                          seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh,
-                          seed, salt0, dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, ord_p, ord_a,
-                          ord_c, nheads):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
-                  kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q,
-                  seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0,
-                  dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 0, True, ord_p, ord_a, ord_c, nheads,
-                  True)
-
-
-@gluon.jit
-def _bwd_consumer_wg1_ord(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem,
-                          win_smem, kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks,
-                          seqlen_q, seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh,
-                          seed, salt0, dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, ord_p, ord_a,
-                          ord_c, nheads):
-    _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, ds_smem, st_smem, win_smem,
-                  kv_bar, q_ready, q_empty, ds_ready, dq_smem, b, hk, group, n0, m_first, n_mblocks, seqlen_q,
-                  seqlen_k, qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, seed, salt0,
-                  dropout_p, lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 1, True, ord_p, ord_a, ord_c, nheads,
-                  True)
+                  lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out, 1, False)
 
 
 @gluon.jit
@@ -514,18 +354,14 @@ def _bwd_producer_dkdv(q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem
 @gluon.jit
 def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, dq_desc, st_desc,
                    seqlen_q, seqlen_k, nheads_k, group, qk_scale, sm_scale, left, CU_Q, CU_K, DK, DV, stride_ks,
-                   stride_kh, RNG, dropout_p, lse_fold, delta_fold, ALIBI, stride_ab, sc_in, sc_out, SEM,
+                   stride_kh, RNG, dropout_p, lse_fold, delta_fold, ALIBI, stride_ab, sc_in, sc_out,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr,
                    IS_VARLEN: gl.constexpr, HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                   HAS_ALIBI: gl.constexpr, ORDERED: gl.constexpr):
-    # (SEM, ORDERED: mode "ordered", the semaphores of _ordered_slot; None, False otherwise)
+                   HAS_ALIBI: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
-    if ORDERED and CAUSAL:  # the last key blocks first: the order of the dQ sums (see ORDER_SPIN_LIMIT)
-        n0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * KEYS)
-    else:
-        n0 = gl.program_id(0) * (2 * KEYS)
+    n0 = gl.program_id(0) * (2 * KEYS)
     bh = gl.program_id(1)
     b = bh // nheads_k
     hk = bh % nheads_k
@@ -537,14 +373,10 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     q_off = 0
     k_off = 0
     st_off = 0
-    if ORDERED:  # (_ordered_slot: the batch's first row block among the semaphores)
-        sem_row0 = b * ((seqlen_q + ROWS - 1) // ROWS)
     if IS_VARLEN:
         # packed (1, total, heads, dim) tensors: sequence b's rows from cu_seqlens; DK and DV
         # (the masked epilogue's pointers) move to its first key
         q_off, seqlen_q, k_off, seqlen_k, st_off = sequence_bounds(CU_Q, CU_K, b)
-        if ORDERED:
-            sem_row0 = q_off // ROWS + b
         DK += k_off.to(gl.int64) * stride_ks
         DV += k_off.to(gl.int64) * stride_ks
         b = 0
@@ -571,8 +403,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     # (unused: its shape tells the consumers HAS_WINDOW, IS_VARLEN and HAS_DROPOUT)
     win_smem = gl.allocate_shared_memory(
-        gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_DROPOUT + 8 * HAS_SOFTCAP + 16 * HAS_ALIBI
-                   + 32 * (ORDERED and CAUSAL)],
+        gl.int64, [1 + HAS_WINDOW + 2 * IS_VARLEN + 4 * HAS_DROPOUT + 8 * HAS_SOFTCAP + 16 * HAS_ALIBI],
         mbarrier.MBarrierLayout())
     if WITH_DQ:  # each warpgroup's fp32 dQ tile on its way to the bulk reduction
         dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
@@ -595,13 +426,7 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
                      lse_fold, delta_fold, ALIBI, ab_off, sc_in, sc_out)
     producer_args = (q_desc, do_desc, k_desc, v_desc, kc_desc, st_desc, q_smem, do_smem, k_smem, v_smem, kc_smem,
                      st_smem, kv_bar, q_ready, q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off)
-    if ORDERED:
-        ord_p, ord_a, ord_c = ordered_constants(SEM, sem_row0, nheads_k * group, hk, group, n0, m_first, seqlen_q,
-                                                seqlen_k, left, CAUSAL, ROWS, 2 * KEYS)
-        ordered_args = consumer_args + (ord_p, ord_a, ord_c, nheads_k * group)
-        gl.warp_specialize([(_bwd_consumer_wg0_ord, ordered_args), (_bwd_consumer_wg1_ord, ordered_args),
-                            (_bwd_producer_dq, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    elif WITH_DQ:
+    if WITH_DQ:
         gl.warp_specialize([(_bwd_consumer_wg0, consumer_args), (_bwd_consumer_wg1, consumer_args),
                             (_bwd_producer_dq, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -629,8 +454,6 @@ def config(head_dim):
 #   "atomic" this kernel for dK, dV and dQ in one pass (dQ by bulk TMA reductions: the order of
 #            the additions varies, so not bit-reproducible; deterministic=True takes "split")
 #   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
-#   (IOATTN_GLUON_BWD_ORDERED=1, below: deterministic=True runs "ordered", the one pass with the dQ
-#   reductions in a fixed order, instead of "split" at hdim 64/128, unless IOATTN_GLUON_BWD=split)
 #   "0"      the Triton backward (two Triton kernels)
 MODE = os.environ.get("IOATTN_GLUON_BWD", "auto")
 # IOATTN_GLUON_BWD_VARLEN=0 keeps the Triton backward for packed variable-length batches (A/B)
@@ -648,17 +471,13 @@ D256 = os.environ.get("IOATTN_GLUON_BWD256", "1") == "1"
 # ALiBi (h,)/(b, h), varlen with empty sequences); 4k causal split mode 1.24x the Triton backward
 # with softcap 50 and with a window of 1024. Dropout at hdim 256 keeps the Triton backward.
 D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
-# IOATTN_GLUON_BWD_ORDERED=1: deterministic=True takes mode "ordered" (the one pass with dQ reductions
-# in a fixed order, bit-reproducible) instead of "split" at head dims 64/128. Off by default: compiled
-# only, not yet run on a GPU (check: benchmarks/gluon_ordered_check.py, gpu_suite s11a).
-ORDERED = os.environ.get("IOATTN_GLUON_BWD_ORDERED", "0") == "1"
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
               deterministic, capability, max_seqlen_k=None):
     """Which Gluon backward a call takes: "atomic" (one pass), "split" (Gluon dK/dV, Triton dQ),
-    "ordered" (the one pass, deterministic: ORDERED), or None (the Triton backward). varlen: packed
-    (total, heads, dim) tensors, ``max_seqlen_k`` given."""
+    or None (the Triton backward). varlen: packed (total, heads, dim) tensors, ``max_seqlen_k``
+    given."""
     if MODE not in ("auto", "split", "atomic"):
         return None
     causal = window_right == 0
@@ -687,11 +506,7 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None
     if d == 256:
         return "atomic" if MODE == "atomic" and not deterministic else "split"
-    if MODE == "split":
-        return "split"
-    if deterministic:
-        return "ordered" if ORDERED else "split"
-    return "atomic"
+    return "split" if deterministic or MODE == "split" else "atomic"
 
 
 def _blocks(head_dim, block_m):
@@ -735,52 +550,6 @@ def new_stats_varlen(nheads, total_q, batch, device):
     return torch.zeros(1, nheads, 2, cdiv(total_q + 4 * batch, 4) * 4, dtype=torch.float32, device=device)
 
 
-def cta_row_blocks(nb, seqlen_q, seqlen_k, causal, left, rows, kb=2 * HALF_N):
-    """The row blocks (of ``rows`` queries) that the CTA of key block nb (``kb`` keys) visits,
-    in its loop's order: _attn_bwd_sm90's m_first and n_mblocks restated (one sequence)."""
-    n0 = nb * kb
-    diag = seqlen_k - seqlen_q
-    m_first = max(n0 - diag, 0) // rows if causal else 0
-    m_end = seqlen_q
-    if left >= 0:
-        m_end = min(m_end, n0 + kb - diag + left)
-    return range(m_first, m_first + max((max(m_end, 0) + rows - 1) // rows - m_first, 0))
-
-
-def _trunc_div(a, b):  # the kernel's integer division (rounds toward zero, as C)
-    q = abs(a) // abs(b)
-    return q if (a >= 0) == (b > 0) else -q
-
-
-def ordered_predecessors(nb, m, seqlen_q, seqlen_k, causal, left, rows, kb=2 * HALF_N):
-    """How many CTAs add into row block m before the CTA of key block nb does, in mode "ordered":
-    ordered_constants and _ordered_slot restated, integer for integer (one sequence; nb visits m;
-    the kernel waits for 4 times this, one release per warp)."""
-    ms = cta_row_blocks(nb, seqlen_q, seqlen_k, causal, left, rows, kb)
-    i = m - ms.start
-    n0 = nb * kb
-    diag = seqlen_k - seqlen_q
-    if causal:
-        ord_a = _trunc_div(seqlen_k + kb - 1, kb) - 1 - nb
-        ord_c = (ms.start + 1) * rows + diag - 1 - n0
-        return min(ord_a, _trunc_div(i * rows + ord_c, kb))
-    ord_a, ord_c = nb, ms.start * rows + diag - left
-    return ord_a - _trunc_div(max(i * rows + ord_c, 0), kb) if left >= 0 else ord_a
-
-
-def ordered_semaphore_count(batch, nheads, seqlen_q, rows, total_q=None):
-    """int32 elements of mode "ordered"'s semaphores: per (row block, query head, column half),
-    the row blocks of the batch (varlen, total_q given: sequence b's from q_off // rows + b)."""
-    row_blocks = total_q // rows + batch + 1 if total_q is not None else batch * cdiv(seqlen_q, rows)
-    return row_blocks * nheads * 2
-
-
-# mode "ordered": the semaphores of the last launch (a reference, never read by the package): after
-# the kernel every element is 4 x the number of CTAs that added into its tile, or has bit 30 set if a
-# wait gave up (gluon_ordered_check.py reads them)
-last_semaphores = None
-
-
 def _stats_descriptor(stats, rows):
     d = object.__new__(TensorDescriptor)
     d.base, d.shape, d.strides, d.block_shape = stats, list(stats.shape), list(stats.stride()), [1, 1, 1, rows]
@@ -790,9 +559,9 @@ def _stats_descriptor(stats, rows):
 
 def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
                             window_left=-1, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_k=None, dropout_p=0.0,
-                            rng_state=None, softcap=0.0, alibi_slopes=None, ordered=False):
+                            rng_state=None, softcap=0.0, alibi_slopes=None):
     """dK, dV into dk, dv and, if dq_accum is not None, dQ (times the scale) added into that
-    zeroed fp32 tensor of q's shape (``ordered``: in a fixed order, mode "ordered"). ``stats``: new_stats's buffer, filled.
+    zeroed fp32 tensor of q's shape. ``stats``: new_stats's buffer, filled.
     varlen (cu_seqlens_q given): packed (total, heads, dim) tensors, ``stats`` from
     new_stats_varlen (each sequence's rows from stats_offset); one CTA per 128 keys of the
     longest sequence (the others return at once). dropout_p, rng_state, softcap, alibi_slopes:
@@ -805,7 +574,6 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, softcap=softcap,
             alibi_slopes=alibi_slopes)
     with_dq = dq_accum is not None
-    assert with_dq or not ordered
     varlen = cu_seqlens_q is not None
     if varlen:  # descriptors on (1, total, heads, dim) views
         q, k, v, dout, dk4, dv4 = (t.unsqueeze(0) for t in (q, k, v, dout, dk, dv))
@@ -832,27 +600,20 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     rng = rng_state if dropout_p > 0 else stats
     qk_scale, score_args, has_softcap, has_alibi = forward_sm90._score_args(softmax_scale, softcap, alibi_slopes,
                                                                             stats)
-    sem = None
-    if ordered:  # (zeroed for every launch: each CTA's waits count the reductions before its own)
-        global last_semaphores
-        sem = last_semaphores = torch.zeros(
-            ordered_semaphore_count(batch, nheads, seqlen_q, cfg["BLOCK_M"], q.shape[1] if varlen else None),
-            dtype=torch.int32, device=q.device)
     key = (varlen, q.shape, k.shape, dk4.stride(), window_left, q.dtype, causal, with_dq, dropout_p > 0,
-           has_softcap, has_alibi, score_args[1], tuple(cfg.values()), align(cu_q, cu_k, dk, dv, rng, score_args[0]),
-           ordered)
+           has_softcap, has_alibi, score_args[1], tuple(cfg.values()), align(cu_q, cu_k, dk, dv, rng, score_args[0]))
     return launch(_attn_bwd_sm90, grid,
         *descs,
         seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, qk_scale, softmax_scale, window_left,
         cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2),
         *((rng, dropout_p, math.log2(1.0 - dropout_p), 1.0 - dropout_p) if dropout_p > 0 else (rng, 0.0, 0.0, 1.0)),
-        *score_args, sem, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, HAS_DROPOUT=dropout_p > 0, HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
+        *score_args, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, HAS_DROPOUT=dropout_p > 0, HAS_WINDOW=window_left >= 0, CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq,
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=varlen,
-        ORDERED=ordered, num_warps=cfg["num_warps"], key=key)
+        num_warps=cfg["num_warps"], key=key)
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False,
-                varlen=False, dropout=False, softcap=False, alibi=False, ordered=False):
+                varlen=False, dropout=False, softcap=False, alibi=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -871,14 +632,11 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
                st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32", nheads_k="i32", group="i32",
                qk_scale="fp32", sm_scale="fp32", left="i32", CU_Q="*i32", CU_K="*i32", DK=f"*{dtype}",
                DV=f"*{dtype}", stride_ks="i32", stride_kh="i32", RNG="*i64", dropout_p="fp32", lse_fold="fp32",
-               delta_fold="fp32", ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32", SEM="*i32")
+               delta_fold="fp32", ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, STAGES=cfg["STAGES"], WITH_DQ=with_dq, HAS_WINDOW=window,
                       IS_VARLEN=varlen, HAS_DROPOUT=dropout, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],
-                      PRODUCER_REGS=cfg["PRODUCER_REGS"], ORDERED=ordered)
-    assert with_dq or not ordered
-    if not ordered:
-        constexprs["SEM"] = None
+                      PRODUCER_REGS=cfg["PRODUCER_REGS"])
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"

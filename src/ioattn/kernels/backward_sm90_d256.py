@@ -45,8 +45,6 @@ kernel's helpers, with the scores' orientation turned: queries as rows here):
 Dropout at hdim 256 keeps the Triton backward (backward_sm90.supported).
 """
 
-import os
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -63,9 +61,6 @@ HEAD_DIM = 256
 HALF_D = 128  # the columns of dK/dV (and dQ) of one consumer warpgroup
 BLOCK_M = 64  # query rows per streamed block
 BLOCK_N = 64  # keys per CTA (32 per warpgroup in the score products)
-# split mode: the software-pipelined consumer loop (_consumer_pipe). Off by default: compiled
-# only, not yet run on a GPU (benchmarks/gluon_bwd256_check.py --pipeline, gpu_suite s11b)
-PIPELINE = os.environ.get("IOATTN_D256_PIPELINE", "0") == "1"
 
 
 @gluon.jit
@@ -235,176 +230,6 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
         tma.store_wait(0)
 
 
-@gluon.jit
-def _score_products(qd_smem, s, kw_lo, kw_hi, vw_lo, vw_hi, s_init, PENDING: gl.constexpr):
-    """S_w = Q K_w^T and dP_w = dO V_w^T of the block in stage s, issued (four wgmma groups); the
-    accumulators come back through a wait that leaves PENDING groups in flight (this block's four
-    and whatever was issued before them), so they are not to be read before a later wait."""
-    dtype: gl.constexpr = qd_smem.dtype
-    ROWS: gl.constexpr = qd_smem.shape[2]
-    HALF: gl.constexpr = qd_smem.shape[4]
-    tile2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_lo = qd_smem.index(4 * s)._reinterpret(dtype, [ROWS, HALF], tile2)
-    do_lo = qd_smem.index(4 * s + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
-    q_hi = qd_smem.index(4 * s + 2)._reinterpret(dtype, [ROWS, HALF], tile2)
-    do_hi = qd_smem.index(4 * s + 3)._reinterpret(dtype, [ROWS, HALF], tile2)
-    s_tok = warpgroup_mma(q_lo, kw_lo, s_init, use_acc=False, is_async=True)
-    s_tok = warpgroup_mma(q_hi, kw_hi, s_tok, is_async=True)
-    dp_tok = warpgroup_mma(do_lo, vw_lo, s_init, use_acc=False, is_async=True)
-    dp_tok = warpgroup_mma(do_hi, vw_hi, dp_tok, is_async=True)
-    return warpgroup_mma_wait(PENDING, deps=(s_tok, dp_tok))
-
-
-@gluon.jit
-def _consumer_pipe(dk_desc, dv_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar, q_ready,
-                   q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                   causal, left, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, WG: gl.constexpr):
-    """_consumer's split mode (dK, dV only), software-pipelined (IOATTN_D256_PIPELINE=1; compiled
-    only, not yet run on a GPU). Per block t, in wgmma issue order:
-
-        | exp -> P^T_t shared -> dV_t | dS_t -> dS^T_t shared -> dK_t, S_t+1, dP_t+1 | exp ...
-
-    - dV_t is issued as soon as both warpgroups' P^T_t halves are in shared memory (ds_ready[0]),
-      so the dS work and its store run while dV_t is on the tensor cores; dK_t follows the dS^T
-      halves (ds_ready[1]): two barriers a block instead of one;
-    - dK_t and the next block's S, dP are issued back to back (the serial loop drains the tensor
-      cores, hands the stage back and waits for the next one in between); then a wait that
-      leaves S_t+1, dP_t+1 in flight (groups retire in order) and block t's stage goes back.
-      The producer has from dK_t's end to the issue of S_t+2 (S_t+1, dP_t+1, the softmax, dV_t+1
-      and the dS work) to load block t+2 into that stage: less than the serial loop's block.
-    - the exp work waits for S and dP together (wait 0 at the top): with the serial loop's
-      wait(2) (S only, dP still running) ptxas serialized every wgmma of the kernel (C7514: it
-      does not follow the group count across the back edge); likewise the last block issues
-      S, dP of a stale stage (never read; one block's score products per CTA) because a
-      conditional issue (zeros on the other branch) made ptxas serialize (C7511/C7512).
-    Shared P^T / dS^T tiles: buffer t % 2 was last read by dV_t-2 / dK_t-2, which each warpgroup
-    has waited for at the end of block t-1, before it arrives on block t's barriers; one mbarrier per tile kind suffices (phase t & 1): a warpgroup arrives on block
-    t+1's P barrier only after both have arrived on block t's dS barrier.
-    Registers: as the serial loop (P, dP and dS of 32 keys, the dK/dV halves); the accumulators
-    of S_t+1 and dP_t+1 cross the loop's back edge in flight, as Triton's pipelined matmul loops
-    carry theirs."""
-    dtype: gl.constexpr = dk_desc.dtype
-    STAGES: gl.constexpr = st_smem.shape[0] // 2
-    ROWS: gl.constexpr = qd_smem.shape[2]
-    HALF: gl.constexpr = qd_smem.shape[4]
-    KEYS: gl.constexpr = k_smem.shape[2]
-    KW: gl.constexpr = KEYS // 2
-    s_layout: gl.constexpr = _wgmma_layout(KW)
-    acc_layout: gl.constexpr = _wgmma_layout(HALF)
-    tile2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    HAS_WINDOW: gl.constexpr = (flags_smem.shape[0] - 1) % 2 == 1
-    IS_VARLEN: gl.constexpr = (flags_smem.shape[0] - 1) // 2 % 2 == 1
-    HAS_SOFTCAP: gl.constexpr = (flags_smem.shape[0] - 1) // 4 % 2 == 1
-    HAS_ALIBI: gl.constexpr = (flags_smem.shape[0] - 1) // 8 == 1
-
-    k_lo = k_smem.index(0)._reinterpret(dtype, [KEYS, HALF], tile2)
-    k_hi = k_smem.index(1)._reinterpret(dtype, [KEYS, HALF], tile2)
-    v_lo = v_smem.index(0)._reinterpret(dtype, [KEYS, HALF], tile2)
-    v_hi = v_smem.index(1)._reinterpret(dtype, [KEYS, HALF], tile2)
-    kw_lo = k_lo.slice(WG * KW, KW, dim=0).permute((1, 0))
-    kw_hi = k_hi.slice(WG * KW, KW, dim=0).permute((1, 0))
-    vw_lo = v_lo.slice(WG * KW, KW, dim=0).permute((1, 0))
-    vw_hi = v_hi.slice(WG * KW, KW, dim=0).permute((1, 0))
-    k_own = k_smem.index(WG)._reinterpret(dtype, [KEYS, HALF], tile2)
-    v_own = v_smem.index(WG)._reinterpret(dtype, [KEYS, HALF], tile2)
-
-    k0 = n0 + WG * KW
-    diag = seqlen_k - seqlen_q
-    offs_k = k0 + gl.arange(0, KW, layout=gl.SliceLayout(0, s_layout))
-    offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-    dk = gl.zeros([KEYS, HALF], gl.float32, acc_layout)
-    dv = gl.zeros([KEYS, HALF], gl.float32, acc_layout)
-    s_init = gl.zeros([ROWS, KW], gl.float32, s_layout)
-    # (the zeros of dK, dV set here, not sunk between block 0's products and their wait: ptxas
-    # serializes every wgmma when another instruction writes a wgmma's accumulator there)
-    dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
-    mbarrier.wait(kv_bar, 0)
-
-    n_iter = group * n_mblocks
-    if n_iter > 0:  # block 0's products (four groups in flight)
-        mbarrier.wait(q_ready.index(0), 0)
-    sc, dp = _score_products(qd_smem, 0, kw_lo, kw_hi, vw_lo, vw_hi, s_init, 4)
-    for t in range(n_iter):
-        s = t % STAGES
-        h = hk * group + t // n_mblocks
-        m0 = (m_first + t % n_mblocks) * ROWS
-        q_own = qd_smem.index(4 * s + 2 * WG)._reinterpret(dtype, [ROWS, HALF], tile2)
-        do_own = qd_smem.index(4 * s + 2 * WG + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
-        sc = warpgroup_mma_wait(0, deps=(sc, ))
-        lse = st_smem.index(2 * s)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(1, s_layout))
-        if HAS_SOFTCAP or HAS_ALIBI:
-            slope2 = 0.0
-            if HAS_ALIBI:
-                slope2 = gl.load(ALIBI + ab_off + h).to(gl.float32) * 1.4426950408889634
-            sc, tt = forward_sm90._scores(sc, gl.expand_dims(m0 + offs_q, 1), gl.expand_dims(offs_k, 0), diag, sc_in,
-                                          sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
-        p = gl.exp2(sc * qk_scale - gl.expand_dims(lse, 1))
-        p = _bwd_mask(p, offs_k, offs_q, k0, m0, seqlen_q, seqlen_k, diag, causal, left, HAS_WINDOW, IS_VARLEN, 1)
-        # P_w^T into buffer t % 2, then dV_t as soon as both halves are there
-        ptb = pt_smem.index(t % 2)
-        ptb.slice(WG * KW, KW, dim=0).permute((1, 0)).store(p.to(dtype))
-        fence_async_shared()
-        mbarrier.arrive(ds_ready.index(0))
-        mbarrier.wait(ds_ready.index(0), t & 1)
-        dv_tok = warpgroup_mma(ptb, do_own, dv, is_async=True)
-        dp = warpgroup_mma_wait(1, deps=(dp, ))  # (dV_t in flight)
-        delta = st_smem.index(2 * s + 1)._reinterpret(gl.float32, [ROWS], flat).load(gl.SliceLayout(1, s_layout))
-        ds = p * (dp - gl.expand_dims(delta, 1))
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - tt * tt)
-        dstb = dst_smem.index(t % 2)
-        dstb.slice(WG * KW, KW, dim=0).permute((1, 0)).store(ds.to(dtype))
-        fence_async_shared()
-        mbarrier.arrive(ds_ready.index(1))
-        mbarrier.wait(ds_ready.index(1), t & 1)
-        dk_tok = warpgroup_mma(dstb, q_own, dk, is_async=True)
-        # the next block's products right behind dK_t (6 groups in flight; after the last block
-        # they read a stale stage, nobody loads it any more, and are never read)
-        if t + 1 < n_iter:
-            mbarrier.wait(q_ready.index((t + 1) % STAGES), ((t + 1) // STAGES) & 1)
-        sc, dp = _score_products(qd_smem, (t + 1) % STAGES, kw_lo, kw_hi, vw_lo, vw_hi, s_init, 6)
-        # dV_t, dK_t retired, S_t+1 and dP_t+1 still in flight (groups retire in order): block t's
-        # stage goes back; as many groups cross the back edge as enter the loop (four)
-        dv, dk = warpgroup_mma_wait(4, deps=(dv_tok, dk_tok))
-        mbarrier.arrive(q_empty.index(s))
-    dv, dk, sc, dp = warpgroup_mma_wait(0, deps=(dv, dk, sc, dp))
-
-    # epilogue (as _consumer's): past block n_iter - 1's dS barrier, both warpgroups' score
-    # products of real blocks have retired (the other warpgroup's stale ones may still read K and
-    # V: their results are dropped, and a read does not disturb these writes)
-    k_own.store((dk * sm_scale).to(dtype))
-    v_own.store(dv.to(dtype))
-    if IS_VARLEN:
-        _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
-        _store_rows(v_own, DV + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
-    else:
-        fence_async_shared()
-        tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, WG * HALF], k_smem.index(WG))
-        tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * HALF], v_smem.index(WG))
-        tma.store_wait(0)
-
-
-@gluon.jit
-def _consumer_wg0_pipe(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
-                       kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                       qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
-                       sc_out):
-    _consumer_pipe(dk_desc, dv_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar, q_ready,
-                   q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                   causal, left, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 0)
-
-
-@gluon.jit
-def _consumer_wg1_pipe(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
-                       kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
-                       qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
-                       sc_out):
-    _consumer_pipe(dk_desc, dv_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar, q_ready,
-                   q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                   causal, left, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 1)
-
-
 # one wrapper per (warpgroup, mode): gl.warp_specialize turns constexpr arguments into values
 @gluon.jit
 def _consumer_wg0_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
@@ -449,8 +274,7 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
                    group, qk_scale, sm_scale, left, CU_Q, CU_K, DK, DV, stride_ks, stride_kh, ALIBI, stride_ab, sc_in,
                    sc_out, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WITH_DQ: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, HAS_WINDOW: gl.constexpr,
-                   IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                   PIPELINE: gl.constexpr):
+                   IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     KEYS: gl.constexpr = k_desc.block_type.shape[1]
     # (causal: the first key blocks have the most query blocks; they come first)
@@ -511,9 +335,6 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
                      q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off)
     if WITH_DQ:
         gl.warp_specialize([(_consumer_wg0_dq, consumer_args), (_consumer_wg1_dq, consumer_args),
-                            (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    elif PIPELINE:  # (split mode only)
-        gl.warp_specialize([(_consumer_wg0_pipe, consumer_args), (_consumer_wg1_pipe, consumer_args),
                             (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([(_consumer_wg0_split, consumer_args), (_consumer_wg1_split, consumer_args),
@@ -577,21 +398,18 @@ def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
                                                                             stats)
     # (every argument is a descriptor, fixed by the dtype and cfg, an int fixed by the shapes,
     # strides and window_left, a float, or a pointer of the align() bits)
-    pipeline = PIPELINE and not with_dq
     key = (varlen, q.shape, k.shape, dk4.stride(), window_left, q.dtype, causal, with_dq, has_softcap, has_alibi,
-           score_args[1], tuple(cfg.values()), align(cu_q, cu_k, dk, dv, score_args[0]), pipeline)
+           score_args[1], tuple(cfg.values()), align(cu_q, cu_k, dk, dv, score_args[0]))
     return launch(_attn_bwd_d256, grid, *descs, seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, qk_scale,
                   softmax_scale, window_left, cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2), *score_args,
                   CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
                   PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_WINDOW=window_left >= 0, IS_VARLEN=varlen,
-                  HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, PIPELINE=pipeline, num_warps=cfg["num_warps"],
-                  key=key)
+                  HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
 
 
 def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg=None, window=False, varlen=False,
-                softcap=False, alibi=False, pipeline=False):
-    """Compile the kernel for a target without a GPU (tests, the compiler's view). pipeline: the
-    split mode's pipelined consumer loop (ignored with with_dq, as by the launcher)."""
+                softcap=False, alibi=False):
+    """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -612,7 +430,7 @@ def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg
                sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_WINDOW=window, IS_VARLEN=varlen, HAS_SOFTCAP=softcap,
-                      HAS_ALIBI=alibi, PIPELINE=pipeline and not with_dq)
+                      HAS_ALIBI=alibi)
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
