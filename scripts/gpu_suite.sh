@@ -186,6 +186,9 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s12c)  # session 12: the short-sequence forward, per-tile grid vs the persistent kernel vs cuDNN (CUDA-graph
+          # GPU time, 3 interleaved rounds), hdim 128/64, 512..4k, causal or not (~3 min)
+    timeout 400 python3 benchmarks/fwd_tiles_ab.py --out "$OUT/fwd_tiles.json" 2>&1 | tee "$OUT/fwd_tiles.log" | grep -v Warning ;;
   s12a)  # session 12: the dQ accumulator split over KV-head groups on packed varlen batches (forced:
           # IOATTN_DQ_ACCUM_CHUNK_MIB=0) vs the Triton path. (Run first with the ordered deterministic one
           # pass's check, benchmarks/gluon_ordered_check.py, removed with that mode after it: commit 637c402.)
