@@ -186,6 +186,13 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s12d)  # session 12: the persistent forward on by default without a mask up to 4k keys (hdim <= 128):
+          # the Gluon forward's shape grid (per-tile and persistent vs fp32), the quick public-API grid
+          # (forward and backward vs fp64), eager vs CUDA-graph vs host time at 1k/4k (~4 min)
+    timeout 170 python3 benchmarks/gluon_check.py --skip-bench --hdims 64,128 --out "$OUT/gluon_fwd.json" 2>&1 | tee "$OUT/gluon_fwd.log" | grep -v "^PASS"
+    timeout 150 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled" "$OUT/check.log"
+    timeout 120 python3 benchmarks/host_bound_check.py --out "$OUT/host_bound.json" 2>&1 | grep -v Warning ;;
   s12c)  # session 12: the short-sequence forward, per-tile grid vs the persistent kernel vs cuDNN (CUDA-graph
           # GPU time, 3 interleaved rounds), hdim 128/64, 512..4k, causal or not (~3 min)
     timeout 400 python3 benchmarks/fwd_tiles_ab.py --out "$OUT/fwd_tiles.json" 2>&1 | tee "$OUT/fwd_tiles.log" | grep -v Warning ;;

@@ -56,7 +56,8 @@ def stand_in(monkeypatch):
     saved = driver._active
     driver.set_active(_Driver())
     log = []
-    kernels = (forward_sm90._attn_fwd_sm90, backward_sm90._attn_bwd_sm90)
+    kernels = (forward_sm90._attn_fwd_sm90, forward_sm90._attn_fwd_sm90_persistent, backward_sm90._attn_bwd_sm90)
+    monkeypatch.setattr(forward_sm90, "_num_sms", lambda device: 132)  # (the persistent grid; CPU tensors here)
     for kern in kernels:
         kern.device_caches.clear()
         monkeypatch.setattr(kern, "_do_compile", lambda key, *a, kern=kern, **kw: kern.device_caches[0][0].setdefault(
@@ -158,11 +159,33 @@ def test_cached_launch_passes_what_triton_passes(stand_in, monkeypatch):
     out, lse = torch.empty_like(q), torch.empty(2, 4, 300)
     for _ in range(3):
         forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=True)
+    for _ in range(3):  # (without a mask at 300 keys: the persistent kernel)
+        forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=False)
     stats = backward_sm90.new_stats(2, 4, 300, "cpu")
     dq, dk, dv = torch.zeros(q.shape), torch.empty_like(kv), torch.empty_like(kv)
     for _ in range(3):
         backward_sm90.attention_backward_sm90(q, q, kv, kv, stats, dq, dk, dv, softmax_scale=0.1, causal=True)
-    assert [e[0] for e in log] == ["jit", "cached", "cached"] * 2
-    for first, later in ((0, 1), (0, 2), (3, 4), (3, 5)):
+    assert [e[0] for e in log] == ["jit", "cached", "cached"] * 3
+    assert tuple(log[0][1]) == (3, 8, 1) and tuple(log[3][1]) == (24, 1, 1)  # per-tile grid, then persistent (24 tiles)
+    for first, later in ((0, 1), (0, 2), (3, 4), (3, 5), (6, 7), (6, 8)):
         assert log[first][1] == log[later][1]  # grid
         assert [_norm(x) for x in log[first][2]] == [_norm(x) for x in log[later][2]]
+
+
+def test_persistent_forward_dispatch(monkeypatch):
+    """Which dense forwards take the persistent kernel (forward_sm90.use_persistent)."""
+    use = forward_sm90.use_persistent
+    monkeypatch.setattr(forward_sm90, "PERSISTENT", "auto")
+    assert use(128, 1024, False, -1, 0, False, False) and use(64, 4096, False, -1, 0, False, False)
+    assert not use(128, 4097, False, -1, 0, False, False)  # long keys: the per-tile grid
+    assert not use(128, 1024, True, -1, 0, False, False)  # causal: the per-tile grid
+    assert not use(256, 1024, False, -1, 0, False, False)  # does not fit at head dim 256
+    for extra in ((0, 2, False, False), (-1, 2, False, False), (-1, 0, True, False), (-1, 0, False, True)):
+        assert not use(128, 1024, False, *extra)  # window (0, -1), dropout, softcap, ALiBi
+    assert use(128, 1024, False, -1, 0, False, False, cfg={"PERSISTENT": True})
+    assert not use(128, 1024, False, -1, 0, False, False, cfg={"PERSISTENT": False})
+    assert not use(128, 1024, False, 5, 0, False, False, cfg={"PERSISTENT": True})
+    monkeypatch.setattr(forward_sm90, "PERSISTENT", "1")
+    assert use(128, 16384, True, -1, 0, False, False) and not use(256, 128, False, -1, 0, False, False)
+    monkeypatch.setattr(forward_sm90, "PERSISTENT", "0")
+    assert not use(128, 1024, False, -1, 0, False, False)

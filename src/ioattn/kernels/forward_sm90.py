@@ -75,6 +75,16 @@ _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 # hdim 128 4k causal forward+backward +14% (softcap 30) / +15% (ALiBi) over plain, where the
 # Triton kernels cost +48% / +40%
 SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
+# the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
+# tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
+# (IOATTN_GLUON_PERSISTENT): "auto" without a mask at head dims <= 128 up to PERSISTENT_MAX_KEYS
+# keys, "1" wherever it runs (head dims <= 128; no window, dropout, softcap, ALiBi, varlen), "0" never. H200, GPU
+# time under CUDA graphs, 3 interleaved rounds (results/h200-session12c), persistent / per-tile
+# without a mask: hdim 128 512 1.21, 1k 1.13, 2k 1.07, 4k 1.04; hdim 64 1.29, 1.12, 1.05, 1.03.
+# With a causal mask it was 0.91-0.93x from 1k (hdim 128) and from 2k (hdim 64); at 16k keys
+# without a mask 0.95x in session 7b
+PERSISTENT = os.environ.get("IOATTN_GLUON_PERSISTENT", "auto")
+PERSISTENT_MAX_KEYS = 4096
 
 
 def dropout_ok(head_dim, backward=False):
@@ -711,6 +721,19 @@ def _score_args(softmax_scale, softcap, alibi_slopes, lse):
     return qk_scale, (alibi_slopes if has_alibi else lse, stride_ab, sc_in, sc_out), has_softcap, has_alibi
 
 
+def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_softcap, has_alibi, cfg=None):
+    """Whether a dense forward takes the persistent kernel (PERSISTENT; a ``cfg`` with a
+    PERSISTENT entry decides for benchmarks' A/B runs, where the kernel can run: head dims <= 128,
+    its four Q buffers and the K/V rings do not fit the shared memory at 256)."""
+    if head_dim > 128 or window_left >= 0 or has_dropout or has_softcap or has_alibi:
+        return False
+    if cfg is not None and "PERSISTENT" in cfg:
+        return bool(cfg["PERSISTENT"])
+    if PERSISTENT != "auto":
+        return PERSISTENT == "1"
+    return not causal and head_dim <= 128 and seqlen_k <= PERSISTENT_MAX_KEYS
+
+
 def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None, cu_seqlens_q=None,
                            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, window_left=-1,
                            dropout_p=0.0, rng_state=None, softcap=0.0, alibi_slopes=None):
@@ -730,17 +753,15 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
     descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q, q_block), (k, kv_block), (v, kv_block), (out, q_block))]
     n_mblocks = cdiv(seqlen_q, 2 * HALF_M)
-    # the persistent kernel is opt-in (cfg PERSISTENT): against the per-tile grid it measured
-    # +8..+17% at 1k-4k keys without a mask in one run (results/h200-session7b) and level or
-    # -4% in the next two (h200-session7c), and slower under a causal mask in all of them
-    if cfg.get("PERSISTENT", False) and window_left < 0 and not (has_dropout or scores[2] or scores[3]):
+    if use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, scores[2], scores[3], cfg):
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
-        return _attn_fwd_sm90_persistent[grid](
+        key = ("persistent", q.shape, k.shape, lse.stride(), q.dtype, causal, grid, tuple(cfg.values()), align(lse))
+        return launch(_attn_fwd_sm90_persistent, grid,
             *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
             softmax_scale * LOG2E, n_tiles, n_mblocks, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
             STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
-            num_warps=cfg["num_warps"])
+            num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
     key = (q.shape, k.shape, lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap, has_alibi,
