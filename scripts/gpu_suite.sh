@@ -186,6 +186,10 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s12e)  # session 12: the backward at 1k without the dQ accumulator split (hdim 128/64, quick_bench with cuDNN
+          # and FA2), then the same rows with the split forced (IOATTN_DQ_ACCUM_CHUNK_MIB=0)
+    timeout 120 python3 benchmarks/quick_bench.py --hdim 128,64 --seqlen 1024 --out "$OUT/quick_1k.json" 2>&1 | grep -v Warning
+    IOATTN_DQ_ACCUM_CHUNK_MIB=0 timeout 100 python3 benchmarks/quick_bench.py --hdim 128 --seqlen 1024 --providers ioattn,sdpa_cudnn --out "$OUT/quick_1k_split.json" 2>&1 | grep -v Warning ;;
   s12d)  # session 12: the persistent forward on by default without a mask up to 4k keys (hdim <= 128):
           # the Gluon forward's shape grid (per-tile and persistent vs fp32), the quick public-API grid
           # (forward and backward vs fp64), eager vs CUDA-graph vs host time at 1k/4k (~4 min)

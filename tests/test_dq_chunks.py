@@ -134,3 +134,12 @@ def test_chunked_one_pass_varlen(monkeypatch, nheads, nheads_k, alibi):
         for got, e, r in zip((dq, dk, dv), exp, (rq, rk, rk)):
             if e is not None:
                 torch.testing.assert_close(got[r].double(), e[0], rtol=1e-2, atol=1e-2)
+
+
+def test_no_chunks_for_short_sequences(monkeypatch):
+    """Short sequences keep one launch (the host time of more is not hidden there), unless forced."""
+    q = torch.empty(16, 1024, 16, 128, dtype=torch.bfloat16)  # 128 MiB accumulator at 1k keys
+    assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=1024) == 1
+    assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=4096) == 2
+    monkeypatch.setattr(backward, "DQ_ACCUM_CHUNK_BYTES", 0)  # IOATTN_DQ_ACCUM_CHUNK_MIB=0: always
+    assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=1024) == 2

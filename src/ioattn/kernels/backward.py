@@ -383,15 +383,22 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
 # group only, so that the accumulator is no larger than dQ itself (16k tokens x 2048: peak memory of
 # one forward+backward 388 -> 324 MiB, results/h200-session9c). Dense and packed varlen batches (the
 # varlen stats buffer is (1, nheads, 2, rows): sliced by head the same way). IOATTN_DQ_ACCUM_CHUNK_MIB=0
-# splits whenever it can (checks)
+# splits whenever it can (checks). Only from DQ_ACCUM_CHUNK_MIN_KEYS keys: each extra launch adds
+# host time (~100 us with its slicing, zero fill and copy), which short sequences do not hide: at
+# 1k tokens x 16 sequences the hdim-128 backward fell from 420 to 281 TFLOP/s (causal 319 -> 147)
+# on the H200 of results/h200-session12e, host-bound
 DQ_ACCUM_CHUNK_BYTES = int(os.environ.get("IOATTN_DQ_ACCUM_CHUNK_MIB", "64")) << 20
+DQ_ACCUM_CHUNK_MIN_KEYS = 4096
 
 
-def _dq_accum_chunks(q, nheads_k, dropout_p):
+def _dq_accum_chunks(q, nheads_k, dropout_p, seqlen_k=None):
     """How many launches the one-pass backward takes (1: no chunking). Not under dropout: its masks
-    are salted by the head index, which a launch over a slice of the heads would renumber."""
+    are salted by the head index, which a launch over a slice of the heads would renumber. Not
+    below DQ_ACCUM_CHUNK_MIN_KEYS keys (``seqlen_k``: the longest sequence's) unless forced."""
     accum = q.numel() * 4
     if dropout_p > 0 or accum <= DQ_ACCUM_CHUNK_BYTES:
+        return 1
+    if DQ_ACCUM_CHUNK_BYTES > 0 and seqlen_k is not None and seqlen_k < DQ_ACCUM_CHUNK_MIN_KEYS:
         return 1
     want = -(-accum // max(q.numel() * q.element_size(), DQ_ACCUM_CHUNK_BYTES, 1))
     for n in range(want, nheads_k + 1):  # the smallest split of the KV heads into equal groups
@@ -453,7 +460,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     sm90_kw.update(dropout_p=dropout_p, rng_state=rng_state, softcap=softcap, alibi_slopes=alibi_slopes)
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         head_dim_ax = 1 if varlen else 2
-        chunks = _dq_accum_chunks(q, nheads_k, dropout_p)
+        chunks = _dq_accum_chunks(q, nheads_k, dropout_p, max_seqlen_k)
         per = nheads_k // chunks  # KV heads per launch (a GQA group never splits)
         for c in range(chunks):
             hq, hk = slice(c * per * (nheads // nheads_k), (c + 1) * per * (nheads // nheads_k)), slice(c * per, (c + 1) * per)
