@@ -461,6 +461,12 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         head_dim_ax = 1 if varlen else 2
         chunks = _dq_accum_chunks(q, nheads_k, dropout_p, max_seqlen_k)
+        if chunks == 1:  # (no head slices: each narrow costs host time, which short sequences see)
+            dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
+                dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
+                window_left=window_left, **sm90_kw)
+            return dq.copy_(dq_accum), dk, dv
         per = nheads_k // chunks  # KV heads per launch (a GQA group never splits)
         for c in range(chunks):
             hq, hk = slice(c * per * (nheads // nheads_k), (c + 1) * per * (nheads // nheads_k)), slice(c * per, (c + 1) * per)
