@@ -186,6 +186,14 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s13a)  # next session: the hdim-64 backward under softcap / ALiBi / dropout on 64-row query blocks
+          # (IOATTN_GLUON_BWD64_OPTION_ROWS=64; compiled only: no spills, against 108-684 B at 128 rows):
+          # checks vs fp64 / fp32 with the replayed mask next to the Triton kernels, then the option
+          # costs at hdim 64 with 128 rows (the default) and with 64 (~6 min)
+    IOATTN_GLUON_BWD64_OPTION_ROWS=64 timeout 150 python3 benchmarks/gluon_scores_check.py --skip-bench --out "$OUT/scores_rows64.json" 2>&1 | tee "$OUT/scores_rows64.log" | grep -v "^PASS"
+    IOATTN_GLUON_BWD64_OPTION_ROWS=64 timeout 120 python3 benchmarks/gluon_dropout_attn_check.py --skip-bench --hdims 64 --modes packed --out "$OUT/dropout_rows64.json" 2>&1 | tee "$OUT/dropout_rows64.log" | grep -v "^PASS"
+    timeout 100 python3 benchmarks/bench_features.py --hdim 64 --parts options --out "$OUT/features_d64_rows128.json" 2>&1 | tail -n 12
+    IOATTN_GLUON_BWD64_OPTION_ROWS=64 timeout 100 python3 benchmarks/bench_features.py --hdim 64 --parts options --out "$OUT/features_d64_rows64.json" 2>&1 | tail -n 12 ;;
   s12e)  # session 12: the backward at 1k without the dQ accumulator split (hdim 128/64, quick_bench with cuDNN
           # and FA2), then the same rows with the split forced (IOATTN_DQ_ACCUM_CHUNK_MIB=0)
     timeout 120 python3 benchmarks/quick_bench.py --hdim 128,64 --seqlen 1024 --out "$OUT/quick_1k.json" 2>&1 | grep -v Warning

@@ -91,6 +91,20 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert rep["spill_bytes"] <= (192 if (head_dim, causal, with_dq) == (64, True, True) else 32), rep
 
 
+@pytest.mark.parametrize("option", ["softcap", "dropout"])
+def test_gluon_backward_hdim64_option_rows(option):
+    """hdim 64 under softcap or dropout: 128-row query blocks spill hundreds of bytes, 64-row
+    blocks none (forward_sm90.OPTION_ROWS_64, IOATTN_GLUON_BWD64_OPTION_ROWS=64), and config()
+    picks the rows by that setting only for calls with those options."""
+    backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
+    rows128 = ptxas_report(backward_sm90.compile_for(64, "bf16", True, block_m=128, **{option: True}))
+    rows64 = ptxas_report(backward_sm90.compile_for(64, "bf16", True, block_m=64, **{option: True}))
+    assert rows128["spill_bytes"] > 128 and rows64["spill_bytes"] == 0, (rows128, rows64)
+    rows = backward_sm90.forward_sm90.OPTION_ROWS_64
+    assert backward_sm90.config(64, options=True)["BLOCK_M"] == rows
+    assert backward_sm90.config(64)["BLOCK_M"] == 128 and backward_sm90.config(128, options=True)["BLOCK_M"] == 64
+
+
 @pytest.mark.parametrize("head_dim,causal,with_dq", [(128, True, True), (64, False, True), (128, False, False)])
 def test_gluon_varlen_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     """The Gluon backward over packed variable-length batches (bounds from cu_seqlens, rows and

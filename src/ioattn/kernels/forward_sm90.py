@@ -59,7 +59,13 @@ WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (l
 # the Gluon forward and the Triton backward (the masks are the same bits in both)
 DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "auto")
 DROPOUT_HEAD_DIMS = (64, 128)
-DROPOUT_BWD_HEAD_DIMS = (128, )
+# the hdim-64 Gluon backward under softcap, ALiBi or dropout: its 128-row query blocks spill on sm_90a
+# (softcap 284-684 B, ALiBi 108-448 B, dropout 184-364 B), 64-row blocks do not; the softcap
+# backward there cost +103% over plain (results/h200-session12b), and under dropout hdim 64 keeps the
+# Triton backward. IOATTN_GLUON_BWD64_OPTION_ROWS=64 takes 64-row blocks for those calls and the
+# Gluon backward under dropout at hdim 64 too; opt-in until an H200 run compares them (gpu_suite s13a)
+OPTION_ROWS_64 = int(os.environ.get("IOATTN_GLUON_BWD64_OPTION_ROWS", "128"))
+DROPOUT_BWD_HEAD_DIMS = (128, 64) if OPTION_ROWS_64 == 64 else (128, )
 # how the forward applies the masks (IOATTN_GLUON_DROPOUT_APPLY; the same kept entries in all three):
 # "select": a select per fp32 element (dropout_sm90.dropout_rows); "packed" (default): on the
 # bf16/fp16 pairs of P after the conversion (dropout_sm90.drop_packed_rows: Philox by mul.wide, a
