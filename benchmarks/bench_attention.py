@@ -23,6 +23,10 @@ What it measures, per case (mode, dtype, head dim, causal, seqlen) and provider:
 * **Memory**: peak memory allocated during one forward+backward beyond what was
   allocated before it (the inputs q, k, v, dout), B=1, H=16, D=128, bf16, for
   seqlens up to 64k.
+* **CUDA-graph forward** (``--graph-seqlen N``, off by default): for seqlens up to N,
+  the forward is also timed as a CUDA graph of 10 calls replayed (no grad, no host
+  in the loop), next to the eager number: short sequences can be host-bound, and
+  this column shows the kernels alone (``graph_ms`` / ``graph_tflops`` on the row).
 * **First-call cost**: wall time of the first forward and first backward of a
   shape (Triton compile + autotune for ioattn, torch.compile for flex) next to
   the steady-state time.
@@ -341,6 +345,24 @@ def bench_ms(fn, device: str, warmup: int, rep: int) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, calls: int = 10, warmup: int = 25, rep: int = 100) -> float:
+    """Median time per call of a CUDA graph that replays ``calls`` calls of ``fn`` (CUDA only)."""
+    import triton.testing
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # (warm-up on the capture stream: lazy initializations stay out of the graph)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")) / calls
+    finally:
+        del graph
+
+
 def sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -556,6 +578,14 @@ def _run_provider(name, case, tensors, ref, args, device):
         except Exception as e:
             failure = _failure(f"{what} ({mode})", e, [])
         fn = out = None
+        if failure is None and mode == "fwd" and device == "cuda" and case.seqlen <= getattr(args, "graph_seqlen", 0):
+            try:
+                with p.context(), torch.no_grad():
+                    gms = graph_ms(p.forward, warmup=args.warmup, rep=args.rep)
+                fields.update(graph_ms=gms, graph_tflops=case.flops(mode) / gms / 1e9)
+            except Exception as e:  # noqa: BLE001  (a provider that cannot be captured: said, not fatal)
+                fields.update(graph_reason=_short(e))
+                sync(device)
         if failure is None:
             rows.append(_row(name, mode, case, ms=ms, tflops=case.flops(mode) / ms / 1e9,
                              peak_mib=peaks.get(mode), **fields))
@@ -679,6 +709,7 @@ def run(args, argv) -> dict:
     env = environment(device, argv)
     result = dict(env, fake=False, config=dict(
         warmup_ms=args.warmup, rep_ms=args.rep, tokens=args.tokens, hidden=args.hidden,
+        graph_seqlen=getattr(args, "graph_seqlen", 0),
         rel_tol=args.tol, providers=args.providers, standard_max_seqlen=args.standard_max_seqlen,
         flex_seqlen=args.flex_seqlen,
         memory=dict(batch=1, nheads=args.memory_nheads, headdim=args.memory_hdim, dtype="bf16",
@@ -950,6 +981,8 @@ def parse_args(argv):
                     help="default both")
     ap.add_argument("--tokens", type=int, help="batch = tokens // seqlen (default 16384)")
     ap.add_argument("--hidden", type=int, help="nheads = hidden // hdim (default 2048)")
+    ap.add_argument("--graph-seqlen", type=int, default=0,
+                    help="also time the forward as a replayed CUDA graph up to this seqlen (default 0: off)")
     ap.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     ap.add_argument("--memory-seqlen", help="default 2k,8k,16k,32k,64k")

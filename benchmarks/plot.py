@@ -203,6 +203,19 @@ def markdown(result, modes=("fwd", "bwd")) -> str:
                              " / ".join(_md_cell(r) or "–" for r in rs))
             out.append(f"| {fmt_len(seqlen)}, {hdim}, {'yes' if causal else 'no'} | "
                        + " | ".join(cells) + " |")
+    graphed = [r for r in rows if r.get("graph_tflops") is not None]
+    if graphed:
+        providers = _providers(graphed)
+        table = {(r["dtype"], r["seqlen"], r["headdim"], r["causal"], r["provider"]): r for r in graphed}
+        out.append("\n**Forward TFLOP/s, eager / CUDA-graph replay** (no host in the loop: the kernels "
+                   "alone; a large gap means the eager call was host-bound)\n")
+        out.append("| dtype, seqlen, hdim, causal | " + " | ".join(providers) + " |")
+        out.append("|---|" + "---|" * len(providers))
+        for key in sorted({k[:4] for k in table}):
+            cells = [f"{table[key + (p,)]['tflops']:.0f} / {table[key + (p,)]['graph_tflops']:.0f}"
+                     if key + (p,) in table else "–" for p in providers]
+            out.append(f"| {key[0]}, {fmt_len(key[1])}, {key[2]}, {'yes' if key[3] else 'no'} | "
+                       + " | ".join(cells) + " |")
     mem = [r for r in result["rows"] if r["mode"] == "memory"]
     if mem:
         r0 = mem[0]

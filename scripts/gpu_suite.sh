@@ -186,6 +186,10 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s13b)  # next session: the full benchmark (README table) with the 1k forwards also timed as replayed CUDA
+          # graphs (--graph-seqlen 1024: the kernels without the host, next to the eager rows) (~4.5 min)
+    timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
+      --memory-seqlen 2048,8192,16384 --graph-seqlen 1024 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;
   s13a)  # next session: the hdim-64 backward under softcap / ALiBi / dropout on 64-row query blocks
           # (IOATTN_GLUON_BWD64_OPTION_ROWS=64; compiled only: no spills, against 108-684 B at 128 rows):
           # checks vs fp64 / fp32 with the replayed mask next to the Triton kernels, then the option
