@@ -4,7 +4,7 @@ since this passed on an H200, session 9): forward and backward through the publi
 inputs (outputs NaN-prefilled). A case passes when each Gluon error is finite and at most 2x
 the Triton path's + 1e-3. Then the cost per option (hdim 128, 4k causal, bf16) on each path.
 
-    python benchmarks/gluon_scores_check.py [--out f.json] [--skip-bench]
+    python benchmarks/gluon_scores_check.py [--out f.json] [--skip-bench | --skip-check]
 """
 
 import argparse
@@ -113,9 +113,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args(argv)
     rows = []
-    n_fail = check(rows)
+    n_fail = 0 if args.skip_check else check(rows)
     if not args.skip_bench:
         bench(rows)
     if args.out:

@@ -186,6 +186,10 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s13c)  # next session: ALiBi positions in fp32 in the Gluon forward (IOATTN_GLUON_ALIBI_FP32=1; compiled only):
+          # the scores check vs fp64 with it, then the option costs (hdim 128 4k causal) with it and without (~4 min)
+    IOATTN_GLUON_ALIBI_FP32=1 timeout 170 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores_alibi_fp32.json" 2>&1 | tee "$OUT/scores_alibi_fp32.log" | grep -v "^PASS"
+    timeout 80 python3 benchmarks/gluon_scores_check.py --skip-check --out "$OUT/scores_default.json" 2>&1 | tee "$OUT/scores_default.log" ;;
   s13b)  # next session: the full benchmark (README table) with the 1k forwards also timed as replayed CUDA
           # graphs (--graph-seqlen 1024: the kernels without the host, next to the eager rows) (~4.5 min)
     timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \

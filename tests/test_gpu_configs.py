@@ -91,6 +91,27 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert rep["spill_bytes"] <= (192 if (head_dim, causal, with_dq) == (64, True, True) else 32), rep
 
 
+@pytest.mark.parametrize("fp32", [False, True])
+def test_gluon_forward_alibi_positions(fp32):
+    """ALiBi in the Gluon forward: with int positions one int->float conversion per score (64 a
+    thread and block, in the first block and in the loop, in both warpgroups); with ALIBI_FP32
+    (IOATTN_GLUON_ALIBI_FP32=1) a handful per tile, within a few bytes of spills. (A process of
+    its own: the flag is a constexpr global, read when the kernel is first specialized.)"""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("ioattn.kernels.forward_sm90")
+    code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report; "
+            "k = forward_sm90.compile_for(128, 'bf16', True, alibi=True); "
+            "print(len(re.findall(r'cvt\\.rn\\.f32\\.s32', k.asm['ptx'])), ptxas_report(k)['spill_bytes'])")
+    env = dict(os.environ, IOATTN_GLUON_ALIBI_FP32="1" if fp32 else "0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    n_cvt, spills = map(int, res.stdout.split()[-2:])
+    assert (n_cvt <= 16) if fp32 else (n_cvt >= 256), n_cvt
+    assert spills <= 32, spills
+
+
 @pytest.mark.parametrize("option", ["softcap", "dropout"])
 def test_gluon_backward_hdim64_option_rows(option):
     """hdim 64 under softcap or dropout: 128-row query blocks spill hundreds of bytes, 64-row

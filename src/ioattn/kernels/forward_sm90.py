@@ -81,6 +81,16 @@ _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 # hdim 128 4k causal forward+backward +14% (softcap 30) / +15% (ALiBi) over plain, where the
 # Triton kernels cost +48% / +40%
 SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
+# ALiBi's distance |i + sk - sq - j| in the Gluon forward from fp32 positions converted once per tile
+# (exact below 2^24) instead of an int subtraction and an int->float conversion per score (PTX: 260
+# cvt.rn.f32.s32 -> 11 at hdim 64/128). Conversions issue at a fraction of the FMA rate on sm_90, as
+# we read the CUDA guide's throughput table (to confirm with ncu), and ALiBi cost +36% over plain in
+# the hdim-128 forward (results/h200-session9a). IOATTN_GLUON_ALIBI_FP32=1, opt-in until an H200 run
+# checks and times it (gpu_suite s13c); the scores are the same numbers either way, and the default
+# PTX is unchanged (30 variants). The backward keeps int positions: there the fp32 query vector
+# (a thread's 32-64 columns, live across the loop) made ptxas spill 200-1,250 B
+ALIBI_FP32 = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_FP32", "0") == "1")
+ALIBI_FP32 = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_FP32", "0") == "1")
 # the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
 # tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
 # (IOATTN_GLUON_PERSISTENT): "auto" without a mask at head dims <= 128 up to PERSISTENT_MAX_KEYS
@@ -176,8 +186,9 @@ def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexp
     softcap), the GPU's tanh.approx as the Triton kernels use for bf16/fp16; the backward's dS
     takes a factor 1 - t^2) and/or ALiBi (- slope |i + sk - sq - j|, after the softcap, as
     FlashAttention-2). rows, cols: the query and key indices, broadcastable to s (either
-    orientation: S or S^T); sc_in = scale / softcap, sc_out = softcap log2e (without softcap:
-    scale log2e), slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
+    orientation: S or S^T), int, or fp32 positions (ALIBI_FP32: rows + diag - cols is the same
+    number); sc_in = scale / softcap, sc_out = softcap log2e (without softcap: scale log2e),
+    slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
     if HAS_SOFTCAP:
         t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * sc_in], dtype=gl.float32,
                                       is_pure=True, pack=1)
@@ -187,7 +198,7 @@ def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexp
         s = s * sc_out
     if HAS_ALIBI:
         dist = rows + diag - cols
-        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)  # (a no-op conversion when fp32)
     return s, t
 
 
@@ -263,6 +274,9 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         win_lo = r0 + ROWS - 1 + diag - left
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    if ALIBI_FP32:  # (a block's ALiBi row positions are these minus its first key)
+        alibi_rows = (offs_m + diag).to(gl.float32)
+        alibi_cols = offs_n.to(gl.float32)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
@@ -278,8 +292,12 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
-            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(n_lo + offs_n, 0), diag, sc_in, sc_out,
-                           slope2, HAS_SOFTCAP, HAS_ALIBI)
+            if ALIBI_FP32:
+                s, _ = _scores(s, gl.expand_dims(alibi_rows - n_lo, 1), gl.expand_dims(alibi_cols, 0), 0.0, sc_in,
+                               sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            else:
+                s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(n_lo + offs_n, 0), diag, sc_in, sc_out,
+                               slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
@@ -302,8 +320,12 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
-            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
-                           slope2, HAS_SOFTCAP, HAS_ALIBI)
+            if ALIBI_FP32:
+                s, _ = _scores(s, gl.expand_dims(alibi_rows - kn, 1), gl.expand_dims(alibi_cols, 0), 0.0, sc_in,
+                               sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            else:
+                s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
+                               slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
