@@ -345,24 +345,6 @@ def bench_ms(fn, device: str, warmup: int, rep: int) -> float:
     return statistics.median(times)
 
 
-def graph_ms(fn, calls: int = 10, warmup: int = 25, rep: int = 100) -> float:
-    """Median time per call of a CUDA graph that replays ``calls`` calls of ``fn`` (CUDA only)."""
-    import triton.testing
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # (warm-up on the capture stream: lazy initializations stay out of the graph)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    try:
-        return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")) / calls
-    finally:
-        del graph
-
-
 def sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -580,6 +562,7 @@ def _run_provider(name, case, tensors, ref, args, device):
         fn = out = None
         if failure is None and mode == "fwd" and device == "cuda" and case.seqlen <= getattr(args, "graph_seqlen", 0):
             try:
+                from bench_decode import graph_ms  # (benchmarks/ is on sys.path: the script's folder)
                 with p.context(), torch.no_grad():
                     gms = graph_ms(p.forward, warmup=args.warmup, rep=args.rep)
                 fields.update(graph_ms=gms, graph_tflops=case.flops(mode) / gms / 1e9)

@@ -122,8 +122,9 @@ def providers(q, k, v):
     return result
 
 
-def graph_ms(fn, calls=10):
-    """Median time per call of a CUDA graph that replays ``calls`` calls of ``fn``."""
+def graph_ms(fn, calls=10, warmup=25, rep=200):
+    """Median time per call of a CUDA graph that replays ``calls`` calls of ``fn`` (do_bench's
+    ``warmup`` and ``rep`` in ms)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -133,7 +134,7 @@ def graph_ms(fn, calls=10):
             for _ in range(calls):
                 fn()
     torch.cuda.current_stream().wait_stream(stream)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") / calls
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") / calls
 
 
 def bench_case(batch, seqlen, device):

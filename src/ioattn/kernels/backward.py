@@ -461,26 +461,26 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     if use_sm90 == "atomic":  # one Gluon pass, dQ summed by bulk TMA reductions
         head_dim_ax = 1 if varlen else 2
         chunks = _dq_accum_chunks(q, nheads_k, dropout_p, max_seqlen_k)
-        if chunks == 1:  # (no head slices: each narrow costs host time, which short sequences see)
-            dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+
+        def one_pass(qc, doc, kc, vc, st, dqc, dkc, dvc, kw):
+            dq_accum = torch.zeros(qc.shape, dtype=torch.float32, device=q.device)
             configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
-                dout, q, k, v, stats, dq_accum, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
-                window_left=window_left, **sm90_kw)
-            return dq.copy_(dq_accum), dk, dv
+                doc, qc, kc, vc, st, dq_accum, dkc, dvc, softmax_scale=softmax_scale, causal=window_right == 0,
+                window_left=window_left, **kw)
+            dqc.copy_(dq_accum)
+
+        if chunks == 1:  # (no head slices: each narrow costs host time, which short sequences see)
+            one_pass(q, dout, k, v, stats, dq, dk, dv, sm90_kw)
+            return dq, dk, dv
         per = nheads_k // chunks  # KV heads per launch (a GQA group never splits)
         for c in range(chunks):
             hq, hk = slice(c * per * (nheads // nheads_k), (c + 1) * per * (nheads // nheads_k)), slice(c * per, (c + 1) * per)
             qc, doc, dqc = (t.narrow(head_dim_ax, hq.start, hq.stop - hq.start) for t in (q, dout, dq))
             kc, vc, dkc, dvc = (t.narrow(head_dim_ax, hk.start, hk.stop - hk.start) for t in (k, v, dk, dv))
-            dq_accum = torch.zeros(qc.shape, dtype=torch.float32, device=q.device)
             kw = dict(sm90_kw)
             if alibi_slopes is not None:
                 kw["alibi_slopes"] = alibi_slopes[..., hq]
-            configs.last_compiled["bwd_sm90"] = _sm90.attention_backward_sm90(
-                doc, qc, kc, vc, stats[:, hq], dq_accum, dkc, dvc, softmax_scale=softmax_scale,
-                causal=window_right == 0, window_left=window_left, **kw)
-            dqc.copy_(dq_accum)
-            dq_accum = None
+            one_pass(qc, doc, kc, vc, stats[:, hq], dqc, dkc, dvc, kw)  # (its accumulator freed before the next)
         return dq, dk, dv
     cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0,
                                   gqa=nheads != nheads_k)

@@ -83,13 +83,12 @@ _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 # ALiBi's distance |i + sk - sq - j| in the Gluon forward from fp32 positions converted once per tile
 # (exact below 2^24) instead of an int subtraction and an int->float conversion per score (PTX: 260
-# cvt.rn.f32.s32 -> 11 at hdim 64/128). Conversions issue at a fraction of the FMA rate on sm_90, as
+# cvt.rn.f32.s32 -> 12 at hdim 64/128). Conversions issue at a fraction of the FMA rate on sm_90, as
 # we read the CUDA guide's throughput table (to confirm with ncu), and ALiBi cost +36% over plain in
 # the hdim-128 forward (results/h200-session9a). IOATTN_GLUON_ALIBI_FP32=1, opt-in until an H200 run
 # checks and times it (gpu_suite s13c); the scores are the same numbers either way, and the default
 # PTX is unchanged (30 variants). The backward keeps int positions: there the fp32 query vector
 # (a thread's 32-64 columns, live across the loop) made ptxas spill 200-1,250 B
-ALIBI_FP32 = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_FP32", "0") == "1")
 ALIBI_FP32 = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_FP32", "0") == "1")
 # the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
 # tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
@@ -178,6 +177,18 @@ def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal, left):
     rows = gl.expand_dims(offs_m, 1) + diag
     ok = (keys < seqlen_k) & ((keys <= rows) | (causal == 0)) & ((keys >= rows - left) | (left < 0))
     return gl.where(ok, s, float("-inf"))
+
+
+@gluon.jit
+def _alibi_positions(offs_m, offs_n, diag, n0):
+    """(rows, cols, diag) for _scores of the key block from n0: int indices, or under ALIBI_FP32
+    fp32 positions (the rows' shifted by diag - n0, the block's column offsets; offs_n's
+    conversion does not depend on the block, and the compiler keeps it out of the loop)."""
+    if ALIBI_FP32:
+        return (gl.expand_dims((offs_m + diag - n0).to(gl.float32), 1), gl.expand_dims(offs_n.to(gl.float32), 0),
+                0.0)
+    else:
+        return gl.expand_dims(offs_m, 1), gl.expand_dims(n0 + offs_n, 0), diag
 
 
 @gluon.jit
@@ -274,9 +285,6 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         win_lo = r0 + ROWS - 1 + diag - left
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    if ALIBI_FP32:  # (a block's ALiBi row positions are these minus its first key)
-        alibi_rows = (offs_m + diag).to(gl.float32)
-        alibi_cols = offs_n.to(gl.float32)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
@@ -292,12 +300,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
-            if ALIBI_FP32:
-                s, _ = _scores(s, gl.expand_dims(alibi_rows - n_lo, 1), gl.expand_dims(alibi_cols, 0), 0.0, sc_in,
-                               sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
-            else:
-                s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(n_lo + offs_n, 0), diag, sc_in, sc_out,
-                               slope2, HAS_SOFTCAP, HAS_ALIBI)
+            rows, cols, shift = _alibi_positions(offs_m, offs_n, diag, n_lo)
+            s, _ = _scores(s, rows, cols, shift, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
@@ -320,12 +324,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
-            if ALIBI_FP32:
-                s, _ = _scores(s, gl.expand_dims(alibi_rows - kn, 1), gl.expand_dims(alibi_cols, 0), 0.0, sc_in,
-                               sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
-            else:
-                s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
-                               slope2, HAS_SOFTCAP, HAS_ALIBI)
+            rows, cols, shift = _alibi_positions(offs_m, offs_n, diag, kn)
+            s, _ = _scores(s, rows, cols, shift, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
@@ -759,7 +759,7 @@ def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_sof
         return bool(cfg["PERSISTENT"])
     if PERSISTENT != "auto":
         return PERSISTENT == "1"
-    return not causal and head_dim <= 128 and seqlen_k <= PERSISTENT_MAX_KEYS
+    return not causal and seqlen_k <= PERSISTENT_MAX_KEYS
 
 
 def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None, cu_seqlens_q=None,
