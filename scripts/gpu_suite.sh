@@ -186,7 +186,16 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s13c)  # next session: ALiBi positions in fp32 in the Gluon forward (IOATTN_GLUON_ALIBI_FP32=1; compiled only):
+  s13d)  # session 13: the dQ accumulator split (one launch per group of KV heads above 64 MiB from 4k keys) on
+          # and off (IOATTN_DQ_ACCUM_CHUNK_MIB=1000000), hdim 128/64 at 4k/16k, with cuDNN, two interleaved rounds
+    for r in 1 2; do
+      for mib in 64 1000000; do
+        echo "round $r IOATTN_DQ_ACCUM_CHUNK_MIB=$mib"
+        IOATTN_DQ_ACCUM_CHUNK_MIB=$mib timeout 120 python3 benchmarks/quick_bench.py --hdim 128,64 --seqlen 4096,16384 \
+          --providers ioattn,sdpa_cudnn --out "$OUT/split_${mib}_$r.json" 2>&1 | grep -E " bwd "
+      done
+    done ;;
+  s13c)  # session 13 (flag removed after it): ALiBi positions in fp32 in the Gluon forward (IOATTN_GLUON_ALIBI_FP32=1; compiled only):
           # the scores check vs fp64 with it, then the option costs (hdim 128 4k causal) with it and without (~4 min)
     IOATTN_GLUON_ALIBI_FP32=1 timeout 170 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores_alibi_fp32.json" 2>&1 | tee "$OUT/scores_alibi_fp32.log" | grep -v "^PASS"
     timeout 80 python3 benchmarks/gluon_scores_check.py --skip-check --out "$OUT/scores_default.json" 2>&1 | tee "$OUT/scores_default.log" ;;
@@ -194,7 +203,7 @@ case "$mode" in
           # graphs (--graph-seqlen 1024: the kernels without the host, next to the eager rows) (~4.5 min)
     timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
       --memory-seqlen 2048,8192,16384 --graph-seqlen 1024 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;
-  s13a)  # next session: the hdim-64 backward under softcap / ALiBi / dropout on 64-row query blocks
+  s13a)  # session 13 (64 rows became the default under softcap): the hdim-64 backward under softcap / ALiBi / dropout on 64-row query blocks
           # (IOATTN_GLUON_BWD64_OPTION_ROWS=64; compiled only: no spills, against 108-684 B at 128 rows):
           # checks vs fp64 / fp32 with the replayed mask next to the Triton kernels, then the option
           # costs at hdim 64 with 128 rows (the default) and with 64 (~6 min)

@@ -50,7 +50,7 @@ from .forward_sm90 import _wgmma_layout
 # query rows per streamed block, by head dim (BLOCK_M_OVERRIDE: benchmarks' A/B runs)
 BLOCK_M = {64: 128, 128: 64}  # hdim 64: 128 rows measured 1.02-1.16x 64 rows (results/h200-session7b)
 BLOCK_M_OVERRIDE = {}
-# (hdim 64 under softcap, ALiBi or dropout: forward_sm90.OPTION_ROWS_64 query rows a block)
+# (hdim 64 under softcap, ALiBi or dropout: forward_sm90.option_rows_64 query rows a block)
 HALF_N = 64  # keys per consumer warpgroup (the CTA holds two)
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -442,10 +442,10 @@ def _attn_bwd_sm90(q_desc, do_desc, k_desc, v_desc, kc_desc, dk_desc, dv_desc, d
         mbarrier.invalidate(ds_ready.index(i))
 
 
-def config(head_dim, options=False):
-    """Tiles of the backward at a head dim; ``options``: under softcap, ALiBi or dropout
-    (forward_sm90.OPTION_ROWS_64 rows at head dim 64)."""
-    rows = forward_sm90.OPTION_ROWS_64 if head_dim == 64 and options else BLOCK_M[head_dim]
+def config(head_dim, softcap=False, alibi=False, dropout=False):
+    """Tiles of the backward at a head dim, under these options (at head dim 64 the query rows a
+    block from forward_sm90.option_rows_64)."""
+    rows = forward_sm90.option_rows_64(softcap, alibi, dropout) if head_dim == 64 else BLOCK_M[head_dim]
     return dict(BLOCK_M=BLOCK_M_OVERRIDE.get(head_dim, rows), STAGES=2, CONSUMER_REGS=240,
                 PRODUCER_REGS=24, num_warps=4)
 
@@ -590,7 +590,7 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
         seqlen_k_grid = k.shape[1]
     _, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    cfg = cfg or config(head_dim, options=softcap > 0 or alibi_slopes is not None or dropout_p > 0)
+    cfg = cfg or config(head_dim, softcap > 0, alibi_slopes is not None, dropout_p > 0)
     blk = _blocks(head_dim, cfg["BLOCK_M"])
     d = forward_sm90._descriptor
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),

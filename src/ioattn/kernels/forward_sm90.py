@@ -60,12 +60,25 @@ WINDOW = os.environ.get("IOATTN_GLUON_WINDOW", "1") != "0"  # sliding windows (l
 DROPOUT = os.environ.get("IOATTN_GLUON_DROPOUT", "auto")
 DROPOUT_HEAD_DIMS = (64, 128)
 # the hdim-64 Gluon backward under softcap, ALiBi or dropout: its 128-row query blocks spill on sm_90a
-# (softcap 284-684 B, ALiBi 108-448 B, dropout 184-364 B), 64-row blocks do not; the softcap
-# backward there cost +103% over plain (results/h200-session12b), and under dropout hdim 64 keeps the
-# Triton backward. IOATTN_GLUON_BWD64_OPTION_ROWS=64 takes 64-row blocks for those calls and the
-# Gluon backward under dropout at hdim 64 too; opt-in until an H200 run compares them (gpu_suite s13a)
-OPTION_ROWS_64 = int(os.environ.get("IOATTN_GLUON_BWD64_OPTION_ROWS", "128"))
-DROPOUT_BWD_HEAD_DIMS = (128, 64) if OPTION_ROWS_64 == 64 else (128, )
+# (softcap 284-684 B, ALiBi 108-448 B, dropout 184-364 B), 64-row blocks do not. H200, 4k causal,
+# same run (results/h200-session13a), backward part (forward+backward - forward) at 128 / 64 rows:
+# softcap 3.76 / 2.32 ms (forward+backward +89% -> +32% over plain), ALiBi 2.15 / 2.25, dropout
+# (Gluon backward at 64 rows vs the Triton one) 2.76 / 2.74. IOATTN_GLUON_BWD64_OPTION_ROWS: "auto"
+# (default) 64 rows under softcap only, "64" under any of the three (and the Gluon backward under
+# dropout at hdim 64), "128" never
+OPTION_ROWS_64 = os.environ.get("IOATTN_GLUON_BWD64_OPTION_ROWS", "auto")
+DROPOUT_BWD_HEAD_DIMS = (128, 64) if OPTION_ROWS_64 == "64" else (128, )
+
+
+def option_rows_64(softcap=False, alibi=False, dropout=False):
+    """Query rows of the hdim-64 Gluon backward's blocks under these options (OPTION_ROWS_64)."""
+    if OPTION_ROWS_64 == "64":
+        return 64 if (softcap or alibi or dropout) else 128
+    if OPTION_ROWS_64 == "128":
+        return 128
+    return 64 if softcap else 128
+
+
 # how the forward applies the masks (IOATTN_GLUON_DROPOUT_APPLY; the same kept entries in all three):
 # "select": a select per fp32 element (dropout_sm90.dropout_rows); "packed" (default): on the
 # bf16/fp16 pairs of P after the conversion (dropout_sm90.drop_packed_rows: Philox by mul.wide, a
@@ -81,15 +94,6 @@ _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 # hdim 128 4k causal forward+backward +14% (softcap 30) / +15% (ALiBi) over plain, where the
 # Triton kernels cost +48% / +40%
 SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
-# ALiBi's distance |i + sk - sq - j| in the Gluon forward from fp32 positions converted once per tile
-# (exact below 2^24) instead of an int subtraction and an int->float conversion per score (PTX: 260
-# cvt.rn.f32.s32 -> 12 at hdim 64/128). Conversions issue at a fraction of the FMA rate on sm_90, as
-# we read the CUDA guide's throughput table (to confirm with ncu), and ALiBi cost +36% over plain in
-# the hdim-128 forward (results/h200-session9a). IOATTN_GLUON_ALIBI_FP32=1, opt-in until an H200 run
-# checks and times it (gpu_suite s13c); the scores are the same numbers either way, and the default
-# PTX is unchanged (30 variants). The backward keeps int positions: there the fp32 query vector
-# (a thread's 32-64 columns, live across the loop) made ptxas spill 200-1,250 B
-ALIBI_FP32 = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_FP32", "0") == "1")
 # the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
 # tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
 # (IOATTN_GLUON_PERSISTENT): "auto" without a mask at head dims <= 128 up to PERSISTENT_MAX_KEYS
@@ -180,26 +184,13 @@ def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal, left):
 
 
 @gluon.jit
-def _alibi_positions(offs_m, offs_n, diag, n0):
-    """(rows, cols, diag) for _scores of the key block from n0: int indices, or under ALIBI_FP32
-    fp32 positions (the rows' shifted by diag - n0, the block's column offsets; offs_n's
-    conversion does not depend on the block, and the compiler keeps it out of the loop)."""
-    if ALIBI_FP32:
-        return (gl.expand_dims((offs_m + diag - n0).to(gl.float32), 1), gl.expand_dims(offs_n.to(gl.float32), 0),
-                0.0)
-    else:
-        return gl.expand_dims(offs_m, 1), gl.expand_dims(n0 + offs_n, 0), diag
-
-
-@gluon.jit
 def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     """Raw q.k -> (scores in log2 units, t) under softcap (s = softcap t, t = tanh(q.k scale /
     softcap), the GPU's tanh.approx as the Triton kernels use for bf16/fp16; the backward's dS
     takes a factor 1 - t^2) and/or ALiBi (- slope |i + sk - sq - j|, after the softcap, as
     FlashAttention-2). rows, cols: the query and key indices, broadcastable to s (either
-    orientation: S or S^T), int, or fp32 positions (ALIBI_FP32: rows + diag - cols is the same
-    number); sc_in = scale / softcap, sc_out = softcap log2e (without softcap: scale log2e),
-    slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
+    orientation: S or S^T); sc_in = scale / softcap, sc_out = softcap log2e (without softcap:
+    scale log2e), slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
     if HAS_SOFTCAP:
         t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * sc_in], dtype=gl.float32,
                                       is_pure=True, pack=1)
@@ -209,7 +200,7 @@ def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexp
         s = s * sc_out
     if HAS_ALIBI:
         dist = rows + diag - cols
-        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)  # (a no-op conversion when fp32)
+        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
     return s, t
 
 
@@ -300,8 +291,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
-            rows, cols, shift = _alibi_positions(offs_m, offs_n, diag, n_lo)
-            s, _ = _scores(s, rows, cols, shift, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(n_lo + offs_n, 0), diag, sc_in, sc_out,
+                           slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
@@ -324,8 +315,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
         if HAS_SOFTCAP or HAS_ALIBI:
-            rows, cols, shift = _alibi_positions(offs_m, offs_n, diag, kn)
-            s, _ = _scores(s, rows, cols, shift, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
+            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
+                           slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
         p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
