@@ -140,6 +140,7 @@ def test_no_chunks_for_short_sequences(monkeypatch):
     """Short sequences keep one launch (the host time of more is not hidden there), unless forced."""
     q = torch.empty(16, 1024, 16, 128, dtype=torch.bfloat16)  # 128 MiB accumulator at 1k keys
     assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=1024) == 1
-    assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=4096) == 2
+    assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=4096) == 1
+    assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=8192) == 2
     monkeypatch.setattr(backward, "DQ_ACCUM_CHUNK_BYTES", 0)  # IOATTN_DQ_ACCUM_CHUNK_MIB=0: always
     assert backward._dq_accum_chunks(q, 16, 0.0, seqlen_k=1024) == 2

@@ -386,9 +386,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
 # splits whenever it can (checks). Only from DQ_ACCUM_CHUNK_MIN_KEYS keys: each extra launch adds
 # host time (~100 us with its slicing, zero fill and copy), which short sequences do not hide: at
 # 1k tokens x 16 sequences the hdim-128 backward fell from 420 to 281 TFLOP/s (causal 319 -> 147)
-# on the H200 of results/h200-session12e, host-bound
+# on the H200 of results/h200-session12e, host-bound. At 4k keys (16k tokens, two groups) it still
+# cost 3-10% (hdim 128 505 / 504 vs 520 / 545 TFLOP/s without it, causal 408 / 440 vs 489 / 463;
+# hdim 64 causal 374 / 373 vs 390 / 393), at 16k 0-2% (results/h200-session13d, two interleaved
+# rounds): hence from 8k keys, where the memory rows (8k, 16k) keep it
 DQ_ACCUM_CHUNK_BYTES = int(os.environ.get("IOATTN_DQ_ACCUM_CHUNK_MIB", "64")) << 20
-DQ_ACCUM_CHUNK_MIN_KEYS = 4096
+DQ_ACCUM_CHUNK_MIN_KEYS = 8192
 
 
 def _dq_accum_chunks(q, nheads_k, dropout_p, seqlen_k=None):
