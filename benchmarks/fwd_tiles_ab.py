@@ -7,11 +7,7 @@ current tile's last blocks) measured +8..+17% at 1k-4k keys without a mask in on
 -4..0% in another; this settles which one short sequences should take. Outputs of both variants
 are compared (max abs difference, must be 0 up to the kernels' identical arithmetic) before timing.
 
-With --head-groups G1,G2,... it times the per-tile grid's start orders instead
-(forward_sm90.HEAD_GROUP: (batch, head) pairs in groups of G, each group's longest causal blocks
-first; 0 = one group), outputs compared with the first order's, under --causal-only if asked.
-
-    PYTHONPATH=src python benchmarks/fwd_tiles_ab.py [--rounds 3] [--head-groups 1,16,0] [--out f.json]
+    PYTHONPATH=src python benchmarks/fwd_tiles_ab.py [--rounds 3] [--out f.json]
 """
 
 import argparse
@@ -36,12 +32,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--hdims", default="128,64")
     ap.add_argument("--seqlens", default="512,1024,2048,4096")
-    ap.add_argument("--head-groups", default=None)
-    ap.add_argument("--causal-only", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    if args.head_groups:
-        return head_groups(args)
     rows = []
     for d in map(int, args.hdims.split(",")):
         for n in map(int, args.seqlens.split(",")):
@@ -91,56 +83,6 @@ def main(argv=None):
         with open(args.out, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                            rows=rows), fh, indent=1)
-
-
-def head_groups(args):
-    """The per-tile grid's start orders (forward_sm90.HEAD_GROUP) against each other and cuDNN."""
-    groups = [int(g) for g in args.head_groups.split(",")]
-    rows = []
-    for d in map(int, args.hdims.split(",")):
-        for n in map(int, args.seqlens.split(",")):
-            h, b = 2048 // d, max(1, 16384 // n)
-            for causal in ((True, ) if args.causal_only else (False, True)):
-                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-                outs = {}
-
-                def gluon(g, outs=outs, q=q, k=k, v=v, causal=causal, d=d):
-                    forward_sm90.HEAD_GROUP = g
-                    cfg = dict(forward_sm90.config(d), PERSISTENT=False)
-                    out = outs.setdefault(g, torch.full_like(q, float("nan")))
-                    lse = outs.setdefault(("lse", g), torch.empty(q.shape[0], q.shape[2], q.shape[1],
-                                                                  device=q.device, dtype=torch.float32))
-                    forward_sm90.attention_forward_sm90(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=causal,
-                                                        cfg=cfg)
-
-                def cudnn(qt=qt, kt=kt, vt=vt, causal=causal):
-                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-
-                fns = {f"g{g}": (lambda g=g: gluon(g)) for g in groups}
-                fns["sdpa_cudnn"] = cudnn
-                for g in groups:
-                    gluon(g)
-                torch.cuda.synchronize()
-                diff = max((outs[g].float() - outs[groups[0]].float()).abs().max().item() for g in groups)
-                err = (outs[groups[0]].float() - cudnn().transpose(1, 2).float()).abs().max().item()
-                times = {name: [] for name in fns}
-                for _ in range(args.rounds):
-                    for name, fn in fns.items():
-                        times[name].append(graph_ms(fn))
-                flops = 4 * b * h * n * n * d / (2 if causal else 1)
-                tf = {name: flops / statistics.median(t) * 1e-9 for name, t in times.items()}
-                rows.append(dict(hdim=d, seqlen=n, batch=b, nheads=h, causal=causal, maxdiff_between_orders=diff,
-                                 vs_cudnn_maxdiff=err, ms=times, tflops=tf))
-                print(f"fwd hdim {d:3d} n {n:5d} causal={causal!s:5s} " + " ".join(f"{k} {x:5.0f}" for k, x in tf.items())
-                      + f"  best/g{groups[0]} {max(tf[f'g{g}'] for g in groups) / tf[f'g{groups[0]}']:.3f}"
-                      + f"  (diff {diff:.1e}, vs cudnn {err:.1e})", flush=True)
-    forward_sm90.HEAD_GROUP = groups[0]
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           head_groups=groups, rows=rows), fh, indent=1)
 
 
 if __name__ == "__main__":

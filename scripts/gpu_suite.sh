@@ -186,7 +186,8 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s13e)  # session 13: the per-tile forward's start order (forward_sm90.HEAD_GROUP: (batch, head) pairs in groups of
+  s13e)  # session 13 (the option and fwd_tiles_ab --head-groups removed after it: commit 9435111 has them):
+          # the per-tile forward's start order (forward_sm90.HEAD_GROUP: (batch, head) pairs in groups of
           # G, each group's longest causal blocks first; 0 = all in one group), causal, hdim 128/64, 1k..16k,
           # CUDA-graph GPU time with cuDNN, 3 interleaved rounds; outputs compared between the orders (~3 min)
     timeout 400 python3 benchmarks/fwd_tiles_ab.py --head-groups 1,4,16,0 --causal-only --seqlens 1024,2048,4096,16384 \

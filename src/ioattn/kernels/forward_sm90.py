@@ -104,12 +104,6 @@ SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 # without a mask 0.95x in session 7b
 PERSISTENT = os.environ.get("IOATTN_GLUON_PERSISTENT", "auto")
 PERSISTENT_MAX_KEYS = 4096
-# the per-tile grid's start order (dense): (batch, head) pairs in groups of HEAD_GROUP, each group's
-# query blocks from the last to the first, a block of every head in the group before the next block
-# (IOATTN_GLUON_FWD_HEAD_GROUP; 0: all pairs in one group, the longest causal blocks of the whole
-# launch first; 1: one head's blocks, then the next head's). With 1 and 16 heads x 16 sequences at
-# 1k, a CTA with 8 key blocks can start when only ~8 lighter ones are left to balance the SMs
-HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "1"))
 
 
 def dropout_ok(head_dim, backward=False):
@@ -462,22 +456,14 @@ def _consumer_wg1_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empt
 @gluon.jit
 def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                    seqlen_q, seqlen_k, nheads, group, qk_scale, O, stride_os, stride_oh, CU_Q, CU_K, left,
-                   RNG, dropout_p, o_scale, ALIBI, stride_ab, sc_in, sc_out, head_group,
+                   RNG, dropout_p, o_scale, ALIBI, stride_ab, sc_in, sc_out,
                    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IS_VARLEN: gl.constexpr,
                    HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
-    # the order the CTAs start in (x fastest): groups of head_group (batch, head) pairs, one after
-    # the other; in a group the last query blocks first (under a causal mask they have the most keys
-    # to visit), each block of all the group's heads before the next (head_group 1: one head's
-    # blocks from the last to the first, then the next head's)
-    n_m = gl.num_programs(0)
-    t = gl.program_id(1) * n_m + gl.program_id(0)
-    grp = t // (head_group * n_m)
-    r = t - grp * head_group * n_m
-    g_size = gl.minimum(head_group, gl.num_programs(1) - grp * head_group)
-    m0 = (n_m - 1 - r // g_size) * (2 * ROWS)
-    bh = grp * head_group + r % g_size
+    # the last query blocks have the most keys to visit under a causal mask: start them first
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * (2 * ROWS)
+    bh = gl.program_id(1)
     b = bh // nheads
     h = bh % nheads
     hk = h // group
@@ -796,13 +782,12 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
             STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
             num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
-    head_group = min(HEAD_GROUP or batch * nheads, batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
     key = (q.shape, k.shape, lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap, has_alibi,
-           score_args[1], head_group, tuple(cfg.values()), align(lse, out, drop[0], score_args[0]))
+           score_args[1], tuple(cfg.values()), align(lse, out, drop[0], score_args[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-        qk_scale, out, 0, 0, lse, lse, window_left, *drop, *score_args, head_group, CAUSAL=causal, HEAD_DIM=head_dim,
+        qk_scale, out, 0, 0, lse, lse, window_left, *drop, *score_args, CAUSAL=causal, HEAD_DIM=head_dim,
         BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=False, HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
@@ -828,7 +813,7 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
                                                                              score_args[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, qk_scale,
-        out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, *score_args, 1, CAUSAL=causal,
+        out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, *score_args, CAUSAL=causal,
         HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
@@ -853,7 +838,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
                group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", O=f"*{dtype}", stride_os="i32",
                stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32", RNG="*i64", dropout_p="fp32", o_scale="fp32",
-               ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32", head_group="i32")
+               ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     if not persistent:
