@@ -67,7 +67,7 @@ def check(rows):
     cases = []
     for d in HDIMS:
         for dtype in (torch.bfloat16, torch.float16):
-            for (b, sq, sk, h, hk) in ((1, 257, 300, 4, 2), (1, 513, 129, 2, 2), (3, 2048, 2048, 2, 2), (2, 128, 128, 4, 4),
+            for (b, sq, sk, h, hk) in ((4, 1100, 1100, 9, 3), (1, 257, 300, 4, 2), (1, 513, 129, 2, 2), (3, 2048, 2048, 2, 2), (2, 128, 128, 4, 4),
                                        (2, 1000, 1000, 2, 1), (1, 64, 777, 4, 4), (1, 1, 200, 4, 1))[:N_SHAPES]:
                 for causal in (False, True):
                     cases.append((d, dtype, b, sq, sk, h, hk, causal))
@@ -168,7 +168,7 @@ def flops(b, h, n, d, causal):
 
 
 HDIMS = (128, 64, 256)
-N_SHAPES = 7  # check shapes per head dim and dtype (--shapes)
+N_SHAPES = 8  # check shapes per head dim and dtype (--shapes; the first: 36 (batch, head) pairs, 324 tiles)
 SEQLENS = (1024, 4096, 16384)
 
 

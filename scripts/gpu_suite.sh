@@ -186,6 +186,15 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s13f)  # session 13: the persistent forward under a causal mask, tiles in groups of 16 (batch, head) pairs
+          # (longest first in each group) and a zigzag over the CTAs: the Gluon forward's check vs fp32
+          # (per-tile and persistent, 36-pair shape first), the public-API quick grid with the persistent
+          # causal default, then per-tile vs persistent (G = 16 / 4 / 1 / all) vs Triton vs cuDNN, CUDA graphs
+    timeout 150 python3 benchmarks/gluon_check.py --skip-bench --hdims 128,64 --shapes 4 --out "$OUT/gluon_fwd.json" 2>&1 | tee "$OUT/gluon_fwd.log" | grep -v "^PASS"
+    timeout 150 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1
+    grep -E "FAIL|passed|compiled" "$OUT/check.log"
+    timeout 240 python3 benchmarks/fwd_tiles_ab.py --head-groups 16,4,1,0 --causal-only --triton --seqlens 1024,2048,4096 \
+      --out "$OUT/persistent_causal.json" 2>&1 | tee "$OUT/persistent_causal.log" | grep -v Warning ;;
   s13e)  # session 13 (the option and fwd_tiles_ab --head-groups removed after it: commit 9435111 has them):
           # the per-tile forward's start order (forward_sm90.HEAD_GROUP: (batch, head) pairs in groups of
           # G, each group's longest causal blocks first; 0 = all in one group), causal, hdim 128/64, 1k..16k,

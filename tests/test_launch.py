@@ -178,7 +178,8 @@ def test_persistent_forward_dispatch(monkeypatch):
     monkeypatch.setattr(forward_sm90, "PERSISTENT", "auto")
     assert use(128, 1024, False, -1, 0, False, False) and use(64, 4096, False, -1, 0, False, False)
     assert not use(128, 4097, False, -1, 0, False, False)  # long keys: the per-tile grid
-    assert not use(128, 1024, True, -1, 0, False, False)  # causal: the per-tile grid
+    assert use(128, 1024, True, -1, 0, False, False) == forward_sm90.PERSISTENT_CAUSAL  # causal
+    assert not use(128, 8192, True, -1, 0, False, False)
     assert not use(256, 1024, False, -1, 0, False, False)  # does not fit at head dim 256
     for extra in ((0, 2, False, False), (-1, 2, False, False), (-1, 0, True, False), (-1, 0, False, True)):
         assert not use(128, 1024, False, *extra)  # window (0, -1), dropout, softcap, ALiBi

@@ -104,6 +104,11 @@ SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 # without a mask 0.95x in session 7b
 PERSISTENT = os.environ.get("IOATTN_GLUON_PERSISTENT", "auto")
 PERSISTENT_MAX_KEYS = 4096
+# the persistent kernel's order under a causal mask: (batch, head) pairs in groups of HEAD_GROUP,
+# each group's longest tiles first (_tile; IOATTN_GLUON_FWD_HEAD_GROUP, 0: one group of all pairs)
+HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "16"))
+# under "auto", causal calls up to PERSISTENT_MAX_KEYS keys take it too (candidate, gpu_suite s13f)
+PERSISTENT_CAUSAL = True
 
 
 def dropout_ok(head_dim, backward=False):
@@ -534,17 +539,22 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
 
 @gluon.jit
 def _tile(tile, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, ROWS2: gl.constexpr, BLOCK_N: gl.constexpr,
-          causal):
-    """Coordinates of a tile. CTA p takes tiles p, p + grid, p + 2 grid, ...: without a mask
-    the 128-row blocks of one (batch, head) are consecutive (CTAs running together share its
-    K/V in L2); under a causal mask the tiles go by decreasing work (the last row blocks of
-    every (batch, head) first), so that each CTA's k-th tile costs about the same as every
-    other CTA's (by (batch, head) first, a grid of 132 against 128 row blocks gave one CTA
-    three times the work of another: 0.78x cuDNN at 16k, results/h200-session7b)."""
+          causal, head_group):
+    """Coordinates of a tile (which tiles a CTA takes: _cta_tile). Without a mask the 128-row
+    blocks of one (batch, head) are consecutive (CTAs running together share its K/V in L2);
+    under a causal mask the (batch, head) pairs go in groups of head_group, each group's tiles by
+    decreasing work (its pairs' last row blocks first). head_group = all pairs was the order of
+    sessions 7-12: the per-tile grid lost 5-20% to it (the K/V of every head at once, beyond the
+    L2: results/h200-session13e); by (batch, head) first with CTA p taking tiles p, p + grid, ...
+    a grid of 132 against 128 row blocks gave one CTA three times the work of another (0.78x
+    cuDNN at 16k, results/h200-session7b), which the zigzag of _cta_tile evens out."""
     if causal != 0:
         n_bh = n_tiles // n_mblocks
-        bh = tile % n_bh
-        m0 = (n_mblocks - 1 - tile // n_bh) * ROWS2
+        grp = tile // (head_group * n_mblocks)
+        r = tile - grp * head_group * n_mblocks
+        g_size = gl.minimum(head_group, n_bh - grp * head_group)
+        bh = grp * head_group + r % g_size
+        m0 = (n_mblocks - 1 - r // g_size) * ROWS2
     else:
         bh = tile // n_mblocks
         m0 = (n_mblocks - 1 - tile % n_mblocks) * ROWS2
@@ -557,15 +567,39 @@ def _tile(tile, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, ROWS2: gl
 
 
 @gluon.jit
+def _cta_tiles(n_tiles, causal):
+    """How many tiles this CTA takes (the k-th: _cta_tile)."""
+    n_cta = gl.num_programs(0)
+    rounds = n_tiles // n_cta
+    pos = gl.program_id(0)
+    if (causal != 0) & (rounds % 2 == 1):
+        pos = n_cta - 1 - pos
+    return rounds + (pos < n_tiles - rounds * n_cta).to(gl.int32)
+
+
+@gluon.jit
+def _cta_tile(k, causal):
+    """The k-th tile of this CTA: p, p + grid, p + 2 grid, ... without a mask; under a causal
+    mask a zigzag (round k from the other end when k is odd: p, 2 grid - 1 - p, 2 grid + p, ...),
+    so that a CTA that took one of a round's longest tiles takes one of the next round's shortest."""
+    n_cta = gl.num_programs(0)
+    pos = gl.program_id(0)
+    if (causal != 0) & (k % 2 == 1):
+        pos = n_cta - 1 - pos
+    return k * n_cta + pos
+
+
+@gluon.jit
 def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                         v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal):
+                         v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal,
+                         head_group):
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     ROWS: gl.constexpr = q_smem.shape[2]
     c = 0  # K/V blocks loaded by this CTA so far (position in the rings)
     i = 0  # tiles so far (Q buffer i % 2)
-    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, h, hk, m0, n_blocks = _tile(tile, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, 2 * ROWS,
-                                       BLOCK_N, causal)
+    for kt in range(_cta_tiles(n_tiles, causal)):
+        b, h, hk, m0, n_blocks = _tile(_cta_tile(kt, causal), n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k,
+                                       2 * ROWS, BLOCK_N, causal, head_group)
         qb = i % 2
         mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
         mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
@@ -581,15 +615,15 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 @gluon.jit
 def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, WG: gl.constexpr):
+                         qk_scale, causal, head_group, WG: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     c = 0
     i = 0
-    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, h, hk, m0, n_blocks = _tile(tile, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, 2 * ROWS,
-                                       BLOCK_N, causal)
+    for kt in range(_cta_tiles(n_tiles, causal)):
+        b, h, hk, m0, n_blocks = _tile(_cta_tile(kt, causal), n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k,
+                                       2 * ROWS, BLOCK_N, causal, head_group)
         r0 = m0 + WG * ROWS
         qb = i % 2
         q_tile = q_smem.index(2 * qb + WG)
@@ -610,24 +644,24 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
 @gluon.jit
 def _consumer_persistent_wg0(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal):
+                             qk_scale, causal, head_group):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, 0)
+                         qk_scale, causal, head_group, 0)
 
 
 @gluon.jit
 def _consumer_persistent_wg1(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal):
+                             qk_scale, causal, head_group):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, 1)
+                         qk_scale, causal, head_group, 1)
 
 
 @gluon.jit
 def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
-                              seqlen_q, seqlen_k, nheads, group, qk_scale, n_tiles, n_mblocks,
+                              seqlen_q, seqlen_k, nheads, group, qk_scale, n_tiles, n_mblocks, head_group,
                               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     causal = 1 if CAUSAL else 0
@@ -641,12 +675,14 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, LSE,
-                     n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal)
+                     n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
+                     head_group)
     gl.warp_specialize([
         (_consumer_persistent_wg0, consumer_args),
         (_consumer_persistent_wg1, consumer_args),
         (_producer_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                                v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal)),
+                                v_ready, v_empty, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, causal,
+                                head_group)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
     _invalidate(q_ready)
@@ -750,7 +786,7 @@ def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_sof
         return bool(cfg["PERSISTENT"])
     if PERSISTENT != "auto":
         return PERSISTENT == "1"
-    return not causal and seqlen_k <= PERSISTENT_MAX_KEYS
+    return seqlen_k <= PERSISTENT_MAX_KEYS and (not causal or PERSISTENT_CAUSAL)
 
 
 def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None, cu_seqlens_q=None,
@@ -775,10 +811,12 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     if use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, scores[2], scores[3], cfg):
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
-        key = ("persistent", q.shape, k.shape, lse.stride(), q.dtype, causal, grid, tuple(cfg.values()), align(lse))
+        head_group = min(HEAD_GROUP or batch * nheads, batch * nheads)
+        key = ("persistent", q.shape, k.shape, lse.stride(), q.dtype, causal, grid, head_group, tuple(cfg.values()),
+               align(lse))
         return launch(_attn_fwd_sm90_persistent, grid,
             *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-            softmax_scale * LOG2E, n_tiles, n_mblocks, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
+            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
             STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
             num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
@@ -836,7 +874,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
 
     sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
-               group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", O=f"*{dtype}", stride_os="i32",
+               group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", head_group="i32", O=f"*{dtype}", stride_os="i32",
                stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32", RNG="*i64", dropout_p="fp32", o_scale="fp32",
                ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
@@ -849,7 +887,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
-    sig = {n: sig[n] for n in names}  # (the non-persistent kernel has no n_tiles, n_mblocks)
+    sig = {n: sig[n] for n in names}  # (the non-persistent kernel has no n_tiles, n_mblocks, head_group)
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
     cc = capability[0] * 10 + capability[1]
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
