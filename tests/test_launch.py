@@ -157,8 +157,9 @@ def test_cached_launch_passes_what_triton_passes(stand_in, monkeypatch):
     q = torch.empty(2, 300, 4, 128, dtype=torch.bfloat16)
     kv = torch.empty(2, 300, 2, 128, dtype=torch.bfloat16)
     out, lse = torch.empty_like(q), torch.empty(2, 4, 300)
+    per_tile = dict(forward_sm90.config(128), PERSISTENT=False)
     for _ in range(3):
-        forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=True)
+        forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=True, cfg=per_tile)
     for _ in range(3):  # (without a mask at 300 keys: the persistent kernel)
         forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=False)
     stats = backward_sm90.new_stats(2, 4, 300, "cpu")
