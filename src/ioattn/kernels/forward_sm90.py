@@ -106,7 +106,7 @@ PERSISTENT = os.environ.get("IOATTN_GLUON_PERSISTENT", "auto")
 PERSISTENT_MAX_KEYS = 4096
 # the persistent kernel's order under a causal mask: (batch, head) pairs in groups of HEAD_GROUP,
 # each group's longest tiles first (_tile; IOATTN_GLUON_FWD_HEAD_GROUP, 0: one group of all pairs)
-HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "16"))
+HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "1"))
 # under "auto", causal calls up to PERSISTENT_MAX_KEYS keys take it too (candidate, gpu_suite s13f)
 PERSISTENT_CAUSAL = True
 
