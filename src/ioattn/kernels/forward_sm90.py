@@ -96,19 +96,21 @@ _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 # the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
 # tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
-# (IOATTN_GLUON_PERSISTENT): "auto" without a mask at head dims <= 128 up to PERSISTENT_MAX_KEYS
-# keys, "1" wherever it runs (head dims <= 128; no window, dropout, softcap, ALiBi, varlen), "0" never. H200, GPU
-# time under CUDA graphs, 3 interleaved rounds (results/h200-session12c), persistent / per-tile
-# without a mask: hdim 128 512 1.21, 1k 1.13, 2k 1.07, 4k 1.04; hdim 64 1.29, 1.12, 1.05, 1.03.
-# With a causal mask it was 0.91-0.93x from 1k (hdim 128) and from 2k (hdim 64); at 16k keys
-# without a mask 0.95x in session 7b
+# (IOATTN_GLUON_PERSISTENT): "auto" at head dims <= 128 up to PERSISTENT_MAX_KEYS keys, causal or
+# not (PERSISTENT_CAUSAL), "1" wherever it runs (head dims <= 128; no window, dropout, softcap,
+# ALiBi, varlen), "0" never. H200, GPU time under CUDA graphs, 3 interleaved rounds, persistent /
+# per-tile: without a mask (results/h200-session12c) hdim 128 512 1.21, 1k 1.13, 2k 1.07, 4k 1.04;
+# hdim 64 1.29, 1.12, 1.05, 1.03. Causal (results/h200-session13f, HEAD_GROUP 1 with the zigzag):
+# hdim 128 1k 1.14, 2k 1.06, 4k 1.05 (cuDNN 0.94, 0.98, 1.04x); hdim 64 4k 1.02 (at <= 2k keys
+# hdim 64 causal keeps the Triton kernel: supported()). At 16k keys without a mask 0.95x (7b)
 PERSISTENT = os.environ.get("IOATTN_GLUON_PERSISTENT", "auto")
 PERSISTENT_MAX_KEYS = 4096
-# the persistent kernel's order under a causal mask: (batch, head) pairs in groups of HEAD_GROUP,
-# each group's longest tiles first (_tile; IOATTN_GLUON_FWD_HEAD_GROUP, 0: one group of all pairs)
-HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "1"))
-# under "auto", causal calls up to PERSISTENT_MAX_KEYS keys take it too (candidate, gpu_suite s13f)
 PERSISTENT_CAUSAL = True
+# the persistent kernel's order under a causal mask: (batch, head) pairs in groups of HEAD_GROUP,
+# each group's longest tiles first (_tile; IOATTN_GLUON_FWD_HEAD_GROUP, 0: one group of all
+# pairs). 13f, hdim 128 1k / 2k / 4k causal TFLOP/s, G = 1 / 4 / 16 / all: 386 / 386 / 314 / 322,
+# 466 / 454 / 349 / 403, 542 / 410 / 461 / 467 (per-tile 339, 438, 515)
+HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "1"))
 
 
 def dropout_ok(head_dim, backward=False):
