@@ -186,6 +186,13 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s14a)  # next session: ALiBi as row + column terms in the Gluon forward (IOATTN_GLUON_ALIBI_LINEAR=1; compiled
+          # only): softcap/ALiBi check vs fp64 with it (and its costs), then the costs without it (~4 min)
+    IOATTN_GLUON_ALIBI_LINEAR=1 timeout 170 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores_alibi_linear.json" 2>&1 | tee "$OUT/scores_alibi_linear.log" | grep -v "^PASS"
+    timeout 80 python3 benchmarks/gluon_scores_check.py --skip-check --out "$OUT/scores_default.json" 2>&1 | tee "$OUT/scores_default.log" ;;
+  s14b)  # next session: the full benchmark (README table) after the persistent causal forward, as s13b (~4.5 min)
+    timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
+      --memory-seqlen 2048,8192,16384 --graph-seqlen 1024 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;
   s13f)  # session 13: the persistent forward under a causal mask, tiles in groups of 16 (batch, head) pairs
           # (longest first in each group) and a zigzag over the CTAs: the Gluon forward's check vs fp32
           # (per-tile and persistent, 36-pair shape first), the public-API quick grid with the persistent

@@ -91,6 +91,27 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert rep["spill_bytes"] <= (192 if (head_dim, causal, with_dq) == (64, True, True) else 32), rep
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_gluon_forward_alibi_linear(linear):
+    """ALiBi in the Gluon forward: the exact form converts an int distance per score (256 I2FP in
+    the hdim-128 causal SASS); with ALIBI_LINEAR (IOATTN_GLUON_ALIBI_LINEAR=1) the positions are
+    converted per row and per column only, within a few bytes of spills. (A process of its own:
+    the flag is a constexpr global, read when the kernel is first specialized.)"""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("ioattn.kernels.forward_sm90")
+    code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report; "
+            "k = forward_sm90.compile_for(128, 'bf16', True, alibi=True); "
+            "print(len(re.findall(r'cvt\\.rn\\.f32\\.s32', k.asm['ptx'])), ptxas_report(k)['spill_bytes'])")
+    env = dict(os.environ, IOATTN_GLUON_ALIBI_LINEAR="1" if linear else "0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    n_cvt, spills = map(int, res.stdout.split()[-2:])
+    assert (n_cvt <= 16) if linear else (n_cvt >= 256), n_cvt
+    assert spills <= 32, spills
+
+
 @pytest.mark.parametrize("option", ["softcap", "dropout"])
 def test_gluon_backward_hdim64_option_rows(option):
     """hdim 64 under softcap or dropout: 128-row query blocks spill hundreds of bytes, 64-row

@@ -94,6 +94,15 @@ _DROPOUT_MODES = {"select": 1, "packed": 2, "early": 3}
 # hdim 128 4k causal forward+backward +14% (softcap 30) / +15% (ALiBi) over plain, where the
 # Triton kernels cost +48% / +40%
 SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
+# ALiBi in the Gluon forward as a row term plus a column term wherever a key block lies wholly on
+# one side of every row's diagonal (_scores_linear): -slope |i + d - j| = slope (kn - d - i) +
+# slope (j - kn) left of it, so the block's scores take one FMA with a column vector (in place of
+# the scale's multiply) and the row term goes into the running max (_softmax_rows), where the
+# exact form costs an int add, an abs, a conversion and an FMA per score; blocks crossing the
+# diagonal keep the exact form. ALiBi cost +42-47% over plain in the hdim-128 4k causal forward
+# (results/h200-session13c), where fp32 positions alone (fewer conversions) gained nothing.
+# IOATTN_GLUON_ALIBI_LINEAR=1, opt-in until an H200 run checks and times it (compiled only)
+ALIBI_LINEAR = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_LINEAR", "0") == "1")
 # the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
 # tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
 # (IOATTN_GLUON_PERSISTENT): "auto" at head dims <= 128 up to PERSISTENT_MAX_KEYS keys, causal or
@@ -212,6 +221,41 @@ def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexp
 
 
 @gluon.jit
+def _scores_linear(s, offs_m, colb, kn, r0, diag, sc_in, sc_out, slope2, ROWS: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+    """ALIBI_LINEAR: _scores of the key block from kn for rows r0.. as (scores less a row term,
+    the row term), colb = slope2 * (0 .. BLOCK_N - 1). With r = slope2 (kn - d - i) per row,
+    the bias - slope2 |i + d - j| is r + colb for keys all at or before every row's diagonal
+    (j <= i + d), - r - colb for keys all at or after it: one FMA a score, the row term apart;
+    across the diagonal - |r + colb| (an add and an abs a score, no int work), row term 0."""
+    if HAS_SOFTCAP:
+        s = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * sc_in], dtype=gl.float32,
+                                      is_pure=True, pack=1)
+    r = slope2 * (kn - diag - offs_m).to(gl.float32)
+    left = kn + BLOCK_N - 1 <= r0 + diag
+    if left | (kn >= r0 + ROWS - 1 + diag):
+        sign = gl.where(left, 1.0, -1.0)
+        s = s * sc_out + gl.expand_dims(colb * sign, 0)
+        rterm = r * sign
+    else:
+        s = s * sc_out - gl.abs(gl.expand_dims(r, 1) + gl.expand_dims(colb, 0))
+        rterm = r * 0.0
+    return s, rterm
+
+
+@gluon.jit
+def _softmax_rows(s, rterm, m_i, l_i, qk_scale):
+    """_softmax of the scores s + rterm, the row term kept apart (ALIBI_LINEAR): it enters the
+    running max, and each score's exponent through its row's (max - rterm)."""
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) + rterm)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims((m_use - rterm) * qk_scale, 1))
+    alpha = gl.exp2((m_i - m_use) * qk_scale)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
 def _softmax(s, m_i, l_i, qk_scale):
     """Online softmax of one block of raw scores: (P, new max, new sum, rescale factor)."""
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -288,6 +332,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+    if ALIBI_LINEAR and HAS_ALIBI:
+        colb = slope2 * offs_n.to(gl.float32)
 
     if n_blocks > 0:
         st = c0 % STAGES
@@ -297,12 +343,18 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         keep = _keep_early(seed, salt, r0, n_lo, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
-        if HAS_SOFTCAP or HAS_ALIBI:
+        if ALIBI_LINEAR and HAS_ALIBI:
+            s, rterm = _scores_linear(s, offs_m, colb, n_lo, r0, diag, sc_in, sc_out, slope2, ROWS, BLOCK_N,
+                                      HAS_SOFTCAP)
+        elif HAS_SOFTCAP or HAS_ALIBI:
             s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(n_lo + offs_n, 0), diag, sc_in, sc_out,
                            slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
             s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
-        p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
+        if ALIBI_LINEAR and HAS_ALIBI:
+            p32, m_i, l_i, alpha = _softmax_rows(s, rterm, m_i, l_i, qk_scale)
+        else:
+            p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
         p = gl.convert_layout(_dropout(p32, keep, seed, salt, r0, n_lo, dropout_p, dtype, HAS_DROPOUT), p_layout)
 
     for j in range(1, n_blocks):
@@ -321,12 +373,18 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         keep = _keep_early(seed, salt, r0, kn, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
-        if HAS_SOFTCAP or HAS_ALIBI:
+        if ALIBI_LINEAR and HAS_ALIBI:
+            s, rterm = _scores_linear(s, offs_m, colb, kn, r0, diag, sc_in, sc_out, slope2, ROWS, BLOCK_N,
+                                      HAS_SOFTCAP)
+        elif HAS_SOFTCAP or HAS_ALIBI:
             s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
                            slope2, HAS_SOFTCAP, HAS_ALIBI)
         if (kn + BLOCK_N > full_hi) | (kn < win_lo):
             s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
-        p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
+        if ALIBI_LINEAR and HAS_ALIBI:
+            p32, m_i, l_i, alpha = _softmax_rows(s, rterm, m_i, l_i, qk_scale)
+        else:
+            p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
         p_next = gl.convert_layout(_dropout(p32, keep, seed, salt, r0, kn, dropout_p, dtype, HAS_DROPOUT), p_layout)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(sp))
