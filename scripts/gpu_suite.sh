@@ -190,6 +190,18 @@ case "$mode" in
           # only): softcap/ALiBi check vs fp64 with it (and its costs), then the costs without it (~4 min)
     IOATTN_GLUON_ALIBI_LINEAR=1 timeout 170 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores_alibi_linear.json" 2>&1 | tee "$OUT/scores_alibi_linear.log" | grep -v "^PASS"
     timeout 80 python3 benchmarks/gluon_scores_check.py --skip-check --out "$OUT/scores_default.json" 2>&1 | tee "$OUT/scores_default.log" ;;
+  s14c)  # next session: the forward's mask from per-row bounds (IOATTN_GLUON_MASK_BOUNDS=1; compiled only): the
+          # Gluon forward's checks vs fp32 (dense, persistent, varlen), windows, then per-tile / persistent /
+          # cuDNN under CUDA graphs at 1k and 4k causal, with it and without, two interleaved rounds (~7 min)
+    IOATTN_GLUON_MASK_BOUNDS=1 timeout 150 python3 benchmarks/gluon_check.py --skip-bench --hdims 128,64 --shapes 4 --out "$OUT/gluon_fwd_bounds.json" 2>&1 | tee "$OUT/gluon_fwd_bounds.log" | grep -v "^PASS"
+    IOATTN_GLUON_MASK_BOUNDS=1 timeout 100 python3 benchmarks/gluon_window_check.py --out "$OUT/window_bounds.json" 2>&1 | tee "$OUT/window_bounds.log" | grep -v "^PASS" | tail -n 4
+    for r in 1 2; do
+      for f in 0 1; do
+        echo "round $r IOATTN_GLUON_MASK_BOUNDS=$f"
+        IOATTN_GLUON_MASK_BOUNDS=$f timeout 100 python3 benchmarks/fwd_tiles_ab.py --causal-only --seqlens 1024,4096 --rounds 2 \
+          --out "$OUT/bounds_${f}_$r.json" 2>&1 | grep -v Warning
+      done
+    done ;;
   s14b)  # next session: the full benchmark (README table) after the persistent causal forward, as s13b (~4.5 min)
     timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
       --memory-seqlen 2048,8192,16384 --graph-seqlen 1024 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;

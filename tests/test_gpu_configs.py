@@ -91,6 +91,29 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert rep["spill_bytes"] <= (192 if (head_dim, causal, with_dq) == (64, True, True) else 32), rep
 
 
+def test_gluon_forward_mask_bounds():
+    """MASK_BOUNDS (IOATTN_GLUON_MASK_BOUNDS=1, opt-in): the forward's mask from per-row bounds
+    compiles at hdim 64/128 (per-tile, varlen, persistent) with fewer selects than the general
+    mask and no more spills. (A process per setting: the flag is a constexpr global.)"""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("ioattn.kernels.forward_sm90")
+    code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report\n"
+            "for d in (64, 128):\n"
+            "    for kw in ({}, {'varlen': True}, {'persistent': True}):\n"
+            "        k = forward_sm90.compile_for(d, 'bf16', True, **kw)\n"
+            "        print(len(re.findall(r'selp\\.f32', k.asm['ptx'])), ptxas_report(k)['spill_bytes'])")
+    got = {}
+    for flag in ("0", "1"):
+        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, IOATTN_GLUON_MASK_BOUNDS=flag),
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got[flag] = [tuple(map(int, line.split())) for line in res.stdout.strip().splitlines()[-6:]]
+    for (sel0, spill0), (sel1, spill1) in zip(got["0"], got["1"]):
+        assert sel1 < sel0 and spill1 <= spill0, got
+
+
 @pytest.mark.parametrize("linear", [False, True])
 def test_gluon_forward_alibi_linear(linear):
     """ALiBi in the Gluon forward: the exact form converts an int distance per score (256 I2FP in

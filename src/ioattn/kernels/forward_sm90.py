@@ -103,6 +103,13 @@ SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 # (results/h200-session13c), where fp32 positions alone (fewer conversions) gained nothing.
 # IOATTN_GLUON_ALIBI_LINEAR=1, opt-in until an H200 run checks and times it (compiled only)
 ALIBI_LINEAR = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_LINEAR", "0") == "1")
+# the forward's causal / window / length mask from each row's first and last key (relative to the
+# block) against the block's column offsets (_scores_mask): two compares and a select a score
+# where the general form takes ~5 SASS instructions (hdim 128 causal: ISETP, FSEL, a PLOP3 for a
+# uniform predicate, ISETP, FSEL). Only the blocks that need a mask run it: the diagonal's one or
+# two of each warpgroup, a window's edges, the last block. IOATTN_GLUON_MASK_BOUNDS=1, opt-in
+# until an H200 run checks and times it (compiled only)
+MASK_BOUNDS = gl.constexpr(os.environ.get("IOATTN_GLUON_MASK_BOUNDS", "0") == "1")
 # the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
 # tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
 # (IOATTN_GLUON_PERSISTENT): "auto" at head dims <= 128 up to PERSISTENT_MAX_KEYS keys, causal or
@@ -192,7 +199,16 @@ def _invalidate(bars):
 @gluon.jit
 def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal, left):
     """-inf where key n0 + offs_n is past the end, after the query (causal) or more than
-    ``left`` keys before it (a sliding window; left < 0: none), bottom-right aligned."""
+    ``left`` keys before it (a sliding window; left < 0: none), bottom-right aligned.
+    (MASK_BOUNDS: the same keys from per-row bounds.)"""
+    if MASK_BOUNDS:
+        # each row's last and first key it may see, relative to n0, then two compares a score
+        rows = offs_m + diag - n0
+        last = seqlen_k - 1 - n0
+        hi = gl.where(causal != 0, gl.minimum(rows, last), last)
+        lo = gl.where(left >= 0, rows - left, -1)
+        cols = gl.expand_dims(offs_n, 0)
+        return gl.where((cols <= gl.expand_dims(hi, 1)) & (cols >= gl.expand_dims(lo, 1)), s, float("-inf"))
     keys = gl.expand_dims(n0 + offs_n, 0)
     rows = gl.expand_dims(offs_m, 1) + diag
     ok = (keys < seqlen_k) & ((keys <= rows) | (causal == 0)) & ((keys >= rows - left) | (left < 0))
