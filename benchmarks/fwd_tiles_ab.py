@@ -26,10 +26,11 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ioattn.kernels import forward, forward_sm90
+from ioattn.kernels import forward_sm90
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import graph_ms  # noqa: E402
+from gluon_check import triton_forward  # noqa: E402
 
 
 def main(argv=None):
@@ -66,12 +67,7 @@ def main(argv=None):
                         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
                 def triton_fwd(q=q, k=k, v=v, causal=causal, d=d, n=n):
-                    prev, forward_sm90.ENABLED = forward_sm90.ENABLED, False
-                    try:
-                        return forward.attention_forward(q, k, v, max_seqlen_q=n, max_seqlen_k=n, softmax_scale=d ** -0.5,
-                                                         window_left=-1, window_right=0 if causal else -1)
-                    finally:
-                        forward_sm90.ENABLED = prev
+                    return triton_forward(q, k, v, n, n, d ** -0.5, causal)
 
                 fns = {"per_tile": lambda: gluon(False), "persistent": lambda: gluon(True), "sdpa_cudnn": cudnn}
                 if args.triton:

@@ -216,6 +216,13 @@ def _scores_mask(s, offs_m, offs_n, n0, seqlen_k, diag, causal, left):
 
 
 @gluon.jit
+def _tanh(x):
+    """The GPU's tanh.approx.f32 (one MUFU instruction), as the Triton kernels use for bf16/fp16."""
+    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
 def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     """Raw q.k -> (scores in log2 units, t) under softcap (s = softcap t, t = tanh(q.k scale /
     softcap), the GPU's tanh.approx as the Triton kernels use for bf16/fp16; the backward's dS
@@ -224,8 +231,7 @@ def _scores(s, rows, cols, diag, sc_in, sc_out, slope2, HAS_SOFTCAP: gl.constexp
     orientation: S or S^T); sc_in = scale / softcap, sc_out = softcap log2e (without softcap:
     scale log2e), slope2 = slope log2e. (masks.scores_log2 in Gluon.)"""
     if HAS_SOFTCAP:
-        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * sc_in], dtype=gl.float32,
-                                      is_pure=True, pack=1)
+        t = _tanh(s * sc_in)
         s = t * sc_out
     else:
         t = s
@@ -245,8 +251,7 @@ def _scores_linear(s, offs_m, colb, kn, r0, diag, sc_in, sc_out, slope2, ROWS: g
     (j <= i + d), - r - colb for keys all at or after it: one FMA a score, the row term apart;
     across the diagonal - |r + colb| (an add and an abs a score, no int work), row term 0."""
     if HAS_SOFTCAP:
-        s = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [s * sc_in], dtype=gl.float32,
-                                      is_pure=True, pack=1)
+        s = _tanh(s * sc_in)
     r = slope2 * (kn - diag - offs_m).to(gl.float32)
     left = kn + BLOCK_N - 1 <= r0 + diag
     if left | (kn >= r0 + ROWS - 1 + diag):
