@@ -198,8 +198,31 @@ case "$mode" in
     for r in 1 2; do
       for f in 0 1; do
         echo "round $r IOATTN_GLUON_MASK_BOUNDS=$f"
-        IOATTN_GLUON_MASK_BOUNDS=$f timeout 100 python3 benchmarks/fwd_tiles_ab.py --causal-only --seqlens 1024,4096 --rounds 2 \
+        IOATTN_GLUON_MASK_BOUNDS=$f timeout 100 python3 benchmarks/fwd_tiles_ab.py --causal-only --seqlens 1024,4096 --rounds 2 --triton \
           --out "$OUT/bounds_${f}_$r.json" 2>&1 | grep -v Warning
+      done
+    done ;;
+  s14d)  # next session: ping-pong consumer warpgroups in the Gluon forward (IOATTN_GLUON_PINGPONG=1|2, level 2 with
+          # K loaded ahead of V; IOATTN_GLUON_FWD64_STAGES=3; compiled only), checks: the Gluon forward vs fp32
+          # (per-tile, persistent, varlen) and windows under each setting (~3 min; timings: s14e)
+    for v in 1 2 2s3; do
+      pp=${v%s3}; st=2; [ "$v" = 2s3 ] && st=3
+      echo "check PINGPONG=$pp STAGES64=$st"
+      IOATTN_GLUON_PINGPONG=$pp IOATTN_GLUON_FWD64_STAGES=$st timeout 150 python3 benchmarks/gluon_check.py --skip-bench \
+        --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" --shapes 4 --out "$OUT/gluon_fwd_pp$v.json" 2>&1 \
+        | tee "$OUT/gluon_fwd_pp$v.log" | grep -v "^PASS"
+    done
+    IOATTN_GLUON_PINGPONG=2 timeout 100 python3 benchmarks/gluon_window_check.py --out "$OUT/window_pp2.json" 2>&1 \
+      | tee "$OUT/window_pp2.log" | grep -v "^PASS" | tail -n 4 ;;
+  s14e)  # next session, after s14d: per-tile / persistent / cuDNN under CUDA graphs, hdim 128/64/256, 1k/4k/16k,
+          # causal and not, PINGPONG 0 / 1 / 2 / 2 with 3 hdim-64 stages interleaved, two rounds; each row records
+          # a hash of its output (the same in every setting: the schedule changes, not the math) (~7 min)
+    for r in 1 2; do
+      for v in 0 1 2 2s3; do
+        pp=${v%s3}; st=2; [ "$v" = 2s3 ] && st=3
+        echo "round $r PINGPONG=$pp STAGES64=$st"
+        IOATTN_GLUON_PINGPONG=$pp IOATTN_GLUON_FWD64_STAGES=$st timeout 120 python3 benchmarks/fwd_tiles_ab.py --rounds 1 \
+          --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" --seqlens 1024,4096,16384 --out "$OUT/pp_${v}_$r.json" 2>&1 | grep -v Warning
       done
     done ;;
   s14b)  # next session: the full benchmark (README table) after the persistent causal forward, as s13b (~4.5 min)

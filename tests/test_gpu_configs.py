@@ -114,6 +114,35 @@ def test_gluon_forward_mask_bounds():
         assert sel1 < sel0 and spill1 <= spill0, got
 
 
+def test_gluon_forward_pingpong():
+    """PINGPONG (IOATTN_GLUON_PINGPONG=1|2, opt-in): each consumer warpgroup waits for its turn before
+    its three wgmma issue points and hands the turn over after each (+6 mbarrier arrivals and waits
+    in the kernel), level 2 also loads K ahead of V (more TMA load sites); both compile at hdim 64/128,
+    per-tile and persistent, with spills within 16 B of the default's (hdim 128 persistent causal:
+    16 B by default). (A process per setting: the flag is a constexpr global.)"""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("ioattn.kernels.forward_sm90")
+    code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report\n"
+            "for d in (64, 128):\n"
+            "    for kw in ({}, {'persistent': True}):\n"
+            "        k = forward_sm90.compile_for(d, 'bf16', True, **kw); ptx = k.asm['ptx']\n"
+            "        print(len(re.findall(r'mbarrier\\.arrive\\.shared', ptx)), len(re.findall(r'mbarrier\\.try_wait', ptx)),"
+            " len(re.findall(r'cp\\.async\\.bulk\\.tensor', ptx)), ptxas_report(k)['spill_bytes'])")
+    got = {}
+    for flag in ("0", "1", "2"):
+        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, IOATTN_GLUON_PINGPONG=flag),
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got[flag] = [tuple(map(int, line.split())) for line in res.stdout.strip().splitlines()[-4:]]
+    for (arr0, wait0, tma0, spill0), (arr1, wait1, tma1, spill1), (arr2, wait2, tma2, spill2) in zip(
+            got["0"], got["1"], got["2"]):
+        assert arr1 == arr0 + 6 and wait1 == wait0 + 6 and tma1 == tma0, got
+        assert arr2 == arr1 and wait2 > wait1 and tma2 > tma1, got
+        assert spill1 <= spill0 + 16 and spill2 <= spill0 + 16, got
+
+
 @pytest.mark.parametrize("linear", [False, True])
 def test_gluon_forward_alibi_linear(linear):
     """ALiBi in the Gluon forward: the exact form converts an int distance per score (256 I2FP in

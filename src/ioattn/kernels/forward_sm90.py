@@ -110,6 +110,21 @@ ALIBI_LINEAR = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_LINEAR", "0") == 
 # two of each warpgroup, a window's edges, the last block. IOATTN_GLUON_MASK_BOUNDS=1, opt-in
 # until an H200 run checks and times it (compiled only)
 MASK_BOUNDS = gl.constexpr(os.environ.get("IOATTN_GLUON_MASK_BOUNDS", "0") == "1")
+# ping-pong between the two consumer warpgroups (FlashAttention-3's warp-scheduler barriers, here two
+# mbarriers, _turn_wait / _turn_pass): a warpgroup issues its wgmmas (Q K^T of block j and P V of
+# block j - 1) only after the other one has issued its own, and hands the turn back once they are
+# issued, so that one warpgroup's exponentials run while the other's products occupy the tensor
+# cores. Both warpgroups wait on the same K/V stages, so without it they run in lockstep: both
+# issue, both wait, both do their softmax while the tensor cores idle. Level 2 also has the
+# producer load each K block one block ahead of its V block (K_j, V_j-1, K_j+1, ...; _producer_kv),
+# so that the warpgroup half a block behind does not hold back the load of the next K. At head
+# dim 64 the exponentials (MUFU, 16 a cycle per SM) take as long as the products: 1/16 cycle a
+# score each at full rate. IOATTN_GLUON_PINGPONG=1|2, opt-in until an H200 run checks and times
+# it (compiled only)
+PINGPONG = gl.constexpr(int(os.environ.get("IOATTN_GLUON_PINGPONG", "0")))
+# K/V stages of the hdim-64 forward (IOATTN_GLUON_FWD64_STAGES, 2 or 3: 82 or 114 KB of shared
+# memory, one CTA per SM either way, as the consumers' registers fill the register file)
+STAGES_64 = int(os.environ.get("IOATTN_GLUON_FWD64_STAGES", "2"))
 # the persistent forward (_attn_fwd_sm90_persistent: a CTA per SM walking over the tiles, the next
 # tile's Q loaded under the current one's last key blocks) instead of the per-tile grid
 # (IOATTN_GLUON_PERSISTENT): "auto" at head dims <= 128 up to PERSISTENT_MAX_KEYS keys, causal or
@@ -144,31 +159,51 @@ def _wgmma_layout(n):
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
               b, h, hk, m0, n_blocks, q_off, k_off):
     # (varlen: b = 0 and the sequence's rows start at q_off / k_off of the packed tensors)
-    # (constexpr arguments do not survive gl.warp_specialize: the tile sizes come from the types)
-    STAGES: gl.constexpr = k_smem.shape[0]
-    BLOCK_N: gl.constexpr = k_smem.shape[2]
     for w in gl.static_range(2):
         mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, q_off + m0 + w * q_desc.block_type.shape[1], h, 0],
                                         q_bars.index(w), q_smem.index(w))
-    for j in range(n_blocks):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, j, b, k_off + j * BLOCK_N, hk)
+    if PINGPONG == 2:
+        _load_kv_ahead(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, b, k_off, hk)
+    else:
+        BLOCK_N: gl.constexpr = k_smem.shape[2]
+        for j in range(n_blocks):
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, j, b, k_off + j * BLOCK_N,
+                     hk)
 
 
 @gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, b, row, hk):
     """Put keys row .. row + BLOCK_N - 1 (K, then V) into ring position c once it is free."""
-    STAGES: gl.constexpr = k_smem.shape[0]
+    _load_block(k_desc, k_smem, k_ready, k_empty, c, b, row, hk)
+    _load_block(v_desc, v_smem, v_ready, v_empty, c, b, row, hk)
+
+
+@gluon.jit
+def _load_block(desc, smem, ready, empty, c, b, row, hk):
+    """Put rows row .. row + BLOCK_N - 1 of K or V into position c of its ring once it is free."""
+    STAGES: gl.constexpr = smem.shape[0]
     s = c % STAGES
     # a fresh barrier counts as having completed the phase before its first one, so the
     # first pass over the ring does not wait
     ph = ((c // STAGES) & 1) ^ 1
-    mbarrier.wait(k_empty.index(s), ph)
-    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, row, hk, 0], k_ready.index(s), k_smem.index(s))
-    mbarrier.wait(v_empty.index(s), ph)
-    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(v_desc, [b, row, hk, 0], v_ready.index(s), v_smem.index(s))
+    mbarrier.wait(empty.index(s), ph)
+    mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [b, row, hk, 0], ready.index(s), smem.index(s))
+
+
+@gluon.jit
+def _load_kv_ahead(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, b, row0, hk):
+    """PINGPONG 2: a tile's n_blocks K/V blocks from key row0 on, into ring positions c0, c0 + 1, ...,
+    each K one block ahead of its V (K_0, K_1, V_0, K_2, V_1, ...), so that a K load never waits
+    for the release of a V stage."""
+    BLOCK_N: gl.constexpr = k_smem.shape[2]
+    for j in range(n_blocks):
+        _load_block(k_desc, k_smem, k_ready, k_empty, c0 + j, b, row0 + j * BLOCK_N, hk)
+        if j > 0:
+            _load_block(v_desc, v_smem, v_ready, v_empty, c0 + j - 1, b, row0 + (j - 1) * BLOCK_N, hk)
+    if n_blocks > 0:
+        _load_block(v_desc, v_smem, v_ready, v_empty, c0 + n_blocks - 1, b, row0 + (n_blocks - 1) * BLOCK_N, hk)
 
 
 @gluon.jit
@@ -194,6 +229,24 @@ def _invalidate(bars):
     N: gl.constexpr = bars.shape[0]
     for i in gl.static_range(N):
         mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
+def _turn_wait(turn, t, WG: gl.constexpr):
+    """PINGPONG: wait until the other warpgroup has issued its wgmmas of the turn before this
+    warpgroup's t-th (warpgroup 0 goes first: the phase before a fresh barrier's first counts as
+    completed). A warpgroup takes n_blocks + 1 turns a tile with keys: one for each block's
+    scores (with the previous block's P V) and one for the last P V."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (t + 1 - WG) & 1)
+
+
+@gluon.jit
+def _turn_pass(turn, WG: gl.constexpr):
+    """PINGPONG: hand the turn to the other warpgroup once this one's wgmmas are issued (the
+    arrive waits for the warpgroup's four warps first)."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
 
 
 @gluon.jit
@@ -321,14 +374,15 @@ def _dropout(p32, keep, seed, salt, r0, n0, dropout_p, dtype: gl.constexpr, HAS_
 @gluon.jit
 def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, r0, seqlen_q, seqlen_k, qk_scale,
             causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT: gl.constexpr, sc_in, sc_out, slope2,
-            HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+            HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, turn, t0, WG: gl.constexpr):
     """One warpgroup's 64 query rows (from row r0) against the n_blocks key blocks from key
     n_lo on (n_lo > 0 only under a sliding window of ``left`` keys), which the producer puts
     in the K/V rings as blocks c0, c0 + 1, ... of this CTA: the unnormalized output, the
     running max and the running sum. With HAS_DROPOUT the dropped probabilities are left out
     of P V (the sum keeps them; the 1 / (1 - p) comes in the epilogue): the masks of
     masks.dropout_keep, drawn by dropout_sm90 for (seed, salt = batch * nheads + head). With
-    HAS_SOFTCAP / HAS_ALIBI the scores go through _scores first (then qk_scale is 1)."""
+    HAS_SOFTCAP / HAS_ALIBI the scores go through _scores first (then qk_scale is 1). PINGPONG:
+    warpgroup WG issues its wgmmas in turns with the other one, t0 its turns before this tile."""
     dtype: gl.constexpr = q2.dtype
     ROWS: gl.constexpr = q2.shape[0]
     HEAD_DIM: gl.constexpr = q2.shape[1]
@@ -360,7 +414,9 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         st = c0 % STAGES
         mbarrier.wait(k_ready.index(st), (c0 // STAGES) & 1)
         k0 = k_smem.index(st)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        _turn_wait(turn, t0, WG)
         s_tok = warpgroup_mma(q2, k0.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        _turn_pass(turn, WG)
         keep = _keep_early(seed, salt, r0, n_lo, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
@@ -383,12 +439,14 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         st = c % STAGES
         mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
         kj = k_smem.index(st)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        _turn_wait(turn, t0 + j, WG)
         s_tok = warpgroup_mma(q2, kj.permute((1, 0)), s_init, use_acc=False, is_async=True)
         # P V of the previous block runs on the tensor cores behind the scores
         sp = (c - 1) % STAGES
         mbarrier.wait(v_ready.index(sp), ((c - 1) // STAGES) & 1)
         vp = v_smem.index(sp)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
         o_tok = warpgroup_mma(p, vp, o, is_async=True)
+        _turn_pass(turn, WG)
         kn = n_lo + j * BLOCK_N
         # (HAS_DROPOUT 3: the keep masks while the tensor cores compute the scores)
         keep = _keep_early(seed, salt, r0, kn, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
@@ -417,7 +475,9 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         sl = c % STAGES
         mbarrier.wait(v_ready.index(sl), (c // STAGES) & 1)
         vl = v_smem.index(sl)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        _turn_wait(turn, t0 + n_blocks, WG)
         o_tok = warpgroup_mma(p, vl, o, is_async=True)
+        _turn_pass(turn, WG)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(sl))
     return o, m_i, l_i
@@ -447,7 +507,7 @@ def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_l
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
               O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
-              WG: gl.constexpr, VARLEN: gl.constexpr):
+              turn, WG: gl.constexpr, VARLEN: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     r0 = m0 + WG * ROWS
@@ -463,7 +523,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     mbarrier.wait(q_bars.index(WG), 0)
     o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
                           seqlen_k, qk_scale, causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT, sc_in, sc_out,
-                          slope2, HAS_SOFTCAP, HAS_ALIBI)
+                          slope2, HAS_SOFTCAP, HAS_ALIBI, turn, 0, WG)
     if VARLEN:
         # a TMA store of the tile would write into the next sequence: a masked store instead
         # (a run-time branch between the two epilogues crashes the compiler's LLVM lowering)
@@ -502,41 +562,54 @@ def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride
 @gluon.jit
 def _consumer_wg0(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2, turn):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
               O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
-              0, False)
+              turn, 0, False)
 
 
 @gluon.jit
 def _consumer_wg0_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2, turn):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
               O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
-              0, True)
+              turn, 0, True)
 
 
 @gluon.jit
 def _consumer_wg1(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2, turn):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
               O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
-              1, False)
+              turn, 1, False)
 
 
 @gluon.jit
 def _consumer_wg1_varlen(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal, O, stride_os, stride_oh,
-              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2):
+              left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2, turn):
     _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
               b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
               O, stride_os, stride_oh, left, n_lo, drop_smem, seed, salt, dropout_p, o_scale, sc_in, sc_out, slope2,
-              1, True)
+              turn, 1, True)
+
+
+@gluon.jit
+def _turn_barriers(placeholder):
+    """PINGPONG's two turn barriers (one arrival each: the other warpgroup's), else ``placeholder``
+    (any shared memory; not used)."""
+    if PINGPONG:
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+    else:
+        turn = placeholder
+    return turn
 
 
 @gluon.jit
@@ -592,10 +665,12 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
     # (unused: its shape tells the consumers HAS_DROPOUT, HAS_SOFTCAP and HAS_ALIBI)
     drop_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_DROPOUT + 4 * HAS_SOFTCAP + 8 * HAS_ALIBI],
                                           mbarrier.MBarrierLayout())
+    turn = _turn_barriers(q_bars)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty, LSE,
                      b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-                     O, stride_os, stride_oh, left, n_lo, drop_smem, seed, bh, dropout_p, o_scale, sc_in, sc_out, slope2)
+                     O, stride_os, stride_oh, left, n_lo, drop_smem, seed, bh, dropout_p, o_scale, sc_in, sc_out, slope2,
+                     turn)
     producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready, v_empty,
                      b, h, hk, m0, n_blocks, q_off, k_off + n_lo)
     if IS_VARLEN:
@@ -606,6 +681,8 @@ def _attn_fwd_sm90(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                             (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
     _invalidate(q_bars)
+    if PINGPONG:
+        _invalidate(turn)
     _invalidate(k_ready)
     _invalidate(v_ready)
     _invalidate(k_empty)
@@ -687,21 +764,26 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
         for w in gl.static_range(2):
             tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready.index(qb),
                                             q_smem.index(2 * qb + w))
-        for j in range(n_blocks):
-            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, b, j * BLOCK_N, hk)
-            c += 1
+        if PINGPONG == 2:
+            _load_kv_ahead(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, b, 0, hk)
+            c += n_blocks
+        else:
+            for j in range(n_blocks):
+                _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, b, j * BLOCK_N, hk)
+                c += 1
         i += 1
 
 
 @gluon.jit
 def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, WG: gl.constexpr):
+                         qk_scale, causal, head_group, turn, WG: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     c = 0
     i = 0
+    t = 0  # (PINGPONG: turns taken, n_blocks + 1 a tile with keys)
     for kt in range(_cta_tiles(n_tiles, causal)):
         b, h, hk, m0, n_blocks = _tile(_cta_tile(kt, causal), n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k,
                                        2 * ROWS, BLOCK_N, causal, head_group)
@@ -715,8 +797,11 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(1 - qb))
         o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
-                              seqlen_k, qk_scale, causal, -1, 0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, False, False)
+                              seqlen_k, qk_scale, causal, -1, 0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, False, False,
+                              turn, t, WG)
         _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, 1.0)
+        if PINGPONG:
+            t += n_blocks + (n_blocks > 0).to(gl.int32)
         c += n_blocks
         i += 1
     tma.store_wait(0)
@@ -725,19 +810,19 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
 @gluon.jit
 def _consumer_persistent_wg0(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal, head_group):
+                             qk_scale, causal, head_group, turn):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, 0)
+                         qk_scale, causal, head_group, turn, 0)
 
 
 @gluon.jit
 def _consumer_persistent_wg1(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal, head_group):
+                             qk_scale, causal, head_group, turn):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, 1)
+                         qk_scale, causal, head_group, turn, 1)
 
 
 @gluon.jit
@@ -754,10 +839,11 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
+    turn = _turn_barriers(q_ready)
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, LSE,
                      n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-                     head_group)
+                     head_group, turn)
     gl.warp_specialize([
         (_consumer_persistent_wg0, consumer_args),
         (_consumer_persistent_wg1, consumer_args),
@@ -768,6 +854,8 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
 
     _invalidate(q_ready)
     _invalidate(q_empty)
+    if PINGPONG:
+        _invalidate(turn)
     _invalidate(k_ready)
     _invalidate(v_ready)
     _invalidate(k_empty)
@@ -782,8 +870,8 @@ def config(head_dim):
     (64 at head dim 256, where a 64 x 256 fp32 output accumulator already takes 128 registers
     a thread); key blocks of 256 at head dim 64 spill. Shared memory on sm_90a (bf16): 82 KB
     (hdim 64), 164 KB (128), 197 KB (256) with 2 stages."""
-    return dict(BLOCK_N=64 if head_dim > 128 else 128, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24,
-                num_warps=4)
+    return dict(BLOCK_N=64 if head_dim > 128 else 128, STAGES=STAGES_64 if head_dim == 64 else 2,
+                CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
 
 
 def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p, block_table,
