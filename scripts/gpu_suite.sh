@@ -215,14 +215,16 @@ case "$mode" in
     IOATTN_GLUON_PINGPONG=2 timeout 100 python3 benchmarks/gluon_window_check.py --out "$OUT/window_pp2.json" 2>&1 \
       | tee "$OUT/window_pp2.log" | grep -v "^PASS" | tail -n 4 ;;
   s14e)  # next session, after s14d: per-tile / persistent / cuDNN under CUDA graphs, hdim 128/64/256, 1k/4k/16k,
-          # causal and not, PINGPONG 0 / 1 / 2 / 2 with 3 hdim-64 stages interleaved, two rounds; each row records
-          # a hash of its output (the same in every setting: the schedule changes, not the math) (~7 min)
+          # causal and not, PINGPONG 0 (with the Triton forward) / 1 / 2 / 2 with 3 hdim-64 stages interleaved, two
+          # rounds; each row records a hash of its output (the same in every setting: the schedule changes, not
+          # the math) (~7 min)
     for r in 1 2; do
       for v in 0 1 2 2s3; do
         pp=${v%s3}; st=2; [ "$v" = 2s3 ] && st=3
         echo "round $r PINGPONG=$pp STAGES64=$st"
         IOATTN_GLUON_PINGPONG=$pp IOATTN_GLUON_FWD64_STAGES=$st timeout 120 python3 benchmarks/fwd_tiles_ab.py --rounds 1 \
-          --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" --seqlens 1024,4096,16384 --out "$OUT/pp_${v}_$r.json" 2>&1 | grep -v Warning
+          --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" --seqlens 1024,4096,16384 $([ "$v" = 0 ] && echo --triton) \
+          --out "$OUT/pp_${v}_$r.json" 2>&1 | grep -v Warning
       done
     done ;;
   s14b)  # next session: the full benchmark (README table) after the persistent causal forward, as s13b (~4.5 min)
