@@ -67,7 +67,8 @@ def gluon_mask(layout, bh, sq, sk, p, rng, m_base, n_base, salt_base):
     # forward: rows are queries; backward: rows are keys
     grid = ((sk // tr, sq // tc) if transposed else (sq // tr, sk // tc)) + (bh,)
     dropout_sm90._mask_kernel[grid](out, rng, sq, sk, p, m_base, n_base, salt_base, TR=tr, TC=tc,
-                                    TRANSPOSED=transposed, PACKED=packed, num_warps=4)
+                                    TRANSPOSED=transposed, PACKED=packed, SHARED=transposed and dropout_sm90.COLS_SHARED,
+                                    num_warps=4)
     return out
 
 
@@ -155,7 +156,8 @@ def bench():
         for drop in (False, True):
             def fn():
                 dropout_sm90._bench_kernel[(progs, bh)](out, state, 0.1, iters, TR=tr, TC=tc, TRANSPOSED=transposed,
-                                                        DROPOUT=drop, num_warps=4)
+                                                        DROPOUT=drop, SHARED=transposed and dropout_sm90.COLS_SHARED,
+                                                        num_warps=4)
             res[drop] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
         elems = progs * bh * iters * tr * tc
         extra = (res[True] - res[False]) * 1e6  # ns

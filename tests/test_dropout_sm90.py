@@ -237,3 +237,85 @@ def test_packed_forward_instructions_per_score():
     assert 2.0 < per_score <= 4.0, (plain, early)
     kernel = forward_sm90.compile_for(64, "bf16", False, dropout="packed")
     assert ptxas_report(kernel)["spill_bytes"] == 0
+
+
+# --------------------------------------------------------------------------- draws_cols_shared
+# (IOATTN_GLUON_DROPOUT_COLS=shared: the backward's transposed tiles with each Philox call once)
+
+@pytest.mark.parametrize("keys,rows", [(64, 64), (64, 128), (128, 64)])
+def test_shared_calls_layout_covers_each_call_once(keys, rows):
+    """_calls_layout puts every (a, c, g, r) call on exactly one (register, lane, warp) of the
+    warpgroup: no thread computes a call twice and no call is left out."""
+    lc = dropout_sm90._calls_layout.fn(keys, rows)
+    bases = lc.reg_bases + lc.lane_bases + lc.warp_bases
+    assert len(lc.lane_bases) == 5 and len(lc.warp_bases) == 2
+    seen = set()
+    for idx in range(1 << len(bases)):
+        coord = [0, 0, 0, 0]
+        for bit, basis in enumerate(bases):
+            if idx >> bit & 1:
+                coord = [x ^ y for x, y in zip(coord, basis)]
+        seen.add(tuple(coord))
+    a, g = keys // 64, rows // 16
+    assert len(seen) == 1 << len(bases) == a * 8 * g * 8  # a bijection onto the calls
+
+
+def _philox_np(c0, c1, c2, c3, seed, rounds):
+    """Philox-4x32 on uint64 arrays holding uint32 values, keyed as tl.philox splits the seed."""
+    u32 = np.uint64(0xFFFFFFFF)
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    ra, rb = np.uint64(int(dropout_sm90.PHILOX_ROUND_A)), np.uint64(int(dropout_sm90.PHILOX_ROUND_B))
+    x0, x1, x2, x3 = c0, c1, c2, c3
+    for _ in range(rounds):
+        p0, p2 = ra * x0, rb * x2
+        x0, x1, x2, x3 = (p2 >> np.uint64(32)) ^ x1 ^ k0, p2 & u32, (p0 >> np.uint64(32)) ^ x3 ^ k1, p0 & u32
+        k0 = (k0 + np.uint64(int(dropout_sm90.PHILOX_KEY_A))) & u32
+        k1 = (k1 + np.uint64(int(dropout_sm90.PHILOX_KEY_B))) & u32
+    return x0, x1, x2, x3
+
+
+@pytest.mark.parametrize("keys,rows", [(64, 64), (64, 128), (128, 64)])
+def test_shared_draws_steps_give_the_spec(keys, rows):
+    """draws_cols_shared's tensor steps, replayed in NumPy with Gluon's semantics (join stacks along
+    a new last axis, reshape is row-major, permute as numpy.transpose; layouts do not change
+    values): the calls on (a, c, g, r), the four words joined and reordered to (a, word, c, g, r),
+    broadcast over (m % 2, h), the byte of each, reshaped to [keys, rows]. Equals the spec
+    (keep_mask_reference, transposed) for several seeds, salts and tile origins."""
+    A, G = keys // 64, rows // 16
+    for seed, salt, start_m, start_n in ((0, 0, 0, 0), (2 ** 40 + 5, 3, 16 * 77, 64 * 99), (-17, 2 ** 31 - 5, 2 ** 20, 2 ** 21)):
+        a, c, g, r = np.meshgrid(np.arange(A), np.arange(8), np.arange(G), np.arange(8), indexing="ij")
+        u32 = 0xFFFFFFFF
+        c0 = (((start_n // 64 + a) * 8 + c) & u32).astype(np.uint64)
+        c1 = (((start_m // 16 + g) * 8 + r) & u32).astype(np.uint64)
+        c2 = np.full(a.shape, salt & u32, dtype=np.uint64)
+        r0, r1, r2, r3 = _philox_np(c0, c1, c2, np.zeros_like(c0), seed, int(DROPOUT_ROUNDS))
+        joined = np.stack([np.stack([r0, r1], -1), np.stack([r2, r3], -1)], -1)  # [..., j, i]
+        words = np.transpose(joined, (0, 1, 2, 3, 5, 4)).reshape(A, 8, G, 8, 4)  # word 2 i + j
+        words = np.transpose(words, (0, 4, 1, 2, 3))  # [A, 4, 8, G, 8]
+        x = words[:, :, None, :, :, None, :]  # [A, 4, 1, 8, G, 1, 8]
+        ml = np.arange(2).reshape(1, 1, 2, 1, 1, 1, 1)
+        h = np.arange(2).reshape(1, 1, 1, 1, 1, 2, 1)
+        byte = (h * 2 + ml).astype(np.uint64)
+        u = (x >> (byte * np.uint64(8))) & np.uint64(0xFF)  # [A, 4, 2, 8, G, 2, 8]
+        u = np.broadcast_to(u, (A, 4, 2, 8, G, 2, 8)).reshape(keys, rows)
+        for p in (0.1, 0.5):
+            t = np.ceil(np.float32(p) * np.float32(256.0))
+            ref = dropout_sm90.keep_mask_reference(seed, salt, start_m, start_n, rows, keys, p)
+            assert np.array_equal(u >= np.uint64(int(t)), ref.T), (seed, salt, start_m, start_n, p)
+
+
+@_compiles
+@pytest.mark.parametrize("keys,rows", [(64, 64), (64, 128)])
+def test_shared_draws_compile_with_a_quarter_of_the_calls(keys, rows):
+    """The check kernel with SHARED: the final layout is the wgmma one (assert_trivial compiled),
+    the words go through shared memory, no spills, and a quarter of the redundant form's Philox
+    multiplies (mul.wide: two a round and call; the redundant form: mul.hi + mul.lo pairs)."""
+    plain = dropout_sm90.compile_for("mask", keys, rows, True)
+    shared = dropout_sm90.compile_for("mask", keys, rows, True, shared=True)
+    assert ptxas_report(shared)["spill_bytes"] == 0
+    assert plain.metadata.shared == 0 and shared.metadata.shared > 0
+    calls = 2 * rows // 16  # per thread in the redundant form
+    mulhi = _count(plain.asm["ptx"], "mul.hi") + _count(plain.asm["ptx"], "mad.hi")
+    wide = _count(shared.asm["ptx"], "mul.wide")
+    assert calls * DROPOUT_ROUNDS <= mulhi and wide <= 2 * DROPOUT_ROUNDS * calls // 4, (mulhi, wide)

@@ -180,6 +180,9 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     HAS_DROPOUT: gl.constexpr = (win_smem.shape[0] - 1) // 4 % 2 == 1
     HAS_SOFTCAP: gl.constexpr = (win_smem.shape[0] - 1) // 8 % 2 == 1
     HAS_ALIBI: gl.constexpr = (win_smem.shape[0] - 1) // 16 == 1
+    # the dropout draws by draws_cols_shared (IOATTN_GLUON_DROPOUT_COLS=shared) where the shared
+    # memory has room for its exchange: head dim 64
+    SHARED_DRAWS: gl.constexpr = SHARED_DROPOUT_DRAWS and HEAD_DIM == 64
 
     kw = k_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
     vw = v_smem.index(WG)._reinterpret(dtype, [KEYS, HEAD_DIM], tile2)
@@ -223,7 +226,7 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
         if HAS_DROPOUT:
             # with delta (1 - p) and the scaled P^T: dS^T = P^T (keep(dP^T) - delta), dV += keep(P^T) dO
             # (the forward's masks, of query head h: salt = batch * nheads + h)
-            keep = dropout_sm90.keep_cols(seed, salt0 + h, m0, k0, dropout_p, KEYS, ROWS)
+            keep = dropout_sm90.keep_cols(seed, salt0 + h, m0, k0, dropout_p, KEYS, ROWS, SHARED_DRAWS)
             dst = pt * (gl.where(keep, dpt, 0.0) - gl.expand_dims(delta * delta_fold, 0))
             pt = gl.where(keep, pt, 0.0)
         else:
@@ -449,6 +452,9 @@ def config(head_dim, softcap=False, alibi=False, dropout=False):
     return dict(BLOCK_M=BLOCK_M_OVERRIDE.get(head_dim, rows), STAGES=2, CONSUMER_REGS=240,
                 PRODUCER_REGS=24, num_warps=4)
 
+
+# dropout_sm90.COLS_SHARED as a constexpr of this module (so that Triton's compile cache keys on it)
+SHARED_DROPOUT_DRAWS = gl.constexpr(dropout_sm90.COLS_SHARED)
 
 # Which backward runs on Hopper for the calls this kernel supports (IOATTN_GLUON_BWD):
 #   "auto"   (default) what measured fastest on the H200 (benchmarks/results/h200-session7a, 7b):

@@ -47,12 +47,26 @@ compares these masks with the Triton ones on a GPU, tests/test_dropout_sm90.py c
 """
 
 import math
+import os
 
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .masks import DROPOUT_ROUNDS
+
+# how the backward's transposed tiles (keep_cols) get their draws (IOATTN_GLUON_DROPOUT_COLS):
+# "redundant" (default): every warp of the warpgroup runs each Philox call its threads need a word
+# of (4x the calls of the tile); "shared": each call runs once (a warp per quarter of the query
+# rows), and its four words reach the warps that use them through shared memory (a layout
+# conversion: 4 KB of shared memory a warpgroup for a 64 x 64 tile). Static SASS of the hdim-64
+# backward on 64-row blocks under dropout: 2,968 -> 2,512 instructions (plain 1,872), no spills,
+# 133 -> 140 KB of shared memory. The hdim-128 backward would need 239 KB (beyond sm_90's 227), so
+# the backward takes it at hdim 64 only (keep_cols's SHARED). Opt-in until an H200 run checks the
+# masks (gluon_dropout_check) and times it. (A plain bool: kernels take it as a constexpr of their
+# own module or as an argument, which Triton's compile cache keys on; a global of this module read
+# from a kernel of another is not part of that key.)
+COLS_SHARED = os.environ.get("IOATTN_GLUON_DROPOUT_COLS", "redundant") == "shared"
 
 # tl.philox_impl's uint32 constants (triton/language/random.py)
 PHILOX_KEY_A = gl.constexpr(0x9E3779B9)
@@ -357,11 +371,86 @@ def draws_cols(seed, salt, start_m, start_n, KEYS: gl.constexpr, ROWS: gl.conste
     return gl.convert_layout(u, L2, assert_trivial=True)
 
 
+@gluon.constexpr_function
+def _calls_layout(KEYS, ROWS):
+    """draws_cols_shared's layout of the tile's Philox calls, [A, 8, G, 8] = (a, c, g, r), one call
+    per element and none twice: lanes as in the words' layout (c, then r's two high bits), the
+    warps on g's two high bits, registers r's low bit and the rest of g and a."""
+    A, G = int(KEYS) // 64, int(ROWS) // 16
+    g_bits = [1 << i for i in range(G.bit_length() - 1)]
+    a_bits = [1 << i for i in range(A.bit_length() - 1)]
+    assert len(g_bits) >= 2, "dropout tiles of at least 64 query rows"
+    lanes = [[0, 0, 0, 2], [0, 0, 0, 4], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]]
+    warps = [[0, 0, g, 0] for g in g_bits[-2:]]
+    regs = [[0, 0, 0, 1]] + [[0, 0, g, 0] for g in g_bits[:-2]] + [[a, 0, 0, 0] for a in a_bits]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warps, block_bases=[],
+                                      shape=[A, 8, G, 8])
+
+
 @gluon.jit
-def keep_cols(seed, salt, start_m, start_n, dropout_p, KEYS: gl.constexpr, ROWS: gl.constexpr):
+def _index_r(layout: gl.constexpr, AXIS: gl.constexpr, SIZE: gl.constexpr, RANK: gl.constexpr):
+    """arange(SIZE) along AXIS of a rank-RANK tensor of the given layout (size 1 elsewhere)."""
+    sub: gl.constexpr = _axis_layout_r(layout, AXIS, RANK)
+    x = gl.arange(0, SIZE, layout=sub)
+    for k in gl.static_range(RANK):
+        if k != AXIS:
+            x = gl.expand_dims(x, k)
+    return x
+
+
+@gluon.constexpr_function
+def _axis_layout_r(layout, axis, rank):
+    axis, rank = int(axis), int(rank)
+    res = layout
+    for k in reversed([k for k in range(rank) if k != axis]):
+        res = gl.SliceLayout(k, res)
+    return res
+
+
+@gluon.jit
+def draws_cols_shared(seed, salt, start_m, start_n, KEYS: gl.constexpr, ROWS: gl.constexpr):
+    """draws_cols with each Philox call run once per warpgroup (COLS_SHARED): the calls in
+    _calls_layout (2 a thread for a 64 x 64 tile, against 8), their four words joined and moved
+    by a layout conversion (through shared memory) to the warps that read them, then the same
+    byte selection. The same draws, element for element."""
+    gl.static_assert(ROWS % 64 == 0, "dropout tiles of a multiple of 64 query rows here")
+    gl.static_assert(KEYS % 64 == 0, "key tiles of a multiple of 64")
+    G: gl.constexpr = ROWS // 16
+    A: gl.constexpr = KEYS // 64
+    L2: gl.constexpr = wgmma_layout(ROWS)
+    L7: gl.constexpr = _split_bits(gl.to_linear_layout(L2, [KEYS, ROWS]), [A, 4, 2, 8], [G, 2, 8])
+    LW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(5, L7))  # [A, 4, 8, G, 8]
+    LC: gl.constexpr = _calls_layout(KEYS, ROWS)  # [A, 8, G, 8]
+    a = _index_r(LC, 0, A, 4)
+    c = _index_r(LC, 1, 8, 4)
+    g = _index_r(LC, 2, G, 4)
+    r = _index_r(LC, 3, 8, 4)
+    zero = (a * 0 + c * 0 + g * 0 + r * 0).to(gl.uint32)  # [A, 8, G, 8]: one call each
+    c0 = ((start_n // 64 + a) * 8 + c).to(gl.uint32) + zero
+    c1 = ((start_m // 16 + g) * 8 + r).to(gl.uint32) + zero
+    c2 = zero + salt.to(gl.uint32)
+    r0, r1, r2, r3 = philox(seed, c0, c1, c2, zero, DROPOUT_ROUNDS, True)
+    # [A, 8, G, 8, 2 (j), 2 (i)] -> [..., i, j] -> [A, 8, G, 8, 4]: word 2 i + j, then word second
+    words = gl.permute(gl.join(gl.join(r0, r1), gl.join(r2, r3)), (0, 1, 2, 3, 5, 4))
+    words = gl.permute(gl.reshape(words, [A, 8, G, 8, 4]), (0, 4, 1, 2, 3))  # [A, 4, 8, G, 8]
+    x = gl.convert_layout(words, LW)
+    x = gl.expand_dims(gl.expand_dims(x, 2), 5)  # [A, 4, 1, 8, G, 1, 8] in L7
+    ml = _index_r(L7, 2, 2, 7)
+    h = _index_r(L7, 5, 2, 7)
+    byte = h * 2 + ml  # [1, 1, 2, 1, 1, 2, 1]
+    u = (x >> (byte * 8).to(gl.uint32)) & 0xFF  # [A, 4, 2, 8, G, 2, 8]
+    u = gl.reshape(u, [KEYS, ROWS])
+    return gl.convert_layout(u, L2, assert_trivial=True)
+
+
+@gluon.jit
+def keep_cols(seed, salt, start_m, start_n, dropout_p, KEYS: gl.constexpr, ROWS: gl.constexpr,
+              SHARED: gl.constexpr = False):
     """The transpose of keep_rows(seed, salt, start_m, start_n, dropout_p, ROWS, KEYS): an i1
     [KEYS, ROWS] tensor in wgmma_layout(ROWS), element (key start_n + row, query start_m +
-    col). start_m % 16 == 0, start_n % 64 == 0."""
+    col). start_m % 16 == 0, start_n % 64 == 0. SHARED: by draws_cols_shared (ROWS % 64 == 0)."""
+    if SHARED:
+        return draws_cols_shared(seed, salt, start_m, start_n, KEYS, ROWS) >= threshold(dropout_p)
     return draws_cols(seed, salt, start_m, start_n, KEYS, ROWS) >= threshold(dropout_p)
 
 
@@ -373,9 +462,9 @@ def dropout_rows(p, seed, salt, start_m, start_n, dropout_p):
 
 
 @gluon.jit
-def dropout_cols(pt, seed, salt, start_m, start_n, dropout_p):
+def dropout_cols(pt, seed, salt, start_m, start_n, dropout_p, SHARED: gl.constexpr = False):
     """pt (an fp32 [KEYS, ROWS] tile in wgmma_layout(ROWS), keys as rows) with dropped entries 0."""
-    keep = keep_cols(seed, salt, start_m, start_n, dropout_p, pt.shape[0], pt.shape[1])
+    keep = keep_cols(seed, salt, start_m, start_n, dropout_p, pt.shape[0], pt.shape[1], SHARED)
     return gl.where(keep, pt, 0.0)
 
 
@@ -386,12 +475,13 @@ def dropout_cols(pt, seed, salt, start_m, start_n, dropout_p):
 
 @gluon.jit
 def _mask_kernel(MASK, RNG, seqlen_q, seqlen_k, dropout_p, m_base, n_base, salt_base,
-                 TR: gl.constexpr, TC: gl.constexpr, TRANSPOSED: gl.constexpr, PACKED: gl.constexpr):
+                 TR: gl.constexpr, TC: gl.constexpr, TRANSPOSED: gl.constexpr, PACKED: gl.constexpr,
+                 SHARED: gl.constexpr = False):
     """Program (i, j, bh) writes MASK[bh, q, k] (salt salt_base + bh) for the queries/keys of
     its tile, q and k relative to (m_base, n_base) (multiples of 16 / 64): TRANSPOSED = False
     a [TR, TC] = [queries, keys] tile from keep_rows (PACKED: which entries of a bf16 tile of
     ones drop_packed_rows leaves nonzero, the forward's packed path), True a [TR, TC] = [keys,
-    queries] one from keep_cols. seqlen_q, seqlen_k: multiples of the tile."""
+    queries] one from keep_cols (SHARED: its draws_cols_shared). seqlen_q, seqlen_k: multiples of the tile."""
     bh = gl.program_id(2)
     salt = salt_base + bh
     seed = gl.load(RNG) + gl.load(RNG + 1)  # as forward.py
@@ -400,7 +490,8 @@ def _mask_kernel(MASK, RNG, seqlen_q, seqlen_k, dropout_p, m_base, n_base, salt_
     cols = gl.program_id(1) * TC + gl.arange(0, TC, layout=gl.SliceLayout(0, L))
     base = MASK + bh.to(gl.int64) * seqlen_q * seqlen_k
     if TRANSPOSED:
-        keep = keep_cols(seed, salt, m_base + gl.program_id(1) * TC, n_base + gl.program_id(0) * TR, dropout_p, TR, TC)
+        keep = keep_cols(seed, salt, m_base + gl.program_id(1) * TC, n_base + gl.program_id(0) * TR, dropout_p, TR, TC,
+                         SHARED)
         ptrs = base + gl.expand_dims(cols, 0) * seqlen_k + gl.expand_dims(rows, 1)
     elif PACKED:
         ones = gl.full([TR, TC], 1.0, gl.bfloat16, layout=L)
@@ -416,7 +507,7 @@ def _mask_kernel(MASK, RNG, seqlen_q, seqlen_k, dropout_p, m_base, n_base, salt_
 
 @gluon.jit
 def _bench_kernel(OUT, RNG, dropout_p, iters, TR: gl.constexpr, TC: gl.constexpr, TRANSPOSED: gl.constexpr,
-                  DROPOUT: gl.constexpr):
+                  DROPOUT: gl.constexpr, SHARED: gl.constexpr = False):
     """iters tiles per program (distinct start_n), the kept fp32 ones summed per element and
     stored once: the cost of the mask per tile (DROPOUT = False: the same loop without it)."""
     L: gl.constexpr = wgmma_layout(TC)
@@ -428,7 +519,7 @@ def _bench_kernel(OUT, RNG, dropout_p, iters, TR: gl.constexpr, TC: gl.constexpr
         one = gl.full([TR, TC], 1.0, gl.float32, layout=L) + j.to(gl.float32)
         if DROPOUT:
             if TRANSPOSED:
-                one = dropout_cols(one, seed, bh, j * 16 * (TC // 16), start, dropout_p)
+                one = dropout_cols(one, seed, bh, j * 16 * (TC // 16), start, dropout_p, SHARED)
             else:
                 one = dropout_rows(one, seed, bh, start, j * 64 * (TC // 64), dropout_p)
         acc += one
@@ -438,7 +529,8 @@ def _bench_kernel(OUT, RNG, dropout_p, iters, TR: gl.constexpr, TC: gl.constexpr
     gl.store(OUT + pid.to(gl.int64) * TR * TC + gl.expand_dims(rows, 1) * TC + gl.expand_dims(cols, 0), acc)
 
 
-def compile_for(kernel="mask", tr=64, tc=128, transposed=False, capability=(9, 0), dropout=True, packed=False):
+def compile_for(kernel="mask", tr=64, tc=128, transposed=False, capability=(9, 0), dropout=True, packed=False,
+                shared=False):
     """Compile a check kernel for a target without a GPU (tests/test_dropout_sm90.py)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -446,11 +538,11 @@ def compile_for(kernel="mask", tr=64, tc=128, transposed=False, capability=(9, 0
         fn = _mask_kernel
         sig = dict(MASK="*i8", RNG="*i64", seqlen_q="i32", seqlen_k="i32", dropout_p="fp32", m_base="i32",
                    n_base="i32", salt_base="i32")
-        constexprs = dict(TR=tr, TC=tc, TRANSPOSED=transposed, PACKED=packed)
+        constexprs = dict(TR=tr, TC=tc, TRANSPOSED=transposed, PACKED=packed, SHARED=shared)
     else:
         fn = _bench_kernel
         sig = dict(OUT="*fp32", RNG="*i64", dropout_p="fp32", iters="i32")
-        constexprs = dict(TR=tr, TC=tc, TRANSPOSED=transposed, DROPOUT=dropout)
+        constexprs = dict(TR=tr, TC=tc, TRANSPOSED=transposed, DROPOUT=dropout, SHARED=shared)
     names = fn.arg_names
     for n in constexprs:
         sig[n] = "constexpr"
