@@ -202,10 +202,10 @@ case "$mode" in
           --out "$OUT/bounds_${f}_$r.json" 2>&1 | grep -v Warning
       done
     done ;;
-  s14d)  # next session: ping-pong consumer warpgroups in the Gluon forward (IOATTN_GLUON_PINGPONG=1|2, level 2 with
-          # K loaded ahead of V; IOATTN_GLUON_FWD64_STAGES=3; compiled only), checks: the Gluon forward vs fp32
-          # (per-tile, persistent, varlen) and windows under each setting (~3 min; timings: s14e)
-    for v in 1 2 2s3; do
+  s14d)  # next session: ping-pong consumer warpgroups in the Gluon forward (IOATTN_GLUON_PINGPONG=2: turns, and K loaded
+          # ahead of V; level 1 shares the turns; IOATTN_GLUON_FWD64_STAGES=3; compiled only), checks: the Gluon forward
+          # vs fp32 (per-tile, persistent, varlen) and windows (~2 min; timings: s14e, s14g)
+    for v in 2 2s3; do
       pp=${v%s3}; st=2; [ "$v" = 2s3 ] && st=3
       echo "check PINGPONG=$pp STAGES64=$st"
       IOATTN_GLUON_PINGPONG=$pp IOATTN_GLUON_FWD64_STAGES=$st timeout 150 python3 benchmarks/gluon_check.py --skip-bench \
@@ -214,18 +214,18 @@ case "$mode" in
     done
     IOATTN_GLUON_PINGPONG=2 timeout 100 python3 benchmarks/gluon_window_check.py --out "$OUT/window_pp2.json" 2>&1 \
       | tee "$OUT/window_pp2.log" | grep -v "^PASS" | tail -n 4 ;;
-  s14e)  # next session, after s14d: per-tile / persistent / cuDNN under CUDA graphs, hdim 128/64/256, 1k/4k/16k,
-          # causal and not, PINGPONG 0 (with the Triton forward) / 1 / 2 / 2 with 3 hdim-64 stages interleaved, two
-          # rounds; each row records a hash of its output (the same in every setting: the schedule changes, not
-          # the math) (~7 min)
-    for r in 1 2; do
-      for v in 0 1 2 2s3; do
-        pp=${v%s3}; st=2; [ "$v" = 2s3 ] && st=3
-        echo "round $r PINGPONG=$pp STAGES64=$st"
-        IOATTN_GLUON_PINGPONG=$pp IOATTN_GLUON_FWD64_STAGES=$st timeout 120 python3 benchmarks/fwd_tiles_ab.py --rounds 1 \
-          --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" --seqlens 1024,4096,16384 $([ "$v" = 0 ] && echo --triton) \
-          --out "$OUT/pp_${v}_$r.json" 2>&1 | grep -v Warning
-      done
+  s14e|s14g)  # next session, after s14d: per-tile / persistent / cuDNN under CUDA graphs, hdim 128/64/256, 1k/4k/16k,
+          # causal and not, one process per setting: s14e round 1 over 0 (with the Triton forward), 1, 2, 2b (level 2
+          # with IOATTN_GLUON_MASK_BOUNDS=1) and 2s3 (level 2, 3 hdim-64 stages; hdim 64 only); s14g round 2 over
+          # 0, 2, 2b. Each row records a hash of its output: the same in every setting (the schedule changes, not
+          # the math; 2b: the same kept keys) (~5 / ~3.5 min)
+    settings="0 1 2 2b 2s3"; [ "$mode" = s14g ] && settings="0 2 2b"
+    for v in $settings; do
+      pp=${v%%[bs]*}; st=2; mb=0; [ "$v" = 2s3 ] && st=3; [ "$v" = 2b ] && mb=1
+      echo "$mode PINGPONG=$pp STAGES64=$st MASK_BOUNDS=$mb"
+      IOATTN_GLUON_PINGPONG=$pp IOATTN_GLUON_FWD64_STAGES=$st IOATTN_GLUON_MASK_BOUNDS=$mb timeout 120 python3 \
+        benchmarks/fwd_tiles_ab.py --rounds 1 --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" \
+        --seqlens 1024,4096,16384 $([ "$v" = 0 ] && echo --triton) --out "$OUT/pp_${v}_$mode.json" 2>&1 | grep -v Warning
     done ;;
   s14f)  # next session: the backward's dropout draws with each Philox call once per warpgroup (IOATTN_GLUON_DROPOUT_COLS=
           # shared; compiled only; hdim-64 Gluon backward on 64-row blocks: SASS 2,968 -> 2,512, plain 1,872): the
