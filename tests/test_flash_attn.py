@@ -111,6 +111,41 @@ def test_torch_compile_fullgraph(device):
         assert torch.allclose(g, w, atol=1e-6)
 
 
+def test_torch_compile_dynamic_shapes(device):
+    """torch.compile(dynamic=True): every dim is symbolic, the head dim too, so the default scale
+    is a SymFloat (math.sqrt / math.isfinite on it broke tracing before). Dense and varlen, forward
+    and backward, three sizes through one compiled graph each, equal to eager; a user scale
+    computed from a symbolic head dim as well."""
+    torch._dynamo.reset()
+
+    def dense(q, k, v):
+        return ioattn.flash_attn_func(q, k, v, causal=True)
+
+    def dense_scaled(q, k, v):
+        return ioattn.flash_attn_func(q, k, v, softmax_scale=q.shape[-1] ** -0.5 * 0.5)
+
+    def varlen(q, k, v, cu, max_len):
+        return ioattn.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+    for fn in (dense, dense_scaled):
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+        for n, d in ((9, 16), (23, 16), (17, 32)):
+            q, k, v = randn(2, n, 4, d, device=device), randn(2, n, 2, d, device=device), randn(2, n, 2, d, device=device)
+            got, want = compiled(q, k, v), fn(q, k, v)
+            assert torch.allclose(got, want, atol=1e-6), (fn.__name__, n, d)
+            for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+                assert torch.allclose(g, w, atol=1e-6), (fn.__name__, n, d)
+    compiled = torch.compile(varlen, fullgraph=True, dynamic=True, backend="aot_eager")
+    for lens in ((3, 5), (10, 1, 7)):
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        total = int(cu[-1])
+        q, k, v = randn(total, 4, 16, device=device), randn(total, 2, 16, device=device), randn(total, 2, 16, device=device)
+        got, want = compiled(q, k, v, cu, max(lens)), varlen(q, k, v, cu, max(lens))
+        assert torch.allclose(got, want, atol=1e-6), lens
+        for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+            assert torch.allclose(g, w, atol=1e-6), lens
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():

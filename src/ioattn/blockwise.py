@@ -33,7 +33,6 @@ with ``kernels/forward.py`` and ``kernels/backward.py``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -324,7 +323,7 @@ def _backward_dense(dout, q, k, v, out, lse, *, scale, window_left, window_right
 
 def _options(q, softmax_scale, alibi_slopes, dropout_p, rng_state, batch):
     """Resolve the scale, give ALiBi slopes the shape ``(batch, hq)`` and read the RNG state."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     slopes = None
     if alibi_slopes is not None:
         nheads = q.shape[-2]

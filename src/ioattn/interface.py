@@ -33,7 +33,6 @@ gradients.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -272,6 +271,15 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
+
+
+def _finite(x):
+    """math.isfinite for a Python number or a symbolic one (torch.compile with dynamic shapes: a
+    scale computed from a head dim is a SymFloat, which math.isfinite cannot take)."""
+    return x - x == 0
+
+
 def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi_slopes, batch):
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -294,15 +302,15 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
     if nheads_k == 0 or nheads % nheads_k != 0:
         _fail(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) (GQA/MQA)")
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        softmax_scale = head_dim ** -0.5  # (as FlashAttention-2; symbolic under dynamic shapes)
+    if not isinstance(softmax_scale, _NUMBER) or not _finite(softmax_scale):
         _fail(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and w >= -1 for w in window_size)):
         _fail(f"window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size!r}")
-    if not isinstance(softcap, (int, float)) or softcap < 0 or not math.isfinite(softcap):
+    if not isinstance(softcap, _NUMBER) or softcap < 0 or not _finite(softcap):
         _fail(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, _NUMBER) or not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
@@ -316,7 +324,7 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
                   f"got {tuple(alibi_slopes.shape)}")
         if alibi_slopes.stride(-1) != 1:
             alibi_slopes = alibi_slopes.contiguous()
-    return float(softmax_scale), alibi_slopes
+    return (float(softmax_scale) if isinstance(softmax_scale, int) else softmax_scale), alibi_slopes
 
 
 def _window(causal, window_size):

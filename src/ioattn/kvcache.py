@@ -28,7 +28,6 @@ that mutates its inputs), so backpropagating through its outputs raises.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -324,7 +323,7 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits: expected an int >= 0 (0 = heuristic), got {num_splits}")
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
+        softmax_scale = head_dim ** -0.5  # (as FlashAttention-2)
 
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k, v_new=v, cache_seqlens=cache_seqlens,
                 cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,

@@ -17,7 +17,6 @@ A query row that sees no key has output 0 and log-sum-exp ``-inf``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -84,7 +83,7 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
     dtype = torch.float64 if upcast else q.dtype
     b, sq, hq, d = q.shape
     sk = k.shape[1]
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
     qf = q.to(dtype)
     kf = _repeat_kv(k, hq).to(dtype)
     vf = _repeat_kv(v, hq).to(dtype)
@@ -158,7 +157,7 @@ def standard_attention(q, k, v, softmax_scale=None, causal=False):
     """
     b, sq, hq, d = q.shape
     sk = k.shape[1]
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
     qt = q.transpose(1, 2)
     kt = _repeat_kv(k, hq).transpose(1, 2)
     vt = _repeat_kv(v, hq).transpose(1, 2)
