@@ -51,6 +51,14 @@ CASES = [
                                                           torch.tensor([0, 8], dtype=torch.int32),
                                                           torch.tensor([0, 8], dtype=torch.int32), -1, 8),
      ValueError, "max_seqlen_q"),
+    ("max_seqlen short", lambda: ioattn.flash_attn_varlen_func(t(8, 4, 32), t(8, 2, 32), t(8, 2, 32),
+                                                                torch.tensor([0, 3, 8], dtype=torch.int32),
+                                                                torch.tensor([0, 4, 8], dtype=torch.int32), 4, 4),
+     ValueError, "max_seqlen_q must be at least the longest sequence in cu_seqlens_q (5), got 4"),
+    ("max_seqlen_k short", lambda: ioattn.flash_attn_varlen_func(t(8, 4, 32), t(8, 2, 32), t(8, 2, 32),
+                                                                  torch.tensor([0, 3, 8], dtype=torch.int32),
+                                                                  torch.tensor([0, 2, 8], dtype=torch.int32), 5, 5),
+     ValueError, "max_seqlen_k must be at least the longest sequence in cu_seqlens_k (6), got 5"),
 ]
 
 

@@ -574,7 +574,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             inference only (no gradients); its values are checked only for CPU tensors.
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` prefix sums of the sequence lengths
             (a sequence may have length 0).
-        max_seqlen_q, max_seqlen_k: the longest sequence (ints; no device sync is made).
+        max_seqlen_q, max_seqlen_k: ints >= the longest sequence's length (the kernels cover
+            that many rows / keys of each sequence). Checked against cu_seqlens for CPU tensors;
+            on a GPU that would need a device sync, so there, as in FlashAttention-2, a smaller
+            value is the caller's error.
         Other arguments as :func:`flash_attn_func`; alibi_slopes ``(nheads,)`` or ``(batch, nheads)``.
 
     Returns:
@@ -609,6 +612,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(m, int) or m < 0:
             _fail(f"{name} must be an int >= 0, got {m!r}")
+    for name, cu, m in (("q", cu_seqlens_q, max_seqlen_q), ("k", cu_seqlens_k, max_seqlen_k)):
+        if cu.device.type == "cpu" and not torch.compiler.is_compiling():  # (values: no device sync)
+            longest = int((cu[1:] - cu[:-1]).max())
+            if longest > m:
+                _fail(f"max_seqlen_{name} must be at least the longest sequence in cu_seqlens_{name} "
+                      f"({longest}), got {m}")
     if paged and max_seqlen_k > capacity:
         _fail(f"max_seqlen_k ({max_seqlen_k}) exceeds what block_table can address "
               f"({block_table.shape[1]} pages of {k.shape[1]} = {capacity} keys per sequence)")
