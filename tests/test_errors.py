@@ -67,3 +67,14 @@ def test_clear_errors(name, call, exc, fragment):
     with pytest.raises(exc) as info:
         call()
     assert fragment in str(info.value), str(info.value)
+
+
+def test_double_backward_is_a_clear_error():
+    """create_graph=True gives the usual first-order gradients; a backward through them raises
+    NotImplementedError naming what is unsupported (not PyTorch's 'no autograd formula')."""
+    q, k, v = (x.clone().requires_grad_() for x in (Q, K, V))
+    first = torch.autograd.grad(ioattn.flash_attn_func(q, k, v, causal=True).sum(), (q, k, v), create_graph=True)
+    plain = torch.autograd.grad(ioattn.flash_attn_func(q, k, v, causal=True).sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(first, plain))
+    with pytest.raises(NotImplementedError, match="gradients of gradients"):
+        first[0].sum().backward()

@@ -159,6 +159,17 @@ def _bwd_fake(dout, q, k, v, out, lse, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "ioattn: gradients of gradients (a backward through the attention backward, e.g. "
+        "torch.autograd.grad(..., create_graph=True) then .backward()) are not supported, as in "
+        "FlashAttention-2; use ioattn.reference.attention_ref for a twice-differentiable reference")
+
+
+# (create_graph=True records the backward op; a second backward through it gets a clear error)
+_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
              "softmax_scale", "window_left", "window_right", "softcap", "alibi_slopes",
              "dropout_p", "rng_state", "block_table", "deterministic")
