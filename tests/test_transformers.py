@@ -101,6 +101,28 @@ def test_llama_padding(calls):
     assert calls == {"dense": 0, "varlen": 2}
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="graph capture and inductor's code, not the kernels: the CPU pass runs it")
+@pytest.mark.skipif(DEVICE == "cpu" and not __import__("shutil").which("c++"),
+                    reason="inductor's CPU code needs a C++ compiler")
+def test_llama_padding_torch_compile_dynamic():
+    """torch.compile (inductor, dynamic=True) of a model running ioattn, with and without a padding
+    mask, two sequence lengths: logits equal eager attention's. (Before: with a padding mask,
+    inductor's code named an unbound size symbol and raised NameError.)"""
+    torch._dynamo.reset()
+    eager, ours = pair("LlamaConfig")
+    compiled = torch.compile(ours, dynamic=True)
+    for seqlen in (12, 19):
+        mask = torch.ones(2, seqlen, dtype=torch.long)
+        mask[0, :5] = 0
+        for kwargs in ({}, {"attention_mask": mask.to(DEVICE)}):
+            ids = tokens(2, seqlen).to(DEVICE)
+            with torch.no_grad():
+                got, want = compiled(ids, **kwargs).logits, eager(ids, **kwargs).logits
+            valid = kwargs["attention_mask"].bool() if kwargs else torch.ones(2, seqlen, dtype=torch.bool, device=DEVICE)
+            torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=2e-5)
+
+
 def test_mistral_sliding_window(calls):
     """sliding_window 5 < seqlen: each query sees itself and the 4 keys before it."""
     eager, ours = pair("MistralConfig", sliding_window=5)

@@ -85,11 +85,13 @@ def _warn_once(key, msg):
 
 
 def _unpad(mask):
-    """(indices of the kept tokens in the flattened batch, int32 cu_seqlens, max length)."""
+    """(indices of the kept tokens in the flattened batch, int32 cu_seqlens, max length). The max
+    length is the mask's width, a bound on every row's count that needs no device sync (the
+    kernels' programs past a shorter sequence's end return at once)."""
     lens = mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(mask.flatten()).flatten()
     cu = torch.nn.functional.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))
-    return indices, cu, int(lens.max()) if lens.numel() else 0
+    return indices, cu, mask.shape[-1]
 
 
 def _flat(x):
@@ -178,10 +180,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             cu_q, max_q = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=q.device), q_len
         else:  # queries are the last q_len positions: left padding, as in FlashAttention-2's integration
             idx_q, cu_q, max_q = _unpad(mask[:, -q_len:])
-        out = flash_attn_varlen_func(_flat(q)[idx_q], _flat(k)[idx_k], _flat(v)[idx_k], cu_q, cu_k,
+        flat_q = _flat(q)
+        out = flash_attn_varlen_func(flat_q[idx_q], _flat(k)[idx_k], _flat(v)[idx_k], cu_q, cu_k,
                                      max_q, max_k, **opts)
-        out = out.new_zeros(batch * q_len, *out.shape[1:]).index_copy(0, idx_q, out)
-        return out.view(batch, q_len, *out.shape[1:])[..., :v_dim], None
+        # (shaped from q itself: with batch * q_len and view(batch, q_len, ...), torch.compile's
+        # inductor, dynamic=True with a padding mask, emitted a size symbol that it never bound)
+        out = torch.zeros_like(flat_q).index_copy(0, idx_q, out)
+        return out.view_as(q)[..., :v_dim], None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
