@@ -35,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--hdim", type=int, default=128)
     ap.add_argument("--parts", default="varlen,window,options")
+    ap.add_argument("--options", default="plain,dropout,softcap,alibi,sdpa",
+                    help="the options part's cases (sdpa: SDPA flash plain and with dropout)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     dev, dt, d = "cuda", torch.bfloat16, args.hdim
@@ -53,7 +55,7 @@ def main(argv=None):
     if "window" in parts:
         window_part(add, dev, dt, h, d)
     if "options" in parts:
-        options_part(add, dev, dt, h, d)
+        options_part(add, dev, dt, h, d, set(args.options.split(",")))
     summary = summarize({r["case"]: r for r in rows})
     print()
     for key, val in summary.items():
@@ -98,17 +100,21 @@ def window_part(add, dev, dt, h, d):
     add("window (1024,0) 16k fwd+bwd", bench(fwd_bwd(win, (q, k, v))))
 
 
-def options_part(add, dev, dt, h, d):
-    """Dropout, softcap, ALiBi at 4k, and SDPA flash's dropout in the same run."""
+def options_part(add, dev, dt, h, d, which=("plain", "dropout", "softcap", "alibi", "sdpa")):
+    """Dropout, softcap, ALiBi at 4k, and SDPA flash's dropout in the same run (``which`` of them)."""
     n, b = 4096, 4
     q, k, v = (torch.randn(b, n, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     slopes = torch.rand(h, device=dev) * 0.1
     for name, kw in [("plain", {}), ("dropout 0.1", dict(dropout_p=0.1)), ("softcap 30", dict(softcap=30.0)),
                      ("alibi", dict(alibi_slopes=slopes))]:
+        if name.split()[0] not in which:
+            continue
         call = lambda kw=kw: ioattn.flash_attn_func(q, k, v, causal=True, **kw)  # noqa: E731
         add(f"4k causal {name} fwd", bench(call), 4 * b * h * n * n * d / 2)
         add(f"4k causal {name} fwd+bwd", bench(fwd_bwd(call, (q, k, v))), 3.5 * 4 * b * h * n * n * d / 2)
 
+    if "sdpa" not in which:
+        return
     # the same dropout through SDPA's FlashAttention-2 kernels: its cost in the same run
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F

@@ -232,16 +232,17 @@ case "$mode" in
           # transposed masks bit for bit against the Triton kernels' (and the mask's cost per element, both
           # forms), dropout attention at hdim 64 vs fp32 with the
           # replayed mask, then the option costs at hdim 64: default (Triton backward under dropout), 64-row Gluon
-          # backward, and 64-row with the shared draws (~6 min)
+          # backward, and 64-row with the shared draws; plain and dropout only (~4 min)
     timeout 150 python3 benchmarks/gluon_dropout_check.py --layouts bwd --bench 2>&1 | grep "^bench"
     IOATTN_GLUON_DROPOUT_COLS=shared timeout 150 python3 benchmarks/gluon_dropout_check.py --layouts bwd --bench 2>&1 | tail -n 8
     IOATTN_GLUON_DROPOUT_COLS=shared IOATTN_GLUON_BWD64_OPTION_ROWS=64 timeout 120 python3 benchmarks/gluon_dropout_attn_check.py \
       --skip-bench --hdims 64 --modes packed --out "$OUT/dropout_shared.json" 2>&1 | tee "$OUT/dropout_shared.log" | grep -v "^PASS"
-    timeout 100 python3 benchmarks/bench_features.py --hdim 64 --parts options --out "$OUT/features_d64_default.json" 2>&1 | tail -n 12
+    timeout 100 python3 benchmarks/bench_features.py --hdim 64 --parts options --options plain,dropout,sdpa \
+      --out "$OUT/features_d64_default.json" 2>&1 | tail -n 8
     IOATTN_GLUON_BWD64_OPTION_ROWS=64 timeout 100 python3 benchmarks/bench_features.py --hdim 64 --parts options \
-      --out "$OUT/features_d64_rows64.json" 2>&1 | tail -n 12
+      --options plain,dropout --out "$OUT/features_d64_rows64.json" 2>&1 | tail -n 6
     IOATTN_GLUON_DROPOUT_COLS=shared IOATTN_GLUON_BWD64_OPTION_ROWS=64 timeout 100 python3 benchmarks/bench_features.py --hdim 64 \
-      --parts options --out "$OUT/features_d64_shared.json" 2>&1 | tail -n 12 ;;
+      --parts options --options plain,dropout --out "$OUT/features_d64_shared.json" 2>&1 | tail -n 6 ;;
   s14b)  # next session: the full benchmark (README table) after the persistent causal forward, as s13b (~4.5 min)
     timeout 560 python3 benchmarks/bench_attention.py --hdim 128,64,256 --seqlen 1024,4096,16384 --mode fwd,bwd \
       --memory-seqlen 2048,8192,16384 --graph-seqlen 1024 --no-plot --out "$OUT/h200.json" 2>&1 | grep -E "^(fwd|bwd|mem)" | tail -n 80 ;;
