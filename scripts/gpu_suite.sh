@@ -204,7 +204,7 @@ case "$mode" in
     done ;;
   s14d)  # next session: ping-pong consumer warpgroups in the Gluon forward (IOATTN_GLUON_PINGPONG=2: turns, and K loaded
           # ahead of V; level 1 shares the turns; IOATTN_GLUON_FWD64_STAGES=3; compiled only), checks: the Gluon forward
-          # vs fp32 (per-tile, persistent, varlen) and windows (~2 min; timings: s14e, s14g)
+          # vs fp32 (per-tile, persistent, varlen), windows, softcap / ALiBi / dropout (~4.5 min; timings: s14e, s14g)
     for v in 2 2s3; do
       pp=${v%s3}; st=2; [ "$v" = 2s3 ] && st=3
       echo "check PINGPONG=$pp STAGES64=$st"
@@ -213,7 +213,12 @@ case "$mode" in
         | tee "$OUT/gluon_fwd_pp$v.log" | grep -v "^PASS"
     done
     IOATTN_GLUON_PINGPONG=2 timeout 100 python3 benchmarks/gluon_window_check.py --out "$OUT/window_pp2.json" 2>&1 \
-      | tee "$OUT/window_pp2.log" | grep -v "^PASS" | tail -n 4 ;;
+      | tee "$OUT/window_pp2.log" | grep -v "^PASS" | tail -n 4
+    # the options share _attend: softcap / ALiBi vs fp64, dropout vs fp32 with the replayed mask
+    IOATTN_GLUON_PINGPONG=2 timeout 150 python3 benchmarks/gluon_scores_check.py --skip-bench --out "$OUT/scores_pp2.json" 2>&1 \
+      | tee "$OUT/scores_pp2.log" | grep -v "^PASS"
+    IOATTN_GLUON_PINGPONG=2 timeout 120 python3 benchmarks/gluon_dropout_attn_check.py --skip-bench --modes packed \
+      --out "$OUT/dropout_pp2.json" 2>&1 | tee "$OUT/dropout_pp2.log" | grep -v "^PASS" ;;
   s14e|s14g)  # next session, after s14d: per-tile / persistent / cuDNN under CUDA graphs, hdim 128/64/256, 1k/4k/16k,
           # causal and not, one process per setting: s14e round 1 over 0 (with the Triton forward), 1, 2, 2b (level 2
           # with IOATTN_GLUON_MASK_BOUNDS=1) and 2s3 (level 2, 3 hdim-64 stages; hdim 64 only); s14g round 2 over
@@ -226,6 +231,15 @@ case "$mode" in
       IOATTN_GLUON_PINGPONG=$pp IOATTN_GLUON_FWD64_STAGES=$st IOATTN_GLUON_MASK_BOUNDS=$mb timeout 120 python3 \
         benchmarks/fwd_tiles_ab.py --rounds 1 --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" \
         --seqlens 1024,4096,16384 $([ "$v" = 0 ] && echo --triton) --out "$OUT/pp_${v}_$mode.json" 2>&1 | grep -v Warning
+    done ;;
+  s14h)  # next session, optional after s14e/s14g: the options' forward / forward+backward costs (dropout, softcap,
+          # ALiBi) at hdim 128 and 64 with ping-pong level 2 and without (~4 min)
+    for d in 128 64; do
+      for pp in 0 2; do
+        echo "hdim $d PINGPONG=$pp"
+        IOATTN_GLUON_PINGPONG=$pp timeout 110 python3 benchmarks/bench_features.py --hdim $d --parts options \
+          --options plain,dropout,softcap,alibi --out "$OUT/options_d${d}_pp$pp.json" 2>&1 | tail -n 7
+      done
     done ;;
   s14f)  # next session: the backward's dropout draws with each Philox call once per warpgroup (IOATTN_GLUON_DROPOUT_COLS=
           # shared; compiled only; hdim-64 Gluon backward on 64-row blocks: SASS 2,968 -> 2,512, plain 1,872): the
