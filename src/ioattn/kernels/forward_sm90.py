@@ -116,7 +116,7 @@ MASK_BOUNDS = gl.constexpr(os.environ.get("IOATTN_GLUON_MASK_BOUNDS", "0") == "1
 # issued, so that one warpgroup's exponentials run while the other's products occupy the tensor
 # cores. Both warpgroups wait on the same K/V stages, so without it they run in lockstep: both
 # issue, both wait, both do their softmax while the tensor cores idle. Level 2 also has the
-# producer load each K block one block ahead of its V block (K_j, V_j-1, K_j+1, ...; _producer_kv),
+# producer load each K block one block ahead of its V block (K_j, V_j-1, K_j+1, ...; _load_kv_ahead),
 # so that the warpgroup half a block behind does not hold back the load of the next K. At head
 # dim 64 the exponentials (MUFU, 16 a cycle per SM) take as long as the products: 1/16 cycle a
 # score each at full rate. IOATTN_GLUON_PINGPONG=1|2, opt-in until an H200 run checks and times
