@@ -17,6 +17,9 @@
 
 Exit status 0 when everything passes, 1 otherwise, 2 without two GPUs. ``--cpu`` runs parts
 2 and 3 on the CPU (gloo, ioattn's plain-PyTorch path): a check of the script itself.
+``--one-gpu`` runs part 2 with both ranks on cuda:0 over gloo (NCCL refuses two ranks on one
+GPU): ioattn's kernels and autograd inside DistributedDataParallel on CUDA, where only one GPU
+can be had.
 """
 
 import argparse
@@ -190,12 +193,16 @@ def _flat_grads(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-def _ddp_worker(rank, world, port, tmpdir, steps, cpu):
+def _ddp_worker(rank, world, port, tmpdir, steps, cpu, one_gpu=False):
     result = dict(rank=rank, ok=False)
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if cpu:  # --cpu: gloo and ioattn's CPU path, to check this script without GPUs
             dev = torch.device("cpu")
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        elif one_gpu:  # --one-gpu: both ranks on cuda:0, gloo (its CUDA all-reduce and broadcast)
+            torch.cuda.set_device(0)
+            dev = torch.device("cuda", 0)
             dist.init_process_group("gloo", rank=rank, world_size=world)
         else:
             torch.cuda.set_device(rank)
@@ -204,7 +211,7 @@ def _ddp_worker(rank, world, port, tmpdir, steps, cpu):
         torch.manual_seed(0)
         model = TinyAttentionLM().to(dev)  # fp32: ioattn's fp32 path (true fp32 products)
         reference = copy.deepcopy(model) if rank == 0 else None  # the single-GPU run of the whole batch
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if cpu else [rank])
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if cpu else [dev.index])
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1) if rank == 0 else None
         per_rank = 4
@@ -216,8 +223,9 @@ def _ddp_worker(rank, world, port, tmpdir, steps, cpu):
             loss = _loss(ddp, data[rank * per_rank:(rank + 1) * per_rank])
             loss.backward()  # DDP all-reduces (averages) the gradients
             grads = _flat_grads(model)
-            gathered = [torch.empty_like(grads) for _ in range(world)]
-            dist.all_gather(gathered, grads)
+            wire = grads.cpu() if one_gpu else grads  # (gloo gathers CPU tensors only)
+            gathered = [torch.empty_like(wire) for _ in range(world)]
+            dist.all_gather(gathered, wire)
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             rec = dict(step=step, loss=mean_loss.item() / world,
@@ -227,12 +235,13 @@ def _ddp_worker(rank, world, port, tmpdir, steps, cpu):
                 ref_loss = _loss(reference, data)  # the whole batch on one GPU
                 ref_loss.backward()
                 ref = _flat_grads(reference)
-                err = ((grads - ref).abs().max() / ref.abs().max()).item()
+                err = ((grads - ref).abs().max() / ref.abs().max()).item()  # (both on dev)
                 rec.update(single_gpu_loss=ref_loss.item(), rel_grad_err_vs_single_gpu=err,
                            matches_single_gpu=err < 1e-4)
                 ref_opt.step()
             opt.step()
             params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            params = params.cpu() if one_gpu else params
             all_params = [torch.empty_like(params) for _ in range(world)]
             dist.all_gather(all_params, params)
             rec["params_identical_across_ranks"] = all(torch.equal(all_params[0], p) for p in all_params)
@@ -264,10 +273,11 @@ def _spawn_ranks(worker, world, *args):
     return spawn_error, ranks, round(time.perf_counter() - t0, 1)
 
 
-def ddp_check(steps, cpu=False):
+def ddp_check(steps, cpu=False, one_gpu=False):
     world = 2
-    spawn_error, ranks, seconds = _spawn_ranks(_ddp_worker, world, steps, cpu)
-    return dict(name=f"DDP: {world} ranks x {'gloo (CPU)' if cpu else 'NCCL'}, {steps} steps, grads vs single GPU",
+    spawn_error, ranks, seconds = _spawn_ranks(_ddp_worker, world, steps, cpu, one_gpu)
+    kind = "gloo (CPU)" if cpu else "gloo (both on cuda:0)" if one_gpu else "NCCL"
+    return dict(name=f"DDP: {world} ranks x {kind}, {steps} steps, grads vs single GPU",
                 ok=spawn_error is None and all(r["ok"] for r in ranks),
                 spawn_error=spawn_error, ranks=ranks, seconds=seconds)
 
@@ -342,9 +352,16 @@ def main():
     ap.add_argument("--skip-ddp", action="store_true")
     ap.add_argument("--cpu", action="store_true",
                     help="check this script without GPUs: only the DDP part, on gloo and ioattn's CPU path")
+    ap.add_argument("--one-gpu", action="store_true",
+                    help="the DDP part with both ranks on cuda:0 over gloo (one GPU is enough)")
     args = ap.parse_args()
     if args.cpu:
         results = [ddp_check(args.steps, cpu=True), cp_check(cpu=True)]
+    elif args.one_gpu:
+        if not torch.cuda.is_available():
+            print("SKIP: --one-gpu needs a CUDA GPU")
+            sys.exit(2)
+        results = [ddp_check(args.steps, one_gpu=True)]
     elif not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         print(f"SKIP: needs 2 CUDA GPUs, found {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
         sys.exit(2)

@@ -232,6 +232,9 @@ case "$mode" in
         benchmarks/fwd_tiles_ab.py --rounds 1 --hdims "$([ "$st" = 3 ] && echo 64 || echo 128,64,256)" \
         --seqlens 1024,4096,16384 $([ "$v" = 0 ] && echo --triton) --out "$OUT/pp_${v}_$mode.json" 2>&1 | grep -v Warning
     done ;;
+  s14i)  # next session, optional (~1 min): DistributedDataParallel with both ranks on the one GPU (gloo), ioattn's
+          # kernels and autograd inside DDP on CUDA, grads vs the single-process run (multi_gpu_check.py --one-gpu)
+    timeout 150 python3 benchmarks/multi_gpu_check.py --one-gpu --out "$OUT/one_gpu_ddp.json" 2>&1 | grep -v Warning | tail -n 4 ;;
   s14h)  # next session, optional after s14e/s14g: the options' forward / forward+backward costs (dropout, softcap,
           # ALiBi) at hdim 128 and 64 with ping-pong level 2 and without (~4 min)
     for d in 128 64; do
