@@ -401,9 +401,65 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
 
 # --------------------------------------------------------------------------- public API
 
+# The kernels launch a grid whose y axis holds the (batch, head) pairs, which CUDA caps at 65,535.
+# A call with more pairs runs as calls over groups of sequences (_run_in_groups).
+MAX_GRID_PAIRS = 65535
+
+
+def _run_in_groups(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse, block_table,
+                   sinks, deterministic):
+    """_run over groups of at most MAX_GRID_PAIRS // nheads sequences, the results concatenated
+    (differentiable: autograd goes through the slices and the concatenation). Dense groups are
+    views; packed ones are sliced by their rows, which reads cu_seqlens on the host (a device sync,
+    in this case only). Each group draws its own dropout seed, so that no two sequences share a
+    mask; the probabilities of return_attn_probs are each group's."""
+    nheads = q.shape[-2]
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    per = MAX_GRID_PAIRS // nheads
+    if per < 1:
+        _fail(f"nheads ({nheads}) exceeds what one launch grid can hold ({MAX_GRID_PAIRS})")
+    cq = cu_seqlens_q.tolist() if varlen else None
+    ck = cu_seqlens_k.tolist() if varlen and block_table is None else None
+    results = []
+
+    def rows(t, start, stop):  # (narrow: no indexing machinery, so also on FakeTensorMode's CUDA tensors)
+        return t.narrow(0, start, stop - start)
+    for b0 in range(0, batch, per):
+        b1 = min(b0 + per, batch)
+        alibi = rows(alibi_slopes, b0, b1) if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        if not varlen:
+            args = (rows(q, b0, b1), rows(k, b0, b1), rows(v, b0, b1), None, None, block_table)
+        elif block_table is not None:  # (k, v: the page pools; the sequences' keys through their table rows)
+            cu_k = rows(cu_seqlens_k, b0, b1 + 1)
+            args = (rows(q, cq[b0], cq[b1]), k, v, rows(cu_seqlens_q, b0, b1 + 1) - cq[b0], cu_k - cu_k.narrow(0, 0, 1),
+                    rows(block_table, b0, b1))
+        else:
+            args = (rows(q, cq[b0], cq[b1]), rows(k, ck[b0], ck[b1]), rows(v, ck[b0], ck[b1]),
+                    rows(cu_seqlens_q, b0, b1 + 1) - cq[b0], rows(cu_seqlens_k, b0, b1 + 1) - ck[b0], None)
+        qg, kg, vg, cqg, ckg, table = args
+        res = _run(qg, kg, vg, cqg, ckg, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                   softcap, alibi, return_attn_probs, return_lse, table, sinks, deterministic)
+        results.append(res if isinstance(res, tuple) else (res, ))
+    lse_dim = 1 if varlen else 0  # lse: (nheads, total_q) packed, (batch, nheads, seqlen_q) dense
+    parts = list(zip(*results))
+    out = [torch.cat(parts[0], dim=0)]
+    if len(parts) > 1:
+        out.append(torch.cat(parts[1], dim=lse_dim))
+    if len(parts) > 2:
+        out.append(torch.cat(parts[2], dim=0))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
          causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse=False,
          block_table=None, sinks=None, deterministic=False):
+    pairs = (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]) * q.shape[-2]
+    if pairs > MAX_GRID_PAIRS:
+        return _run_in_groups(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                              softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                              return_lse, block_table, sinks, deterministic)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     window = _window(causal, window_size)
     rng_state = _rng_state(dropout_p, q.device)
