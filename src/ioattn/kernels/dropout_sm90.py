@@ -122,20 +122,25 @@ def _split_bits(ll, row_sizes, col_sizes):
 @gluon.constexpr_function
 def _axis_layout(layout, axis):
     """The 1-D layout that gl.expand_dims, at every other axis in increasing order, turns
-    into ``layout`` (rank 6)."""
+    into ``layout`` (a linear layout of any rank)."""
     axis = int(axis)
     res = layout
-    for k in reversed([k for k in range(6) if k != axis]):
+    for k in reversed([k for k in range(_rank(layout)) if k != axis]):
         res = gl.SliceLayout(k, res)
     return res
 
 
+@gluon.constexpr_function
+def _rank(layout):
+    return len(layout.shape)
+
+
 @gluon.jit
 def _index(layout: gl.constexpr, AXIS: gl.constexpr, SIZE: gl.constexpr):
-    """arange(SIZE) along AXIS of a rank-6 tensor of the given layout (size 1 elsewhere),
+    """arange(SIZE) along AXIS of a tensor of the given linear layout's rank (size 1 elsewhere),
     like ``tl.arange(0, SIZE)[None, ..., :, ..., None]``."""
     x = gl.arange(0, SIZE, layout=_axis_layout(layout, AXIS))
-    for k in gl.static_range(6):
+    for k in gl.static_range(_rank(layout)):
         if k != AXIS:
             x = gl.expand_dims(x, k)
     return x
@@ -388,26 +393,6 @@ def _calls_layout(KEYS, ROWS):
 
 
 @gluon.jit
-def _index_r(layout: gl.constexpr, AXIS: gl.constexpr, SIZE: gl.constexpr, RANK: gl.constexpr):
-    """arange(SIZE) along AXIS of a rank-RANK tensor of the given layout (size 1 elsewhere)."""
-    sub: gl.constexpr = _axis_layout_r(layout, AXIS, RANK)
-    x = gl.arange(0, SIZE, layout=sub)
-    for k in gl.static_range(RANK):
-        if k != AXIS:
-            x = gl.expand_dims(x, k)
-    return x
-
-
-@gluon.constexpr_function
-def _axis_layout_r(layout, axis, rank):
-    axis, rank = int(axis), int(rank)
-    res = layout
-    for k in reversed([k for k in range(rank) if k != axis]):
-        res = gl.SliceLayout(k, res)
-    return res
-
-
-@gluon.jit
 def draws_cols_shared(seed, salt, start_m, start_n, KEYS: gl.constexpr, ROWS: gl.constexpr):
     """draws_cols with each Philox call run once per warpgroup (COLS_SHARED): the calls in
     _calls_layout (2 a thread for a 64 x 64 tile, against 8), their four words joined and moved
@@ -421,10 +406,10 @@ def draws_cols_shared(seed, salt, start_m, start_n, KEYS: gl.constexpr, ROWS: gl
     L7: gl.constexpr = _split_bits(gl.to_linear_layout(L2, [KEYS, ROWS]), [A, 4, 2, 8], [G, 2, 8])
     LW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(5, L7))  # [A, 4, 8, G, 8]
     LC: gl.constexpr = _calls_layout(KEYS, ROWS)  # [A, 8, G, 8]
-    a = _index_r(LC, 0, A, 4)
-    c = _index_r(LC, 1, 8, 4)
-    g = _index_r(LC, 2, G, 4)
-    r = _index_r(LC, 3, 8, 4)
+    a = _index(LC, 0, A)
+    c = _index(LC, 1, 8)
+    g = _index(LC, 2, G)
+    r = _index(LC, 3, 8)
     zero = (a * 0 + c * 0 + g * 0 + r * 0).to(gl.uint32)  # [A, 8, G, 8]: one call each
     c0 = ((start_n // 64 + a) * 8 + c).to(gl.uint32) + zero
     c1 = ((start_m // 16 + g) * 8 + r).to(gl.uint32) + zero
@@ -435,8 +420,8 @@ def draws_cols_shared(seed, salt, start_m, start_n, KEYS: gl.constexpr, ROWS: gl
     words = gl.permute(gl.reshape(words, [A, 8, G, 8, 4]), (0, 4, 1, 2, 3))  # [A, 4, 8, G, 8]
     x = gl.convert_layout(words, LW)
     x = gl.expand_dims(gl.expand_dims(x, 2), 5)  # [A, 4, 1, 8, G, 1, 8] in L7
-    ml = _index_r(L7, 2, 2, 7)
-    h = _index_r(L7, 5, 2, 7)
+    ml = _index(L7, 2, 2)
+    h = _index(L7, 5, 2)
     byte = h * 2 + ml  # [1, 1, 2, 1, 1, 2, 1]
     u = (x >> (byte * 8).to(gl.uint32)) & 0xFF  # [A, 4, 2, 8, G, 2, 8]
     u = gl.reshape(u, [KEYS, ROWS])
