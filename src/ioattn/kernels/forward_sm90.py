@@ -372,6 +372,30 @@ def _dropout(p32, keep, seed, salt, r0, n0, dropout_p, dtype: gl.constexpr, HAS_
 
 
 @gluon.jit
+def _block_probs(s, keep, kn, m_i, l_i, offs_m, offs_n, colb, r0, diag, full_hi, win_lo, seqlen_k, causal, left,
+                 qk_scale, sc_in, sc_out, slope2, seed, salt, dropout_p, dtype: gl.constexpr, p_layout: gl.constexpr,
+                 HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+    """The raw scores s of the key block from kn -> (P, the P V operand in p_layout; the new running
+    max and sum; the rescale factor): softcap / ALiBi (_scores, or _scores_linear), the mask where
+    the block needs one, the online softmax, dropout."""
+    ROWS: gl.constexpr = s.shape[0]
+    BLOCK_N: gl.constexpr = s.shape[1]
+    if ALIBI_LINEAR and HAS_ALIBI:
+        s, rterm = _scores_linear(s, offs_m, colb, kn, r0, diag, sc_in, sc_out, slope2, ROWS, BLOCK_N, HAS_SOFTCAP)
+    elif HAS_SOFTCAP or HAS_ALIBI:
+        s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
+                       slope2, HAS_SOFTCAP, HAS_ALIBI)
+    if (kn + BLOCK_N > full_hi) | (kn < win_lo):
+        s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
+    if ALIBI_LINEAR and HAS_ALIBI:
+        p32, m_i, l_i, alpha = _softmax_rows(s, rterm, m_i, l_i, qk_scale)
+    else:
+        p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
+    p = gl.convert_layout(_dropout(p32, keep, seed, salt, r0, kn, dropout_p, dtype, HAS_DROPOUT), p_layout)
+    return p, m_i, l_i, alpha
+
+
+@gluon.jit
 def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks, r0, seqlen_q, seqlen_k, qk_scale,
             causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT: gl.constexpr, sc_in, sc_out, slope2,
             HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, turn, t0, WG: gl.constexpr):
@@ -409,6 +433,8 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
     p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
     if ALIBI_LINEAR and HAS_ALIBI:
         colb = slope2 * offs_n.to(gl.float32)
+    else:
+        colb = 0.0  # (not read)
 
     if n_blocks > 0:
         st = c0 % STAGES
@@ -420,19 +446,9 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         keep = _keep_early(seed, salt, r0, n_lo, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st))
-        if ALIBI_LINEAR and HAS_ALIBI:
-            s, rterm = _scores_linear(s, offs_m, colb, n_lo, r0, diag, sc_in, sc_out, slope2, ROWS, BLOCK_N,
-                                      HAS_SOFTCAP)
-        elif HAS_SOFTCAP or HAS_ALIBI:
-            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(n_lo + offs_n, 0), diag, sc_in, sc_out,
-                           slope2, HAS_SOFTCAP, HAS_ALIBI)
-        if (n_lo + BLOCK_N > full_hi) | (n_lo < win_lo):
-            s = _scores_mask(s, offs_m, offs_n, n_lo, seqlen_k, diag, causal, left)
-        if ALIBI_LINEAR and HAS_ALIBI:
-            p32, m_i, l_i, alpha = _softmax_rows(s, rterm, m_i, l_i, qk_scale)
-        else:
-            p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
-        p = gl.convert_layout(_dropout(p32, keep, seed, salt, r0, n_lo, dropout_p, dtype, HAS_DROPOUT), p_layout)
+        p, m_i, l_i, alpha = _block_probs(s, keep, n_lo, m_i, l_i, offs_m, offs_n, colb, r0, diag, full_hi, win_lo,
+                                          seqlen_k, causal, left, qk_scale, sc_in, sc_out, slope2, seed, salt,
+                                          dropout_p, dtype, p_layout, HAS_DROPOUT, HAS_SOFTCAP, HAS_ALIBI)
 
     for j in range(1, n_blocks):
         c = c0 + j
@@ -452,19 +468,9 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         keep = _keep_early(seed, salt, r0, kn, dropout_p, ROWS, BLOCK_N, HAS_DROPOUT)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: the scores are done
         mbarrier.arrive(k_empty.index(st))
-        if ALIBI_LINEAR and HAS_ALIBI:
-            s, rterm = _scores_linear(s, offs_m, colb, kn, r0, diag, sc_in, sc_out, slope2, ROWS, BLOCK_N,
-                                      HAS_SOFTCAP)
-        elif HAS_SOFTCAP or HAS_ALIBI:
-            s, _ = _scores(s, gl.expand_dims(offs_m, 1), gl.expand_dims(kn + offs_n, 0), diag, sc_in, sc_out,
-                           slope2, HAS_SOFTCAP, HAS_ALIBI)
-        if (kn + BLOCK_N > full_hi) | (kn < win_lo):
-            s = _scores_mask(s, offs_m, offs_n, kn, seqlen_k, diag, causal, left)
-        if ALIBI_LINEAR and HAS_ALIBI:
-            p32, m_i, l_i, alpha = _softmax_rows(s, rterm, m_i, l_i, qk_scale)
-        else:
-            p32, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale)
-        p_next = gl.convert_layout(_dropout(p32, keep, seed, salt, r0, kn, dropout_p, dtype, HAS_DROPOUT), p_layout)
+        p_next, m_i, l_i, alpha = _block_probs(s, keep, kn, m_i, l_i, offs_m, offs_n, colb, r0, diag, full_hi,
+                                               win_lo, seqlen_k, causal, left, qk_scale, sc_in, sc_out, slope2, seed,
+                                               salt, dropout_p, dtype, p_layout, HAS_DROPOUT, HAS_SOFTCAP, HAS_ALIBI)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(sp))
         o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
