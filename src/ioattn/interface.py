@@ -606,7 +606,7 @@ def _check_block_table(block_table, device, num_pages, page_size, cu_seqlens_q):
     return block_table.shape[1] * page_size
 
 
-def _check_cu_seqlens(name, cu, device, total, max_len=None):
+def _check_cu_seqlens(name, cu, device, total, max_len=None, max_seqlen=None):
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -622,6 +622,10 @@ def _check_cu_seqlens(name, cu, device, total, max_len=None):
         if max_len is not None and any(b - a > max_len for a, b in zip(c, c[1:])):
             _fail(f"{name}: a sequence is longer than block_table can address ({max_len} keys), "
                   f"got lengths {[b - a for a, b in zip(c, c[1:])]}")
+        longest = max(b - a for a, b in zip(c, c[1:]))
+        if max_seqlen is not None and longest > max_seqlen:  # (the kernels cover max_seqlen rows a sequence)
+            _fail(f"{name.replace('cu_seqlens', 'max_seqlen')} must be at least the longest sequence in {name} "
+                  f"({longest}), got {max_seqlen}")
     return cu if cu.is_contiguous() else cu.contiguous()
 
 
@@ -669,22 +673,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                 _fail(f"flash_attn_varlen_func with block_table is inference only (no gradients "
                       f"through a paged KV cache), but {name} requires grad: call it under "
                       f"torch.no_grad() or pass detached tensors")
-    cu_seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-    cu_seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device,
-                                     block_table.shape[0] * capacity if paged else k.shape[0],
-                                     max_len=capacity if paged else None)
-    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-        _fail(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
-              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(m, int) or m < 0:
             _fail(f"{name} must be an int >= 0, got {m!r}")
-    for name, cu, m in (("q", cu_seqlens_q, max_seqlen_q), ("k", cu_seqlens_k, max_seqlen_k)):
-        if cu.device.type == "cpu" and not torch.compiler.is_compiling():  # (values: no device sync)
-            longest = int((cu[1:] - cu[:-1]).max())
-            if longest > m:
-                _fail(f"max_seqlen_{name} must be at least the longest sequence in cu_seqlens_{name} "
-                      f"({longest}), got {m}")
+    cu_seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], max_seqlen=max_seqlen_q)
+    cu_seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device,
+                                     block_table.shape[0] * capacity if paged else k.shape[0],
+                                     max_len=capacity if paged else None, max_seqlen=max_seqlen_k)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        _fail(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     if paged and max_seqlen_k > capacity:
         _fail(f"max_seqlen_k ({max_seqlen_k}) exceeds what block_table can address "
               f"({block_table.shape[1]} pages of {k.shape[1]} = {capacity} keys per sequence)")
