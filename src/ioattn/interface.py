@@ -403,7 +403,7 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, rng_state, d
 
 # The kernels launch a grid whose y axis holds the (batch, head) pairs, which CUDA caps at 65,535.
 # A call with more pairs runs as calls over groups of sequences (_run_in_groups).
-MAX_GRID_PAIRS = 65535
+MAX_GRID_PAIRS = configs.MAX_GRID_Y
 
 
 def _run_in_groups(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,

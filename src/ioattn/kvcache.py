@@ -211,8 +211,8 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise ValueError(f"nheads: q's {nheads} heads must be a multiple of the cache's "
                          f"{nheads_k} KV heads")
-    if q.is_cuda and batch * nheads_k > 65535:  # (the kernels' grid puts the (batch, KV head) pairs on its y axis)
-        raise ValueError(f"batch x KV heads: at most 65535 (CUDA's limit on a launch grid's y axis), got "
+    if q.is_cuda and batch * nheads_k > configs.MAX_GRID_Y:  # (the kernels' grid: (batch, KV head) pairs on y)
+        raise ValueError(f"batch x KV heads: at most {configs.MAX_GRID_Y} (CUDA's limit on a launch grid's y axis), got "
                          f"{batch} x {nheads_k} = {batch * nheads_k}; call flash_attn_with_kvcache on smaller batches")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:

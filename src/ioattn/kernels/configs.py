@@ -59,6 +59,10 @@ def tma_ok(t, head_dim):
     return True
 
 
+# CUDA's cap on a launch grid's y (and z) axis; every attention kernel puts its (batch, head) pairs on y
+MAX_GRID_Y = 65535
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b); triton.cdiv does the same at ~1.5 us a call (a constexpr_function wrapper)."""
     return -(-a // b)
