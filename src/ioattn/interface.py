@@ -429,27 +429,23 @@ def _run_in_groups(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     for b0 in range(0, batch, per):
         b1 = min(b0 + per, batch)
         alibi = rows(alibi_slopes, b0, b1) if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        table = None if block_table is None else rows(block_table, b0, b1)
         if not varlen:
-            args = (rows(q, b0, b1), rows(k, b0, b1), rows(v, b0, b1), None, None, block_table)
-        elif block_table is not None:  # (k, v: the page pools; the sequences' keys through their table rows)
-            cu_k = rows(cu_seqlens_k, b0, b1 + 1)
-            args = (rows(q, cq[b0], cq[b1]), k, v, rows(cu_seqlens_q, b0, b1 + 1) - cq[b0], cu_k - cu_k.narrow(0, 0, 1),
-                    rows(block_table, b0, b1))
+            qg, kg, vg, cqg, ckg = rows(q, b0, b1), rows(k, b0, b1), rows(v, b0, b1), None, None
         else:
-            args = (rows(q, cq[b0], cq[b1]), rows(k, ck[b0], ck[b1]), rows(v, ck[b0], ck[b1]),
-                    rows(cu_seqlens_q, b0, b1 + 1) - cq[b0], rows(cu_seqlens_k, b0, b1 + 1) - ck[b0], None)
-        qg, kg, vg, cqg, ckg, table = args
+            qg, cqg = rows(q, cq[b0], cq[b1]), rows(cu_seqlens_q, b0, b1 + 1) - cq[b0]
+            ckg = rows(cu_seqlens_k, b0, b1 + 1)
+            if block_table is None:
+                kg, vg, ckg = rows(k, ck[b0], ck[b1]), rows(v, ck[b0], ck[b1]), ckg - ck[b0]
+            else:  # (k, v: the page pools; the sequences' keys through their table rows)
+                kg, vg, ckg = k, v, ckg - ckg.narrow(0, 0, 1)
         res = _run(qg, kg, vg, cqg, ckg, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                    softcap, alibi, return_attn_probs, return_lse, table, sinks, deterministic)
         results.append(res if isinstance(res, tuple) else (res, ))
-    lse_dim = 1 if varlen else 0  # lse: (nheads, total_q) packed, (batch, nheads, seqlen_q) dense
-    parts = list(zip(*results))
-    out = [torch.cat(parts[0], dim=0)]
-    if len(parts) > 1:
-        out.append(torch.cat(parts[1], dim=lse_dim))
-    if len(parts) > 2:
-        out.append(torch.cat(parts[2], dim=0))
-    return out[0] if len(out) == 1 else tuple(out)
+    # out and probs along the batch (or packed rows); lse (nheads, total_q) packed, (batch, nheads, seqlen_q) dense
+    dims = (0, 1 if varlen else 0, 0)
+    merged = tuple(torch.cat(parts, dim=d) for parts, d in zip(zip(*results), dims))
+    return merged if len(merged) > 1 else merged[0]
 
 
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
