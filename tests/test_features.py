@@ -224,3 +224,20 @@ def test_deterministic_backward_bit_identical(dropout_p, device):
         again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+def test_deterministic_follows_torch_setting(monkeypatch):
+    """torch.use_deterministic_algorithms(True) in effect at the backward selects the
+    deterministic backward, as it does for SDPA's flash backward; the keyword still works alone."""
+    import ioattn.interface as interface
+    seen, impl = [], interface._backward_impl
+    monkeypatch.setattr(interface, "_backward_impl", lambda *a: seen.append(a[-1]) or impl(*a))
+    q, k, v = (randn(1, 9, 2, 8) for _ in range(3))
+    before = torch.are_deterministic_algorithms_enabled()
+    for setting, keyword in ((False, False), (True, False), (False, True)):
+        torch.use_deterministic_algorithms(setting)
+        try:
+            ioattn.flash_attn_func(q, k, v, causal=True, deterministic=keyword).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(before)
+    assert seen == [False, True, True]

@@ -197,7 +197,10 @@ def _backward_args(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng, dlse, ctx.deterministic)
+    # torch.use_deterministic_algorithms(True) asks for it too, as SDPA's flash backward reads it
+    deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
+    return (dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params, alibi, ctx.dropout_p, rng, dlse,
+            deterministic)
 
 
 _NO_GRADS = (None,) * (len(_FWD_ARGS) - 3)  # only q, k and v get gradients (never with block_table)
@@ -518,9 +521,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope * |i + sk - sq - j|``.
         deterministic: bit-identical gradients on repeated calls. With ``False`` (the default)
-            the Hopper backward at head dim 128 (kernels/backward_sm90.py) runs one pass that
-            adds dQ by TMA reductions in no fixed order (last-bit differences between runs);
-            ``True`` runs dQ as a second pass there. Every other backward is deterministic.
+            the Hopper backward at head dims 64 and 128 (kernels/backward_sm90.py) runs one pass
+            that adds dQ by TMA reductions in no fixed order (last-bit differences between
+            runs); ``True``, or ``torch.use_deterministic_algorithms(True)`` in effect when the
+            backward runs, runs dQ as a second pass there. Every other backward is deterministic.
         return_attn_probs: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` and the
             attention probabilities (materialized; for testing only; dropped entries negated).
         return_lse: (keyword only, not in FlashAttention-2) also return the log-sum-exp, without
