@@ -11,6 +11,9 @@ from .interface import (
 from .distributed import flash_attn_cp_func
 from .kvcache import flash_attn_with_kvcache
 from .merge import merge_attention_states
+from .integrations import flop_counter as _flop_counter
+
+_flop_counter.register()  # FLOP formulas for torch.utils.flop_counter.FlopCounterMode
 
 __version__ = "0.1.0"
 

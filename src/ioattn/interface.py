@@ -256,7 +256,7 @@ def _attention(*args):
     _EagerAttention, or _forward_impl alone when there is nothing to differentiate:
     the same outputs and gradients, bit for bit, with less host overhead.
     """
-    if not plain_eager(args):
+    if not plain_eager(args) or args[0].is_meta:  # (meta tensors: the op's fake kernels)
         return torch.ops.ioattn.fwd(*args)
     q, k, v = args[:3]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -300,7 +300,7 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
     if not (q.device == k.device == v.device):
         _fail(f"q, k, v must be on the same device, got q on {q.device}, k on {k.device}, "
               f"v on {v.device}")
-    if q.device.type not in ("cuda", "cpu"):
+    if q.device.type not in ("cuda", "cpu", "meta"):  # (meta: shapes only, through the fake kernels)
         _fail(f"ioattn runs on CUDA GPUs (Triton) and on the CPU, got device {q.device}")
     nheads, head_dim = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
@@ -362,6 +362,9 @@ def _attn_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     With dropout, dropped entries are returned negated (as FlashAttention-2 does),
     so ``probs >= 0`` is the keep mask.
     """
+    if q.is_meta:  # (shapes only)
+        batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
+        return q.new_empty((batch, q.shape[-2], max_seqlen_q, max_seqlen_k), dtype=torch.float32)
     if cu_seqlens_q is None:
         seqs = [(q[i], k[i], lse[i], i) for i in range(q.shape[0])]
     else:
@@ -455,7 +458,7 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
          causal, window_size, softcap, alibi_slopes, return_attn_probs, return_lse=False,
          block_table=None, sinks=None, deterministic=False):
     pairs = (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]) * q.shape[-2]
-    if pairs > MAX_GRID_PAIRS:
+    if pairs > MAX_GRID_PAIRS and not q.is_meta:
         return _run_in_groups(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                               softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
                               return_lse, block_table, sinks, deterministic)

@@ -95,7 +95,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     op_args = _op_args(args, rotary_interleaved=rotary_interleaved,
                        validate_values=bool(validate_values) or q.device.type == "cpu")
     tensors = [t for t in op_args[:3] + tuple(op_args[3]) if t is not None]
-    if plain_eager(tensors) and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if plain_eager(tensors) and not q.is_meta and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         out, lse = _fwd_kvcache(*op_args)  # the op's body without its dispatch (host time)
     else:
         out, lse = torch.ops.ioattn.fwd_kvcache(*op_args)
