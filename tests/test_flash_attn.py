@@ -217,3 +217,25 @@ def test_eager_path_taken_only_in_eager(device):
     with pytest.raises(NotImplementedError, match="gradients of gradients"):  # like the op: no double backward
         dq, = torch.autograd.grad(ioattn.flash_attn_func(q, k, v).sum(), q, create_graph=True)
         torch.autograd.grad(dq.sum(), q)
+
+
+def test_autocast_runs_in_its_dtype(device):
+    """Inside torch.autocast, fp32 inputs run in the autocast dtype, as SDPA does there: the
+    output is bit-equal to the call on cast inputs, gradients reach the fp32 leaves in fp32."""
+    q, k, v = randn(2, 21, 4, 32, device=device), randn(2, 30, 2, 32, device=device), randn(2, 30, 2, 32, device=device)
+    cast = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    want = ioattn.flash_attn_func(*cast, causal=True)
+    want.float().sum().backward()
+    with torch.autocast(device.type if isinstance(device, torch.device) else str(device).split(":")[0],
+                        dtype=torch.bfloat16):
+        out = ioattn.flash_attn_func(q, k, v, causal=True)
+        packed = ioattn.flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 21], dtype=torch.int32,
+                                               device=device), torch.tensor([0, 30], dtype=torch.int32,
+                                               device=device), 21, 30, causal=True)
+    assert out.dtype == packed.dtype == torch.bfloat16
+    assert torch.equal(out, want) and torch.equal(packed, want[0])
+    out.float().sum().backward()
+    for t, c in zip((q, k, v), cast):
+        assert t.grad.dtype == torch.float32 and torch.equal(t.grad, c.grad.float())
+    # outside autocast, fp32 stays fp32
+    assert ioattn.flash_attn_func(q, k, v).dtype == torch.float32

@@ -344,6 +344,9 @@ def _varlen_sequences(cu_seqlens_q, cu_seqlens_k):
         yield i, cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
 
 
+# (inside torch.autocast, this path's own products keep its precision: autocast is for the caller's
+# q, k, v, which interface casts; _compute_dtype decides here)
+@torch.autocast("cpu", enabled=False)
 def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                       max_seqlen_k=None, softmax_scale=None, window_left=-1, window_right=-1,
                       softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
@@ -382,6 +385,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     return out, lse
 
 
+@torch.autocast("cpu", enabled=False)
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None, window_left=-1,
                        window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,

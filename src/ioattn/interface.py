@@ -280,6 +280,17 @@ def _check_tensor(name, t, rank):
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
 
 
+def _autocast(q, k, v):
+    """Inside ``torch.autocast``, q, k and v run in its dtype (e.g. fp32 inputs as bf16), as
+    autocast runs SDPA: attention is on its list of ops cast to lower precision. The casts are
+    differentiable, so fp32 leaves get fp32 gradients; ``out`` has the autocast dtype."""
+    device = q.device.type
+    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+
+
 def _last_dim_contiguous(t):
     # the kernels read a head vector as one contiguous run; any other stride is fine
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -547,6 +558,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
+    q, k, v = _autocast(q, k, v)
     batch, seqlen_q = q.shape[:2]
     if k.shape[0] != batch or v.shape[0] != batch:
         _fail(f"q, k, v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
@@ -665,6 +677,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             _fail(f"{name} must be a paged cache (num_pages, page_size, nheads_k, headdim) with "
                   f"block_table, got shape {tuple(t.shape)}")
         _check_tensor(name, t, 4 if paged else 3)
+    q, k, v = _autocast(q, k, v)
     if k.shape[:-1] != v.shape[:-1]:
         _fail(f"k and v must have the same shape but for the head dim, got {tuple(k.shape)} and "
               f"{tuple(v.shape)}")

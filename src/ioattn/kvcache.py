@@ -407,6 +407,7 @@ def _cache_rows(block_table, b, positions, page_size):
     return pages, positions % page_size
 
 
+@torch.autocast("cpu", enabled=False)  # (its products keep their precision; see blockwise)
 def _with_kvcache_torch(q, k_cache, v_cache, *, k_new, v_new, cache_seqlens, cache_batch_idx,
                         cache_leftpad, block_table, softmax_scale, window_left, window_right, softcap,
                         alibi_slopes, rotary_cos, rotary_sin, rotary_interleaved, rotary_per_row,
