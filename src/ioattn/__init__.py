@@ -11,6 +11,7 @@ from .interface import (
 from .distributed import flash_attn_cp_func
 from .kvcache import flash_attn_with_kvcache
 from .merge import merge_attention_states
+from .padding import index_first_axis, pad_input, unpad_input
 from .integrations import flop_counter as _flop_counter
 
 _flop_counter.register()  # FLOP formulas for torch.utils.flop_counter.FlopCounterMode
@@ -26,5 +27,8 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "index_first_axis",
     "merge_attention_states",
+    "pad_input",
+    "unpad_input",
 ]

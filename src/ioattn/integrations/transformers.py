@@ -45,6 +45,7 @@ import warnings
 import torch
 
 from ..interface import flash_attn_func, flash_attn_varlen_func
+from ..padding import packed_indices
 
 __all__ = ["register", "attention_forward"]
 
@@ -88,10 +89,7 @@ def _unpad(mask):
     """(indices of the kept tokens in the flattened batch, int32 cu_seqlens, max length). The max
     length is the mask's width, a bound on every row's count that needs no device sync (the
     kernels' programs past a shorter sequence's end return at once)."""
-    lens = mask.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(mask.flatten()).flatten()
-    cu = torch.nn.functional.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))
-    return indices, cu, mask.shape[-1]
+    return (*packed_indices(mask), mask.shape[-1])
 
 
 def _flat(x):
