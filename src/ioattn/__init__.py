@@ -12,6 +12,7 @@ from .distributed import flash_attn_cp_func
 from .kvcache import flash_attn_with_kvcache
 from .merge import merge_attention_states
 from .padding import index_first_axis, pad_input, unpad_input
+from .sdpa import scaled_dot_product_attention
 from .integrations import flop_counter as _flop_counter
 
 _flop_counter.register()  # FLOP formulas for torch.utils.flop_counter.FlopCounterMode
@@ -30,5 +31,6 @@ __all__ = [
     "index_first_axis",
     "merge_attention_states",
     "pad_input",
+    "scaled_dot_product_attention",
     "unpad_input",
 ]
