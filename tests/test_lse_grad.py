@@ -190,6 +190,19 @@ def test_sinks_varlen_and_rows_without_keys(device):
         assert_close(name, g, r, lg, torch.float32)
 
 
+def test_sink_of_minus_inf_is_no_sink(device):
+    """A sink of -inf takes no mass: the head's results equal those without sinks, also on rows
+    that see no key (out 0, lse -inf), with finite gradients (no -inf - -inf)."""
+    q, k, v = randn(1, 6, 2, 8, device=device), randn(1, 3, 2, 8, device=device), randn(1, 3, 2, 8, device=device)
+    sinks = torch.tensor([0.3, float("-inf")], device=device, requires_grad=True)
+    out, lse = ioattn.flash_attn_func(q, k, v, causal=True, sinks=sinks, return_lse=True)  # rows 0-2 see no key
+    plain, plain_lse = ioattn.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out[:, :, 1], plain[:, :, 1]) and torch.equal(lse[:, 1], plain_lse[:, 1])
+    assert torch.isneginf(lse[0, 1, :3]).all() and torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
+    grads = torch.autograd.grad((out.sum() + lse[:, 0].sum()), (q, k, v, sinks))
+    assert all(torch.isfinite(g).all() for g in grads) and grads[3][1] == 0
+
+
 def test_sinks_errors():
     q = torch.randn(1, 8, 2, 16)
     for bad, exc, match in ((torch.zeros(3), ValueError, r"shape \(nheads,\) = \(2,\)"),

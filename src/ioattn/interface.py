@@ -514,10 +514,15 @@ def _apply_sinks(out, lse, sinks, varlen):
     that sees no key (lse = -inf) keeps out = 0."""
     s = sinks.float()
     lse_rows = lse.transpose(0, 1) if varlen else lse.transpose(1, 2)  # (..., seqlen, nheads)
-    keep = torch.sigmoid(lse_rows - s)
+    # (a sink of -inf is no sink: where the row has no key either, -inf - -inf would be NaN; such
+    # entries take 0 - 0 instead, and their gradients stay 0, not NaN)
+    none = torch.isneginf(s)
+    diff = torch.where(none, 0.0, lse_rows) - torch.where(none, 0.0, s)
+    keep = torch.where(none, 1.0, torch.sigmoid(diff))
     out = (out.float() * keep.unsqueeze(-1)).to(out.dtype)
-    s_lse = s.view(-1, 1) if varlen else s.view(1, -1, 1)
-    return out, torch.logaddexp(lse, s_lse)
+    s_lse = torch.where(none, 0.0, s).view(-1, 1) if varlen else torch.where(none, 0.0, s).view(1, -1, 1)
+    none = none.view_as(s_lse)
+    return out, torch.where(none, lse, torch.logaddexp(torch.where(none, 0.0, lse), s_lse))
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
