@@ -284,7 +284,9 @@ def test_smaller_value_head_dim():
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_function_with_padding(causal):
     """attention_forward alone against SDPA: a bidirectional or causal layer (module.is_causal),
-    GQA, a left- and a right-padded row; the padded queries' outputs are zeros."""
+    GQA, a left- and a right-padded row. A causal layer's padded queries output zeros; a
+    bidirectional layer's queries all attend to the real keys, as eager's (the mask is the keys':
+    the layer may be a cross-attention whose queries are all real, of the keys' length)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 10, 16, generator=g).to(DEVICE)
     k, v = (torch.randn(3, 2, 10, 16, generator=g).to(DEVICE) for _ in range(2))
@@ -297,7 +299,10 @@ def test_attention_function_with_padding(causal):
     allowed = mask[:, None, None, :] & (torch.ones(10, 10, dtype=torch.bool, device=DEVICE).tril() if causal else True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(out[mask], ref[mask], rtol=1e-4, atol=1e-5)
-    assert (out[~mask] == 0).all()
+    if causal:
+        assert (out[~mask] == 0).all()
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_cross_attention_key_padding():
@@ -312,3 +317,52 @@ def test_cross_attention_key_padding():
     out, _ = ioattn_hf.attention_forward(module, q, k, v, mask, scaling=0.2)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=0.2)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_from_position_ids_any_batch():
+    """position_ids that restart inside rows of a batch of 2 (padding-free packing, as
+    transformers' masks read it): each packed sequence attends only to itself."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 12, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(2, 2, 12, 16, generator=g).to(DEVICE) for _ in range(2))
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(12))], device=DEVICE)
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = ioattn_hf.attention_forward(module, q, k, v, None, position_ids=pos)
+    for b, segments in ((0, ((0, 5), (5, 12))), (1, ((0, 12), ))):
+        for s, e in segments:
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], is_causal=True, enable_gqa=True)
+            torch.testing.assert_close(out[b:b + 1, s:e], ref.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_mask_patterns_ioattn_cannot_express_raise():
+    """Chunked attention past its first chunk and data-dependent unions (image-token / prefix
+    blocks) raise; causal, windows, bidirectional windows, padding and packing pass."""
+    mu = pytest.importorskip("transformers.masking_utils")
+    check = ioattn_hf._check_mask_function
+    chunked = mu.and_masks(mu.chunked_overlay(6, torch.zeros(2, dtype=torch.long)), mu.causal_mask_function)
+    check(chunked, 6)  # all keys in the first chunk: causal
+    with pytest.raises(ValueError, match="chunks of 6 tokens"):
+        check(chunked, 16)
+    blocks = torch.tensor([[0, 1, 1, 0]])
+    with pytest.raises(ValueError, match="data-dependent"):
+        check(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(blocks)), 4)
+    token_types = torch.tensor([[1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="data-dependent"):
+        check(mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: token_types[b, kv] == 1), 4)
+    for ok in (mu.causal_mask_function, mu.sliding_window_causal_mask_function(5),
+               mu.or_masks(mu.causal_mask_function, lambda *args: torch.tensor(True)),
+               mu.and_masks(mu.causal_mask_function, mu.padding_mask_function(torch.ones(2, 4, dtype=torch.bool))),
+               mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(torch.zeros(1, 4)))):
+        check(ok, 16)
+
+
+def test_model_without_attention_interface_raises():
+    """Bloom computes attention in its own code: with ioattn's name its causal mask would be
+    lost (None without padding), so building its mask raises."""
+    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    config = transformers.BloomConfig(vocab_size=97, hidden_size=64, n_layer=1, n_head=4)
+    model = bloom.BloomForCausalLM._from_config(config, attn_implementation=NAME).to(DEVICE).eval()
+    with pytest.raises(ValueError, match="bloom models compute attention in their own code"):
+        model(tokens(1, 8))

@@ -21,20 +21,22 @@ What :func:`attention_forward` does, as transformers' FlashAttention-2 integrati
   for :func:`ioattn.flash_attn_varlen_func`, and the output padded back with zeros. When
   the queries are fewer than the keys, a causal layer's queries (prefill after a cache)
   are the last columns of the mask, i.e. left padding, as in FlashAttention-2's
-  integration; a non-causal layer's (cross-attention) are all real, the mask being the
-  keys';
+  integration; a non-causal layer without a window (maybe cross-attention, even of the keys'
+  length) keeps all its queries, the mask being the keys';
 * packed sequences without padding (padding-free training): from ``cu_seq_lens_q/k`` and
   ``max_length_q/k`` when the data collator passes them, or from ``position_ids`` that
-  restart (batch 1), each sequence attending only to itself;
+  restart (within any row), each sequence attending only to itself;
 * ``sliding_window = w``: each query sees ``w`` keys (itself included), so
   ``window_size = (w - 1, w - 1)`` (right = 0 when causal); ``softcap`` as Gemma-2's;
   a value head dim smaller than the query's is zero-padded and the output cropped;
 * attention sinks (``s_aux``, GPT-OSS): ioattn's ``sinks`` (trained through the lse's gradient).
 
-What raises: a 4-D or other non-2-D mask (custom patterns, prefix-LM / bidirectional
-blocks: ioattn only masks causally, by window and by sequence) and additive position
-biases (``position_bias``): use ``"sdpa"`` or
-``"eager"`` for those models. ``output_attentions=True`` gets no weights (None), with a
+What raises (use ``"sdpa"`` or ``"eager"`` for those models): a 4-D or other non-2-D mask;
+a mask function (composed by transformers for the model) with a data-dependent pattern beyond
+padding and packing (image-token / prefix-LM blocks) or chunked attention past its first chunk
+(ioattn only masks causally, by window and by sequence; _check_mask_function); a model that
+computes attention in its own code rather than through the attention interface (_check_model);
+additive position biases (``position_bias``). ``output_attentions=True`` gets no weights (None), with a
 warning, as with FlashAttention-2.
 """
 
@@ -75,8 +77,76 @@ def register(name: str = "ioattn") -> str:
     AttentionInterface.register(name, attention_forward)
     # the 2-D padding mask (or None) that FlashAttention-2 gets; without a mask function of its
     # own, a registered name would get no mask at all and padding would be silently ignored
-    AttentionMaskInterface.register(name, flash_attention_mask)
+
+    def mask_interface(*args, mask_function=None, config=None, **kwargs):
+        if not torch.compiler.is_compiling():  # (checks on Python objects: once, before tracing)
+            _check_model(config)
+            if mask_function is not None:
+                kv_end = kwargs.get("kv_offset", 0) + kwargs.get("kv_length", args[2] if len(args) > 2 else 0)
+                _check_mask_function(mask_function, kv_end)
+        if mask_function is not None:
+            kwargs["mask_function"] = mask_function
+        return flash_attention_mask(*args, config=config, **kwargs)
+
+    AttentionMaskInterface.register(name, mask_interface)
     return name
+
+
+# transformers' mask functions (masking_utils) are closures; the mask that reaches attention_forward is
+# only the 2-D padding, the layer's pattern coming from its is_causal and sliding_window. Patterns
+# that depend on the data beyond padding and packing (image-token or prefix-LM blocks: a union with
+# a function of token_type_ids or block ids; blockwise_overlay) or chunked attention beyond its first
+# chunk cannot be expressed by the kernels: such a model raises instead of running with the pattern
+# silently dropped. Functions of positions only (e.g. a bidirectional window overlay) pass.
+_DATA_MASKS_OK = frozenset(("padding_mask_function", "packed_sequence_mask_function",
+                            "remap_positions_for_packed_sequence"))  # (padding and packing: expressed)
+
+
+def _check_mask_function(fn, kv_end, in_union=False):
+    """Raises if the mask function transformers composed for a layer has a part ioattn cannot
+    express (above); kv_end: one past the last key position."""
+    import inspect
+
+    factory = getattr(fn, "__qualname__", "").split(".<locals>")[0]
+    inner = inspect.getclosurevars(fn).nonlocals if getattr(fn, "__closure__", None) else {}
+    if factory == "chunked_overlay":
+        if kv_end <= inner.get("chunk_size", 0):  # every key in the first chunk: plain causal
+            return
+        raise ValueError(f"ioattn: this model attends within chunks of {inner.get('chunk_size')} tokens "
+                         f"(attention_chunk_size), which ioattn cannot express beyond the first chunk "
+                         f"({kv_end} positions here); use attn_implementation='sdpa' or 'eager'")
+    data = [v for v in inner.values() if isinstance(v, torch.Tensor)]
+    if factory == "blockwise_overlay" or (data and (in_union or factory not in _DATA_MASKS_OK)):
+        raise ValueError(f"ioattn: this model's attention mask has a data-dependent pattern ({factory}: e.g. "
+                         f"bidirectional blocks over image tokens or a prefix), which ioattn cannot express "
+                         f"(it masks causally, by sliding window, padding and packed sequence only); use "
+                         f"attn_implementation='sdpa' or 'eager' for it")
+    for value in inner.values():  # the functions it combines
+        for part in (value if isinstance(value, (tuple, list)) else (value, )):
+            if callable(part) and hasattr(part, "__qualname__") and not isinstance(part, type):
+                _check_mask_function(part, kv_end, in_union or factory == "or_masks")
+
+
+_checked_models = {}
+
+
+def _check_model(config):
+    """Raises for a model whose modeling code computes attention itself rather than through
+    transformers' AttentionInterface (e.g. Bloom, XGLM, MPT): it would build its masks with this
+    name's mask function (None without padding) and silently lose its causal mask. Known by its
+    modeling module not using ALL_ATTENTION_FUNCTIONS; models from elsewhere are not checked."""
+    import sys
+
+    module = type(config).__module__ if config is not None else ""
+    if module not in _checked_models:
+        modeling = sys.modules.get(module.replace(".configuration_", ".modeling_"))
+        _checked_models[module] = modeling is None or ".configuration_" not in module or hasattr(
+            modeling, "ALL_ATTENTION_FUNCTIONS")
+    if not _checked_models[module]:
+        raise ValueError(f"ioattn: {getattr(config, 'model_type', module)} models compute attention in "
+                         f"their own code, not through transformers' AttentionInterface, so "
+                         f"attn_implementation='ioattn' cannot run them (their causal mask would be lost); "
+                         f"use 'sdpa' or 'eager'")
 
 
 def _warn_once(key, msg):
@@ -97,21 +167,39 @@ def _flat(x):
     return x.reshape(-1, *x.shape[2:])
 
 
-def _packed_from_position_ids(position_ids, length):
-    """cu_seqlens and max length of the sequences packed in one row, where position_ids
-    restart (any step other than +1 starts a sequence, as transformers' masks read them);
-    None for a single sequence. Reads the positions (a device sync, as FlashAttention-2's
-    integration does)."""
-    pos = position_ids.reshape(-1)
-    if pos.numel() != length:
+def _packed_from_position_ids(position_ids, batch, length):
+    """cu_seqlens (over the flattened batch) and max length of the sequences packed in the rows,
+    where position_ids restart (any step other than +1 starts a sequence, as transformers' masks
+    read them; each row starts one); None when every row holds one sequence. Reads the positions
+    (a device sync, as FlashAttention-2's integration does)."""
+    if position_ids.shape[-1] != length or position_ids.numel() not in (length, batch * length):
         return None
-    starts = torch.ones(length, dtype=torch.bool, device=pos.device)
-    starts[1:] = pos[1:] - pos[:-1] != 1
-    first = torch.nonzero(starts).flatten()
-    if first.numel() < 2:
+    pos = position_ids.reshape(-1, length).expand(batch, length)
+    starts = torch.ones(batch, length, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    first = torch.nonzero(starts.flatten()).flatten()
+    if first.numel() <= batch:
         return None
-    cu = torch.cat([first, first.new_tensor([length])]).to(torch.int32)
+    cu = torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
+
+
+_last_packed = [None, None]  # [(weakref to position_ids, its version, batch, length), result]
+
+
+def _packed_cached(position_ids, batch, length):
+    """_packed_from_position_ids, read once per forward: every layer gets the same position_ids
+    tensor, so the layers after the first reuse the first one's result (no device sync each)."""
+    import weakref
+
+    if torch.compiler.is_compiling():
+        return _packed_from_position_ids(position_ids, batch, length)
+    key, found = _last_packed
+    if key is not None and key[0]() is position_ids and key[1:] == (position_ids._version, batch, length):
+        return found
+    found = _packed_from_position_ids(position_ids, batch, length)
+    _last_packed[:] = [(weakref.ref(position_ids), position_ids._version, batch, length), found]
+    return found
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -171,10 +259,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             raise ValueError(f"ioattn: attention_mask covers {mask.shape[1]} keys, the keys are {k.shape[1]}")
         kv_len = k.shape[1]
         idx_k, cu_k, max_k = _unpad(mask)
-        if q_len == kv_len:
-            idx_q, cu_q, max_q = idx_k, cu_k, max_k
-        elif q_len == 1 or not causal:  # decoding (one real token a row), or cross-attention:
-            idx_q = torch.arange(batch * q_len, device=q.device)  # the mask is the keys' only
+        if q_len == kv_len and (causal or window != (-1, -1)):  # self-attention: the mask is the
+            idx_q, cu_q, max_q = idx_k, cu_k, max_k            # queries' too (their positions: the keys')
+        elif q_len == 1 or not causal:  # decoding (one real token a row), or a non-causal layer
+            # without a window, which may be cross-attention (of any length: every query is real; in
+            # an encoder, the padded queries get outputs, as eager's): the mask is the keys' only
+            idx_q = torch.arange(batch * q_len, device=q.device)
             cu_q, max_q = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=q.device), q_len
         else:  # queries are the last q_len positions: left padding, as in FlashAttention-2's integration
             idx_q, cu_q, max_q = _unpad(mask[:, -q_len:])
@@ -191,8 +281,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     packed = None
     if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):  # padding-free batch from the collator
         packed = cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
-    elif batch == 1 and q_len > 1 and q_len == k.shape[1] and kwargs.get("position_ids") is not None:
-        found = _packed_from_position_ids(kwargs["position_ids"], q_len)
+    elif q_len > 1 and q_len == k.shape[1] and kwargs.get("position_ids") is not None:
+        found = _packed_cached(kwargs["position_ids"], batch, q_len)
         if found is not None:
             packed = found[0], found[0], found[1], found[1]
     if packed is not None:
