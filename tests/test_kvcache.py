@@ -412,6 +412,18 @@ def test_errors():
     _bad(r"alibi_slopes: expected shape \(4,\) or \(2, 4\)", alibi_slopes=torch.zeros(3))
     _bad("cache_leftpad: expected 0 <= cache_leftpad <= cache_seqlens",
          cache_leftpad=torch.tensor([0, 25], dtype=torch.int32))
+    # the options take flash_attn_func's checks
+    _bad("softmax_scale must be a finite float", softmax_scale=float("nan"))
+    _bad("softmax_scale must be a finite float", softmax_scale=float("inf"))
+    _bad("softcap must be a float >= 0", softcap=float("inf"))
+    _bad("softcap must be a float >= 0", softcap=float("nan"))
+    _bad("softcap must be a float >= 0", softcap="1")
+    _bad("window_size must be a pair of ints >= -1", window_size=(1.5, 0))
+    _bad("window_size must be a pair of ints >= -1", window_size=(-5, 0))
+    _bad("window_size must be a pair of ints >= -1", window_size=None)
+    _bad("alibi_slopes: expected a float32 tensor", exc=TypeError, alibi_slopes=[0.5] * 4)
+    _bad("rotary_cos: expected a tensor", exc=TypeError, rotary_cos=[[1.0] * 8] * 96, rotary_sin=torch.zeros(96, 8))
+    _bad("cache_seqlens: expected an int or an int32 tensor", exc=TypeError, cache_seqlens=True)
     inputs = make_inputs(batch=2, lens=[10, 20], seqlen_new=1)
     inputs.pop("cache_seqlens")
     with pytest.raises(ValueError, match="cache_seqlens: required"):

@@ -117,6 +117,11 @@ def test_paged_errors(device):
         bad[0, 0] = kc.shape[0]
         with pytest.raises(ValueError, match="page indices"):
             call(q, kc, vc, cu_q, cu_k, 6, 20, block_table=bad)
+        # entries past a sequence's pages are never read: -1 padding there is fine (as in FA2)
+        padded = table.clone()
+        padded[1, 1:] = -1  # sequence 1 has 10 keys: one page of 16
+        assert torch.equal(call(q, kc, vc, cu_q, cu_k, 6, 20, block_table=padded),
+                           call(q, kc, vc, cu_q, cu_k, 6, 20, block_table=table))
         long_k = torch.tensor([0, 16 * table.shape[1] + 1, 16 * table.shape[1] + 2], dtype=torch.int32)
         with pytest.raises(ValueError, match="longer than block_table"):
             call(q, kc, vc, cu_q, long_k, 6, 20, block_table=table)

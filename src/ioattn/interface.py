@@ -305,6 +305,21 @@ def _finite(x):
     return x - x == 0
 
 
+def check_scores_options(softmax_scale, window_size, softcap, head_dim):
+    """Checks softmax_scale, window_size and softcap (every entry point's); returns the scale,
+    head_dim ** -0.5 for None."""
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5  # (as FlashAttention-2; symbolic under dynamic shapes)
+    if not isinstance(softmax_scale, _NUMBER) or isinstance(softmax_scale, bool) or not _finite(softmax_scale):
+        _fail(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        _fail(f"window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size!r}")
+    if not isinstance(softcap, _NUMBER) or isinstance(softcap, bool) or softcap < 0 or not _finite(softcap):
+        _fail(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    return softmax_scale
+
+
 def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi_slopes, batch):
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -326,15 +341,7 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
         _fail(f"head dim must be between 1 and {MAX_HEADDIM}, got {head_dim}")
     if nheads_k == 0 or nheads % nheads_k != 0:
         _fail(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) (GQA/MQA)")
-    if softmax_scale is None:
-        softmax_scale = head_dim ** -0.5  # (as FlashAttention-2; symbolic under dynamic shapes)
-    if not isinstance(softmax_scale, _NUMBER) or not _finite(softmax_scale):
-        _fail(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
-        _fail(f"window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size!r}")
-    if not isinstance(softcap, _NUMBER) or softcap < 0 or not _finite(softcap):
-        _fail(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    softmax_scale = check_scores_options(softmax_scale, window_size, softcap, head_dim)
     if not isinstance(dropout_p, _NUMBER) or not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if alibi_slopes is not None:
@@ -603,8 +610,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 
 def _check_block_table(block_table, device, num_pages, page_size, cu_seqlens_q):
-    """Checks a varlen block_table (int32 (batch, max_pages), page indices < num_pages; values
-    only on the CPU, where reading them costs no sync); returns the keys a sequence can hold."""
+    """Checks a varlen block_table's type, shape and device (int32 (batch, max_pages)); returns
+    the keys a sequence can hold. Its values: _check_pages_in_use."""
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"block_table must be an int32 tensor, got {type(block_table).__name__}")
     if block_table.dtype != torch.int32:
@@ -619,11 +626,20 @@ def _check_block_table(block_table, device, num_pages, page_size, cu_seqlens_q):
         _fail("block_table must have a contiguous last dim")
     if page_size < 1:
         _fail(f"the paged cache must have pages of at least one key, got page_size {page_size}")
-    if device.type == "cpu" and block_table.numel() and not torch.compiler.is_compiling() and not (
-            0 <= int(block_table.min()) and int(block_table.max()) < num_pages):
-        _fail(f"block_table entries must be page indices in [0, {num_pages}), got values in "
-              f"[{int(block_table.min())}, {int(block_table.max())}]")
     return block_table.shape[1] * page_size
+
+
+def _check_pages_in_use(block_table, cu_seqlens_k, num_pages, page_size):
+    """The entries of block_table that the sequences' keys use (the first ceil(len / page_size)
+    of each row; the rest, e.g. -1 padding, are never read, as in FA2) must be page indices in
+    [0, num_pages). CPU tensors only, where reading them costs no sync."""
+    if block_table.device.type != "cpu" or not block_table.numel() or torch.compiler.is_compiling():
+        return
+    used = (cu_seqlens_k.diff() + page_size - 1) // page_size
+    pages = block_table[torch.arange(block_table.shape[1]) < used[:, None]]
+    if pages.numel() and not (0 <= int(pages.min()) and int(pages.max()) < num_pages):
+        _fail(f"block_table entries in use must be page indices in [0, {num_pages}), got values in "
+              f"[{int(pages.min())}, {int(pages.max())}]")
 
 
 def _check_cu_seqlens(name, cu, device, total, max_len=None, max_seqlen=None):
@@ -704,6 +720,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         _fail(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
               f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    if paged:
+        _check_pages_in_use(block_table, cu_seqlens_k, k.shape[0], k.shape[1])
     if paged and max_seqlen_k > capacity:
         _fail(f"max_seqlen_k ({max_seqlen_k}) exceeds what block_table can address "
               f"({block_table.shape[1]} pages of {k.shape[1]} = {capacity} keys per sequence)")

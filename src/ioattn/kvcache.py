@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .interface import _apply_sinks, _check_sinks, plain_eager
+from .interface import _apply_sinks, _check_sinks, check_scores_options, plain_eager
 from .kernels import configs
 from .merge import _weights
 
@@ -269,7 +269,7 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
 
     # -- int tensors
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
-        if not isinstance(cache_seqlens, int):
+        if not isinstance(cache_seqlens, int) or isinstance(cache_seqlens, bool):
             raise TypeError(f"cache_seqlens: expected an int or an int32 tensor, "
                             f"got {type(cache_seqlens).__name__}")
         if not 0 <= cache_seqlens <= capacity - seqlen_new:
@@ -284,6 +284,9 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: pass both or neither")
     if rotary_cos is not None:
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a tensor (seqlen_ro, rotary_dim / 2), got {type(t).__name__}")
         if k is None:
             raise ValueError("rotary_cos/rotary_sin: rotary needs new keys/values (k, v) to append")
         if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape:
@@ -303,6 +306,8 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
 
     # -- options
     if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes: expected a float32 tensor, got {type(alibi_slopes).__name__}")
         if alibi_slopes.dtype != torch.float32:
             raise TypeError(f"alibi_slopes: expected float32, got {alibi_slopes.dtype}")
         if alibi_slopes.device != device:
@@ -315,19 +320,13 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
                              f"got {tuple(alibi_slopes.shape)}")
         if alibi_slopes.stride(-1) != 1:
             alibi_slopes = alibi_slopes.contiguous()
-    if len(window_size) != 2:
-        raise ValueError(f"window_size: expected (left, right), got {window_size}")
-    window_left, window_right = int(window_size[0]), int(window_size[1])
+    # (the same checks as flash_attn_func's: finite scale and softcap, window ints >= -1)
+    softmax_scale = check_scores_options(softmax_scale, window_size, softcap, head_dim)
+    window_left, window_right = window_size
     if causal:
         window_right = 0
-    window_left = -1 if window_left < 0 else window_left
-    window_right = -1 if window_right < 0 else window_right
-    if softcap < 0:
-        raise ValueError(f"softcap: expected >= 0, got {softcap}")
-    if not isinstance(num_splits, int) or num_splits < 0:
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits: expected an int >= 0 (0 = heuristic), got {num_splits}")
-    if softmax_scale is None:
-        softmax_scale = head_dim ** -0.5  # (as FlashAttention-2)
 
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k, v_new=v, cache_seqlens=cache_seqlens,
                 cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
