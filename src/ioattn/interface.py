@@ -305,7 +305,7 @@ def _finite(x):
     return x - x == 0
 
 
-def check_scores_options(softmax_scale, window_size, softcap, head_dim):
+def _check_scores_options(softmax_scale, window_size, softcap, head_dim):
     """Checks softmax_scale, window_size and softcap (every entry point's); returns the scale,
     head_dim ** -0.5 for None."""
     if softmax_scale is None:
@@ -341,7 +341,7 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
         _fail(f"head dim must be between 1 and {MAX_HEADDIM}, got {head_dim}")
     if nheads_k == 0 or nheads % nheads_k != 0:
         _fail(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) (GQA/MQA)")
-    softmax_scale = check_scores_options(softmax_scale, window_size, softcap, head_dim)
+    softmax_scale = _check_scores_options(softmax_scale, window_size, softcap, head_dim)
     if not isinstance(dropout_p, _NUMBER) or not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if alibi_slopes is not None:
@@ -524,12 +524,12 @@ def _apply_sinks(out, lse, sinks, varlen):
     # (a sink of -inf is no sink: where the row has no key either, -inf - -inf would be NaN; such
     # entries take 0 - 0 instead, and their gradients stay 0, not NaN)
     none = torch.isneginf(s)
-    diff = torch.where(none, 0.0, lse_rows) - torch.where(none, 0.0, s)
-    keep = torch.where(none, 1.0, torch.sigmoid(diff))
+    s = torch.where(none, 0.0, s)
+    keep = torch.where(none, 1.0, torch.sigmoid(torch.where(none, 0.0, lse_rows) - s))
     out = (out.float() * keep.unsqueeze(-1)).to(out.dtype)
-    s_lse = torch.where(none, 0.0, s).view(-1, 1) if varlen else torch.where(none, 0.0, s).view(1, -1, 1)
-    none = none.view_as(s_lse)
-    return out, torch.where(none, lse, torch.logaddexp(torch.where(none, 0.0, lse), s_lse))
+    shape = (-1, 1) if varlen else (1, -1, 1)  # (lse's layout: heads, then rows)
+    none, s = none.view(shape), s.view(shape)
+    return out, torch.where(none, lse, torch.logaddexp(torch.where(none, 0.0, lse), s))
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .interface import _apply_sinks, _check_sinks, check_scores_options, plain_eager
+from .interface import _apply_sinks, _check_sinks, _check_scores_options, plain_eager
 from .kernels import configs
 from .merge import _weights
 
@@ -321,7 +321,7 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
         if alibi_slopes.stride(-1) != 1:
             alibi_slopes = alibi_slopes.contiguous()
     # (the same checks as flash_attn_func's: finite scale and softcap, window ints >= -1)
-    softmax_scale = check_scores_options(softmax_scale, window_size, softcap, head_dim)
+    softmax_scale = _check_scores_options(softmax_scale, window_size, softcap, head_dim)
     window_left, window_right = window_size
     if causal:
         window_right = 0

@@ -42,7 +42,9 @@ warning, as with FlashAttention-2.
 
 from __future__ import annotations
 
+import sys
 import warnings
+import weakref
 
 import torch
 
@@ -69,7 +71,7 @@ def register(name: str = "ioattn") -> str:
                          "transformers gives those another meaning")
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+        from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, flash_attention_mask
     except ImportError as e:
         raise ImportError("ioattn.integrations.transformers needs transformers >= 4.53 "
                           "(AttentionInterface and masking_utils.AttentionMaskInterface): "
@@ -78,15 +80,15 @@ def register(name: str = "ioattn") -> str:
     # the 2-D padding mask (or None) that FlashAttention-2 gets; without a mask function of its
     # own, a registered name would get no mask at all and padding would be silently ignored
 
-    def mask_interface(*args, mask_function=None, config=None, **kwargs):
+    def mask_interface(*args, **kwargs):
+        """flash_attention_mask, after the checks of what the attention function cannot see: the
+        model (_check_model) and the composed pattern (_check_mask_function). transformers passes
+        keywords (whose set changed across versions: any is passed on as it came)."""
         if not torch.compiler.is_compiling():  # (checks on Python objects: once, before tracing)
-            _check_model(config)
-            if mask_function is not None:
-                kv_end = kwargs.get("kv_offset", 0) + kwargs.get("kv_length", args[2] if len(args) > 2 else 0)
-                _check_mask_function(mask_function, kv_end)
-        if mask_function is not None:
-            kwargs["mask_function"] = mask_function
-        return flash_attention_mask(*args, config=config, **kwargs)
+            _check_model(kwargs.get("config"))
+            _check_mask_function(kwargs.get("mask_function", causal_mask_function),
+                                 kwargs.get("kv_offset", 0) + kwargs.get("kv_length", 0))
+        return flash_attention_mask(*args, **kwargs)
 
     AttentionMaskInterface.register(name, mask_interface)
     return name
@@ -105,10 +107,9 @@ _DATA_MASKS_OK = frozenset(("padding_mask_function", "packed_sequence_mask_funct
 def _check_mask_function(fn, kv_end, in_union=False):
     """Raises if the mask function transformers composed for a layer has a part ioattn cannot
     express (above); kv_end: one past the last key position."""
-    import inspect
-
     factory = getattr(fn, "__qualname__", "").split(".<locals>")[0]
-    inner = inspect.getclosurevars(fn).nonlocals if getattr(fn, "__closure__", None) else {}
+    cells = getattr(fn, "__closure__", None) or ()  # the variables the closure captured
+    inner = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in cells))) if cells else {}
     if factory == "chunked_overlay":
         if kv_end <= inner.get("chunk_size", 0):  # every key in the first chunk: plain causal
             return
@@ -135,8 +136,6 @@ def _check_model(config):
     transformers' AttentionInterface (e.g. Bloom, XGLM, MPT): it would build its masks with this
     name's mask function (None without padding) and silently lose its causal mask. Known by its
     modeling module not using ALL_ATTENTION_FUNCTIONS; models from elsewhere are not checked."""
-    import sys
-
     module = type(config).__module__ if config is not None else ""
     if module not in _checked_models:
         modeling = sys.modules.get(module.replace(".configuration_", ".modeling_"))
@@ -190,8 +189,6 @@ _last_packed = [None, None]  # [(weakref to position_ids, its version, batch, le
 def _packed_cached(position_ids, batch, length):
     """_packed_from_position_ids, read once per forward: every layer gets the same position_ids
     tensor, so the layers after the first reuse the first one's result (no device sync each)."""
-    import weakref
-
     if torch.compiler.is_compiling():
         return _packed_from_position_ids(position_ids, batch, length)
     key, found = _last_packed
