@@ -224,7 +224,7 @@ case "$mode" in
           # with IOATTN_GLUON_MASK_BOUNDS=1) and 2s3 (level 2, 3 hdim-64 stages; hdim 64 only); s14g round 2 over
           # 0, 2, 2b. Each row records a hash of its output: the same in every setting (the schedule changes, not
           # the math; 2b: the same kept keys) (~5 / ~3.5 min)
-    settings="0 1 2 2b 2s3"; [ "$mode" = s14g ] && settings="0 2 2b"
+    settings="0 1 2 2b 2s3"; [ "$mode" = s14g ] && settings="0 2 2b"; settings=${SETTINGS:-$settings}
     for v in $settings; do
       pp=${v%%[bs]*}; st=2; mb=0; [ "$v" = 2s3 ] && st=3; [ "$v" = 2b ] && mb=1
       echo "$mode PINGPONG=$pp STAGES64=$st MASK_BOUNDS=$mb"
