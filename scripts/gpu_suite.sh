@@ -186,6 +186,13 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s17a|s17b)  # session 17: s17a = the ping-pong A/B rounds 1 and 2 (s14e then s14g) in one call; s17b = the shared
+          # dropout draws (s14f) then the option costs with ping-pong (s14h at hdim 64 only). Each writes its
+          # files under /tmp/<mode> and one tar of them to $OUT (the device returns at most 8 files)
+    dest=$OUT; export OUT=/tmp/$mode; mkdir -p "$OUT"
+    if [ "$mode" = s17a ]; then parts="s14e:330 s14g:240"; else parts="s14f:300 s14h:240"; fi
+    for p in $parts; do HDIMS=64 timeout ${p#*:} bash scripts/gpu_suite.sh ${p%:*} 2>&1 | tee -a "$OUT/$mode.log"; done
+    tar -cf "$dest/$mode.tar" -C "$OUT" . ;;
   s14a)  # next session: ALiBi as row + column terms in the Gluon forward (IOATTN_GLUON_ALIBI_LINEAR=1; compiled
           # only): softcap/ALiBi check vs fp64 with it (and its costs), then the costs without it (~4 min)
     IOATTN_GLUON_ALIBI_LINEAR=1 timeout 170 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores_alibi_linear.json" 2>&1 | tee "$OUT/scores_alibi_linear.log" | grep -v "^PASS"
@@ -236,8 +243,8 @@ case "$mode" in
           # kernels and autograd inside DDP on CUDA, grads vs the single-process run (multi_gpu_check.py --one-gpu)
     timeout 150 python3 benchmarks/multi_gpu_check.py --one-gpu --out "$OUT/one_gpu_ddp.json" 2>&1 | grep -v Warning | tail -n 4 ;;
   s14h)  # next session, optional after s14e/s14g: the options' forward / forward+backward costs (dropout, softcap,
-          # ALiBi) at hdim 128 and 64 with ping-pong level 2 and without (~4 min)
-    for d in 128 64; do
+          # ALiBi) at hdim 128 and 64 (HDIMS) with ping-pong level 2 and without (~4 min)
+    for d in ${HDIMS:-128 64}; do
       for pp in 0 2; do
         echo "hdim $d PINGPONG=$pp"
         IOATTN_GLUON_PINGPONG=$pp timeout 110 python3 benchmarks/bench_features.py --hdim $d --parts options \
