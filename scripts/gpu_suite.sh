@@ -186,11 +186,13 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s17a|s17b)  # session 17: s17a = the ping-pong A/B rounds 1 and 2 (s14e then s14g) in one call; s17b = the shared
-          # dropout draws (s14f) then the option costs with ping-pong (s14h at hdim 64 only). Each writes its
+  s17a|s17b|s17c)  # session 17: s17a = the ping-pong A/B rounds 1 and 2 (s14e then s14g) in one call; s17b = the shared
+          # dropout draws (s14f) then the option costs with ping-pong (s14h at hdim 64 only); s17c (little device time
+          # left) = one round of the ping-pong A/B over 0, 2, 2b, then the full benchmark (s14b). Each writes its
           # files under /tmp/<mode> and one tar of them to $OUT (the device returns at most 8 files)
     dest=$OUT; export OUT=/tmp/$mode; mkdir -p "$OUT"
     if [ "$mode" = s17a ]; then parts="s14e:330 s14g:240"; else parts="s14f:300 s14h:240"; fi
+    [ "$mode" = s17c ] && parts="s14e:200 s14b:390" && export SETTINGS="0 2 2b"
     for p in $parts; do HDIMS=64 timeout ${p#*:} bash scripts/gpu_suite.sh ${p%:*} 2>&1 | tee -a "$OUT/$mode.log"; done
     tar -cf "$dest/$mode.tar" -C "$OUT" . ;;
   s14a)  # next session: ALiBi as row + column terms in the Gluon forward (IOATTN_GLUON_ALIBI_LINEAR=1; compiled
