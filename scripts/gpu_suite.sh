@@ -190,11 +190,12 @@ case "$mode" in
           # dropout draws (s14f) then the option costs with ping-pong (s14h at hdim 64 only); s17c (little device time
           # left) = one round of the ping-pong A/B over 0, 2, 2b, then the full benchmark (s14b). Each writes its
           # files under /tmp/<mode> and one tar of them to $OUT (the device returns at most 8 files)
-    dest=$OUT; export OUT=/tmp/$mode; mkdir -p "$OUT"
+    # (s17c: its 6 files straight into $OUT, so that they come back even if the call is cut)
+    dest=$OUT; [ "$mode" = s17c ] || export OUT=/tmp/$mode; mkdir -p "$OUT"
     if [ "$mode" = s17a ]; then parts="s14e:330 s14g:240"; else parts="s14f:300 s14h:240"; fi
     [ "$mode" = s17c ] && parts="s14e:200 s14b:390" && export SETTINGS="0 2 2b"
     for p in $parts; do HDIMS=64 timeout ${p#*:} bash scripts/gpu_suite.sh ${p%:*} 2>&1 | tee -a "$OUT/$mode.log"; done
-    tar -cf "$dest/$mode.tar" -C "$OUT" . ;;
+    [ "$mode" = s17c ] || tar -cf "$dest/$mode.tar" -C "$OUT" . ;;
   s14a)  # next session: ALiBi as row + column terms in the Gluon forward (IOATTN_GLUON_ALIBI_LINEAR=1; compiled
           # only): softcap/ALiBi check vs fp64 with it (and its costs), then the costs without it (~4 min)
     IOATTN_GLUON_ALIBI_LINEAR=1 timeout 170 python3 benchmarks/gluon_scores_check.py --out "$OUT/scores_alibi_linear.json" 2>&1 | tee "$OUT/scores_alibi_linear.log" | grep -v "^PASS"
