@@ -18,21 +18,21 @@ def _count(fn):
     return mode.get_total_flops()
 
 
-def _torch_counts(b, h, hk, sq, sk, d):
+def _torch_counts(b, h, hk, sq, sk, d, dv):
     """torch's SDPA forward and backward counts for the same shapes ((b, h, s, d) layout)."""
-    q, k = (b, h, sq, d), (b, hk, sk, d)
-    return sdpa_flop_count(q, k, k), sdpa_backward_flop_count(q, q, k, k)
+    q, k, v, dout = (b, h, sq, d), (b, hk, sk, d), (b, hk, sk, dv), (b, h, sq, dv)
+    return sdpa_flop_count(q, k, v), sdpa_backward_flop_count(dout, q, k, v)
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("device,dv", [("cpu", 24), ("meta", 24), ("meta", 40)])  # (dv: V's head dim)
 @pytest.mark.parametrize("causal", [False, True])
-def test_dense_counts_as_torch_counts_sdpa(device, causal):
+def test_dense_counts_as_torch_counts_sdpa(device, dv, causal):
     b, sq, sk, h, hk, d = 2, 33, 20, 6, 2, 24
     q = torch.randn(b, sq, h, d, device=device, requires_grad=True)
     k = torch.randn(b, sk, hk, d, device=device, requires_grad=True)
-    v = torch.randn(b, sk, hk, d, device=device, requires_grad=True)
-    fwd, bwd = _torch_counts(b, h, hk, sq, sk, d)
-    assert fwd == 4 * b * h * sq * sk * d and bwd == 10 * b * h * sq * sk * d
+    v = torch.randn(b, sk, hk, dv, device=device, requires_grad=True)
+    fwd, bwd = _torch_counts(b, h, hk, sq, sk, d, dv)
+    assert fwd == 2 * b * h * sq * sk * (d + dv) and bwd == 2 * b * h * sq * sk * (3 * d + 2 * dv)
     assert _count(lambda: ioattn.flash_attn_func(q, k, v, causal=causal)) == fwd
     assert _count(lambda: ioattn.flash_attn_func(q, k, v, causal=causal).sum().backward()) == fwd + bwd
     assert _count(lambda: ioattn.flash_attn_func(q, k, v, return_lse=True)[1].sum().backward()) == fwd + bwd

@@ -22,6 +22,17 @@ FLAGS = [{}, {"gqa": True}, {"dropout": True}, {"dropout": True, "gqa": True},
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(map(str, f)) or "plain")
 def test_default_configs_fit_shared_memory(head_dim, flags, capability):
+    _assert_fits(head_dim, flags, capability)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
+def test_value_head_dim_configs_fit_shared_memory(capability):
+    """A V head dim of its own (MLA's q/k 192, v 128) takes the tiles of the larger one
+    (configs.tile_head_dim): they fit, and the kernels use wgmma on Hopper."""
+    _assert_fits(192, {"head_dim_v": 128}, capability)
+
+
+def _assert_fits(head_dim, flags, capability):
     for name, fn, consts, warps, stages in default_launches(head_dim, "bf16", capability, **flags):
         kernel = compile_kernel(fn, "bf16", consts, warps, stages, capability)
         smem = kernel.metadata.shared

@@ -390,6 +390,9 @@ def _bad(match, exc=ValueError, **changes):
 def test_errors():
     _bad("v_cache: expected the shape", v_cache=torch.zeros(7, 16, 2, 32))
     _bad("expected head dim 32", k_cache=torch.zeros(7, 16, 2, 16), v_cache=torch.zeros(7, 16, 2, 16))
+    cache = make_inputs(batch=2, lens=[10, 20], seqlen_new=1, page_size=16)
+    _bad(r"v_cache: expected the head dim of k_cache \(32\), got 16: flash_attn_with_kvcache takes no value head dim",
+         v_cache=cache["v_cache"][..., :16].contiguous(), v=cache["v"][..., :16])
     _bad("multiple of the cache", q=torch.zeros(2, 1, 3, 32))
     _bad("k: expected shape", k=torch.zeros(2, 1, 3, 32))
     _bad("expected dtype torch.float32", exc=TypeError, k=torch.zeros(2, 1, 2, 32, dtype=torch.float16))

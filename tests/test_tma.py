@@ -54,14 +54,14 @@ def _check(q, k, v, tma, monkeypatch, **kw):
     assert _rel_l2(with_tma[0], ref) <= 2 * _rel_l2(low, ref) + 1e-3
 
 
-@pytest.mark.parametrize("shape", [(2, 37, 45, 4, 2, 128), (1, 64, 64, 2, 2, 72), (2, 50, 19, 2, 1, 96),
-                                   (1, 1, 70, 4, 4, 128)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 45, 4, 2, 128, 128), (1, 64, 64, 2, 2, 72, 72), (2, 50, 19, 2, 1, 96, 96),
+                                   (1, 1, 70, 4, 4, 128, 128), (1, 30, 41, 2, 1, 128, 80)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_tma_forward(shape, causal, tma, monkeypatch, device):
-    b, sq, sk, h, hk, d = shape
+    b, sq, sk, h, hk, d, dv = shape  # (dv: V's head dim; the same box as K's where it pads to 128 too)
     dt = torch.bfloat16
     q, k, v = (randn(b, sq, h, d, dtype=dt, device=device), randn(b, sk, hk, d, dtype=dt, device=device),
-               randn(b, sk, hk, d, dtype=dt, device=device))
+               randn(b, sk, hk, dv, dtype=dt, device=device))
     _check(q, k, v, tma, monkeypatch, causal=causal)
     assert tma[0] == [1, configs.forward_config(d, q.dtype, q.device)["BLOCK_N"], 1, 128]
 
@@ -86,9 +86,9 @@ def test_tma_window_softcap_strided(tma, monkeypatch, device):
 
 
 def test_tma_not_for_fp32_or_other_head_dims(tma, device):
-    for d, dt in ((128, torch.float32), (64, torch.bfloat16)):
+    for d, dv, dt in ((128, 128, torch.float32), (64, 64, torch.bfloat16), (128, 64, torch.bfloat16)):
         q = randn(1, 20, 2, d, dtype=dt, device=device, requires_grad=False)
-        ioattn.flash_attn_func(q, q, q)
+        ioattn.flash_attn_func(q, q, q[..., :dv])
     assert not tma
 
 

@@ -270,15 +270,38 @@ def test_errors():
     assert out.shape == (1, 8, 4, 16) and weights is None
 
 
-def test_smaller_value_head_dim():
-    """A value head dim below the query's (MLA-style) is zero-padded, the output cropped."""
+@pytest.mark.parametrize("v_dim", [16, 40])
+def test_value_head_dim_of_its_own(v_dim):
+    """A value head dim below or above the query's (MLA-style) goes to ioattn as it is, with or
+    without a padding mask: the output has the value's head dim."""
     q, k = torch.randn(2, 4, 10, 24, device=DEVICE), torch.randn(2, 2, 10, 24, device=DEVICE)
-    v = torch.randn(2, 2, 10, 16, device=DEVICE)
+    v = torch.randn(2, 2, 10, v_dim, device=DEVICE)
     module = torch.nn.Module()
     module.is_causal = True
     out, _ = ioattn_hf.attention_forward(module, q, k, v, None, scaling=0.3)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-5)
+    mask = torch.ones(2, 10, dtype=torch.bool, device=DEVICE)
+    mask[1, :3] = False
+    out, _ = ioattn_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    allowed = mask[:, None, None, :] & torch.ones(10, 10, dtype=torch.bool, device=DEVICE).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+    assert out.shape == (2, 10, 4, v_dim) and (out[~mask] == 0).all()
+    torch.testing.assert_close(out[mask], ref.transpose(1, 2)[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_deepseek_v3_mla(calls):
+    """DeepSeek-V3's multi-head latent attention: q/k head dim 24 (16 + 8 rotary), v head dim 16,
+    dense and padded, logits and gradients as eager's."""
+    eager, ours = pair("DeepseekV3Config", head_dim=8, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                       num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
+                       first_k_dense_replace=1)
+    assert_same(eager, ours, tokens(2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    assert_same(eager, ours, tokens(2, 12), attention_mask=mask)
+    assert calls == {"dense": 2, "varlen": 2}
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -196,7 +196,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _forward_dense(q, k, v, *, scale, window_left, window_right, softcap, slopes,
                    dropout_p, rng, batch_ids):
-    """q ``(b, sq, hq, d)``, k/v ``(b, sk, hk, d)``, slopes ``(b, hq)`` or None.
+    """q ``(b, sq, hq, d)``, k ``(b, sk, hk, d)``, v ``(b, sk, hk, dv)``, slopes ``(b, hq)`` or None.
 
     Returns out ``(b, sq, hq, dv)`` in q's dtype and lse ``(b, hq, sq)`` float32.
     """
@@ -256,7 +256,7 @@ def _backward_dense(dout, q, k, v, out, lse, *, scale, window_left, window_right
     """Gradients by recomputation; shapes as in :func:`_forward_dense`. ``dlse`` (lse's
     shape, or None): the gradient of the log-sum-exp, which d lse / d s = P folds into delta.
 
-    Returns dq ``(b, sq, hq, d)``, dk/dv ``(b, sk, hk, d)`` in the inputs' dtypes.
+    Returns dq ``(b, sq, hq, d)``, dk ``(b, sk, hk, d)``, dv ``(b, sk, hk, dv)`` in the inputs' dtypes.
     """
     b, seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -353,7 +353,8 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
                       block_table=None):
     """Attention forward pass; returns ``(out, lse)``.
 
-    Dense: q ``(b, sq, hq, d)``, k/v ``(b, sk, hk, d)``; lse ``(b, hq, sq)`` float32.
+    Dense: q ``(b, sq, hq, d)``, k/v ``(b, sk, hk, d)`` (v's head dim ``dv`` may differ: out has
+    it); lse ``(b, hq, sq)`` float32.
     Varlen (``cu_seqlens_*`` int32 ``(b + 1,)``): q ``(total_q, hq, d)``,
     k/v ``(total_k, hk, d)``, or paged ``(num_pages, page_size, hk, d)`` with
     ``block_table``; lse ``(hq, total_q)`` float32.

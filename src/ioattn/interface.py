@@ -332,13 +332,12 @@ def _check_common(q, k, v, softmax_scale, window_size, softcap, dropout_p, alibi
     nheads_k = k.shape[-2]
     if k.shape[-1] != head_dim:
         _fail(f"k must have the head dim of q ({head_dim}), got {k.shape[-1]}")
-    if v.shape[-1] != head_dim:
-        _fail(f"v must have the head dim of q ({head_dim}); a different value head dim is not "
-              f"supported, got {v.shape[-1]}")
     if v.shape[-2] != nheads_k:
         _fail(f"k and v must have the same number of heads, got {nheads_k} and {v.shape[-2]}")
     if not 1 <= head_dim <= MAX_HEADDIM:
         _fail(f"head dim must be between 1 and {MAX_HEADDIM}, got {head_dim}")
+    if not 1 <= v.shape[-1] <= MAX_HEADDIM:  # (v may have a head dim of its own: out has it)
+        _fail(f"v's head dim must be between 1 and {MAX_HEADDIM}, got {v.shape[-1]}")
     if nheads_k == 0 or nheads % nheads_k != 0:
         _fail(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) (GQA/MQA)")
     softmax_scale = _check_scores_options(softmax_scale, window_size, softcap, head_dim)
@@ -538,10 +537,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """Exact attention, FlashAttention-2 compatible.
 
     Args:
-        q: ``(batch, seqlen_q, nheads, headdim)``; k, v: ``(batch, seqlen_k, nheads_k, headdim)``,
-            ``nheads % nheads_k == 0`` (GQA/MQA). fp16, bf16 or fp32; headdim 1..256.
+        q: ``(batch, seqlen_q, nheads, headdim)``; k: ``(batch, seqlen_k, nheads_k, headdim)``;
+            v: ``(batch, seqlen_k, nheads_k, headdim_v)``, ``nheads % nheads_k == 0`` (GQA/MQA).
+            fp16, bf16 or fp32; headdim and headdim_v 1..256, headdim_v may differ from headdim
+            (e.g. DeepSeek's MLA: 192 and 128; on Hopper such calls run the Triton kernels, the
+            Gluon ones taking equal head dims only).
         dropout_p: dropout on the attention probabilities (use 0.0 at evaluation).
-        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        softmax_scale: defaults to ``1 / sqrt(headdim)`` (q's head dim).
         causal: bottom-right aligned causal mask (see the module docstring).
         window_size: ``(left, right)`` sliding window, -1 = unlimited.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
@@ -565,7 +567,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (d lse_i / d scores_ij = P_ij), at no cost when it is not used.
 
     Returns:
-        ``out`` ``(batch, seqlen_q, nheads, headdim)``, ``(out, lse)`` with return_lse, or
+        ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, ``(out, lse)`` with return_lse, or
         ``(out, lse, probs)`` with return_attn_probs.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -673,9 +675,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Variable-length attention over packed sequences (no padding).
 
     Args:
-        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``, or with
-            ``block_table`` paged caches ``(num_pages, page_size, nheads_k, headdim)`` (any
-            page size): key ``j`` of sequence ``b`` is row ``j % page_size`` of page
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)`` and
+            ``(total_k, nheads_k, headdim_v)`` (headdim_v: as in :func:`flash_attn_func`), or with
+            ``block_table`` paged caches ``(num_pages, page_size, nheads_k, headdim / headdim_v)``
+            (any page size): key ``j`` of sequence ``b`` is row ``j % page_size`` of page
             ``block_table[b, j // page_size]``, and ``cu_seqlens_k`` counts each sequence's keys.
         block_table: int32 ``(batch, max_pages_per_seq)`` or None. Paged attention is
             inference only (no gradients); its values are checked only for CPU tensors.
@@ -688,7 +691,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         Other arguments as :func:`flash_attn_func`; alibi_slopes ``(nheads,)`` or ``(batch, nheads)``.
 
     Returns:
-        ``out`` ``(total_q, nheads, headdim)``, ``(out, lse (nheads, total_q))`` with
+        ``out`` ``(total_q, nheads, headdim_v)``, ``(out, lse (nheads, total_q))`` with
         return_lse, or ``(out, lse, probs)`` with return_attn_probs; lse is differentiable.
     """
     _check_tensor("q", q, 3)

@@ -203,6 +203,10 @@ def _check_and_normalize(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
         raise ValueError(f"head dim: expected at most {MAX_HEAD_DIM}, got {head_dim}")
     if seqlen_q < 1 or batch < 1:
         raise ValueError(f"q: expected batch >= 1 and seqlen_q >= 1, got shape {tuple(q.shape)}")
+    if k_cache.shape[:3] == v_cache.shape[:3] and k_cache.shape[3] != v_cache.shape[3]:
+        raise ValueError(f"v_cache: expected the head dim of k_cache ({k_cache.shape[3]}), got "
+                         f"{v_cache.shape[3]}: flash_attn_with_kvcache takes no value head dim of its own "
+                         f"(flash_attn_func and flash_attn_varlen_func, paged too, do)")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, "
                          f"got {tuple(v_cache.shape)}")

@@ -68,7 +68,7 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
     """Attention with every option of :func:`ioattn.flash_attn_func`, materialized.
 
     Args:
-        q: ``(b, sq, hq, d)``; k, v: ``(b, sk, hk, d)`` with ``hq % hk == 0``.
+        q: ``(b, sq, hq, d)``; k, v: ``(b, sk, hk, d)`` and ``(b, sk, hk, dv)``, ``hq % hk == 0``.
         dropout_mask: boolean ``(b, hq, sq, sk)``, True where a probability is
             kept; required when ``dropout_p > 0`` (the reference has no RNG of
             its own, it replays the kernel's mask).
@@ -114,9 +114,10 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=No
                          dropout_masks=None, **kwargs):
     """Varlen reference: :func:`attention_ref` run on each sequence of a packed batch.
 
-    q: ``(total_q, hq, d)``; k, v: ``(total_k, hk, d)``; cu_seqlens: int32 prefix sums.
+    q: ``(total_q, hq, d)``; k, v: ``(total_k, hk, d)`` and ``(total_k, hk, dv)``; cu_seqlens: int32
+    prefix sums.
     ``dropout_masks`` is a list with one ``(1, hq, sq_i, sk_i)`` mask per sequence.
-    Returns ``(out, lse)`` with out ``(total_q, hq, d)`` and lse ``(hq, total_q)``.
+    Returns ``(out, lse)`` with out ``(total_q, hq, dv)`` and lse ``(hq, total_q)``.
     """
     cu_q = cu_seqlens_q.tolist()
     cu_k = cu_seqlens_k.tolist()

@@ -5,8 +5,10 @@ Lightning's ``measure_flops``, which runs the model on the meta device), count i
 instead of leaving it out. The counts follow the ones torch gives SDPA for the same call, so that a
 model's FLOPs do not change with the attention backend:
 
-* forward: the two matrix products, ``2 * sq * sk * d`` each per (sequence, query head);
-* backward: the five of the recomputing backward, ``10 * sq * sk * d`` in all;
+* forward: the two matrix products per (sequence, query head), ``2 * sq * sk * d`` for QK^T and
+  ``2 * sq * sk * dv`` for PV (``dv``: V's head dim, usually ``d``);
+* backward: the five of the recomputing backward, three over ``d`` (S, dQ, dK) and two over ``dv``
+  (dP, dV): ``2 * sq * sk * (3 d + 2 dv)``, ``10 * sq * sk * d`` when ``dv = d``;
 * the full ``sq x sk`` products whatever the mask: causal masks and windows are not subtracted.
 
 Packed (varlen) batches count each sequence with its own lengths, read from ``cu_seqlens`` (one
@@ -47,13 +49,13 @@ def _pairs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 def _fwd_flop(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args,
               out_val=None, **kwargs) -> int:
     pairs = _pairs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return 4 * q.shape[-2] * q.shape[-1] * pairs
+    return 2 * q.shape[-2] * (q.shape[-1] + v.shape[-1]) * pairs
 
 
 def _bwd_flop(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               *args, out_val=None, **kwargs) -> int:
     pairs = _pairs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return 10 * q.shape[-2] * q.shape[-1] * pairs
+    return 2 * q.shape[-2] * (3 * q.shape[-1] + 2 * v.shape[-1]) * pairs
 
 
 def _kvcache_flop(q, k_cache, v_cache, tensors, ints, floats, *args, out_val=None, **kwargs) -> int:

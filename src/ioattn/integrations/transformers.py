@@ -28,7 +28,7 @@ What :func:`attention_forward` does, as transformers' FlashAttention-2 integrati
   restart (within any row), each sequence attending only to itself;
 * ``sliding_window = w``: each query sees ``w`` keys (itself included), so
   ``window_size = (w - 1, w - 1)`` (right = 0 when causal); ``softcap`` as Gemma-2's;
-  a value head dim smaller than the query's is zero-padded and the output cropped;
+  a value head dim of its own (MLA: DeepSeek-V2/V3) natively;
 * attention sinks (``s_aux``, GPT-OSS): ioattn's ``sinks`` (trained through the lse's gradient).
 
 What raises (use ``"sdpa"`` or ``"eager"`` for those models): a 4-D or other non-2-D mask;
@@ -207,7 +207,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     Args:
         module: the attention layer (its ``is_causal`` is used when ``is_causal`` is None).
-        query: ``(batch, heads, q_len, dim)``; key, value: ``(batch, kv_heads, kv_len, dim)``.
+        query: ``(batch, heads, q_len, dim)``; key, value: ``(batch, kv_heads, kv_len, dim)``
+            (value's dim may differ: MLA).
         attention_mask: None, or the 2-D padding mask ``(batch, kv_len)`` (True/1 = a token).
         dropout: attention dropout probability (the models pass 0 in eval mode).
         scaling: softmax scale (default ``dim ** -0.5``).
@@ -217,7 +218,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             others are ignored.
 
     Returns:
-        ``(attn_output (batch, q_len, heads, dim), None)``.
+        ``(attn_output (batch, q_len, heads, value's dim), None)``.
     """
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("ioattn: additive position biases (position_bias) are not supported; "
@@ -236,10 +237,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    batch, q_len, _, head_dim = q.shape
-    v_dim = v.shape[-1]
-    if v_dim < head_dim:  # e.g. MLA: ioattn needs V's head dim = Q's; zeros add nothing
-        v = torch.nn.functional.pad(v, [0, head_dim - v_dim])
+    batch, q_len = q.shape[:2]
     window = (-1, -1)
     if sliding_window is not None and sliding_window > 0:
         window = (int(sliding_window) - 1, int(sliding_window) - 1)
@@ -268,10 +266,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         flat_q = _flat(q)
         out = flash_attn_varlen_func(flat_q[idx_q], _flat(k)[idx_k], _flat(v)[idx_k], cu_q, cu_k,
                                      max_q, max_k, **opts)
-        # (shaped from q itself: with batch * q_len and view(batch, q_len, ...), torch.compile's
-        # inductor, dynamic=True with a padding mask, emitted a size symbol that it never bound)
-        out = torch.zeros_like(flat_q).index_copy(0, idx_q, out)
-        return out.view_as(q)[..., :v_dim], None
+        # (shaped from q and v themselves: with batch * q_len and view(batch, q_len, ...),
+        # torch.compile's inductor, dynamic=True with a padding mask, emitted a size symbol that it
+        # never bound)
+        out = out.new_zeros(flat_q.shape[:-1] + v.shape[-1:]).index_copy(0, idx_q, out)
+        return out.view(q.shape[:-1] + v.shape[-1:]), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -284,7 +283,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             packed = found[0], found[0], found[1], found[1]
     if packed is not None:
         out = flash_attn_varlen_func(_flat(q), _flat(k), _flat(v), *packed, **opts)
-        return out.view(batch, -1, *out.shape[1:])[..., :v_dim], None
+        return out.view(batch, -1, *out.shape[1:]), None
 
-    out = flash_attn_func(q, k, v, **opts)
-    return out[..., :v_dim], None
+    return flash_attn_func(q, k, v, **opts), None

@@ -72,25 +72,29 @@ def ptxas_report(kernel, capability=(9, 0)):
 
 
 def default_launches(head_dim, dtype, capability=(9, 0), **flags):
-    """(name, kernel, constexprs, num_warps, num_stages) of each launch a call would make."""
+    """(name, kernel, constexprs, num_warps, num_stages) of each launch a call would make.
+    ``head_dim_v`` (a flag): V's head dim, if not head_dim."""
     import torch
 
     from . import configs
     from .backward import _attn_bwd_dkdv, _attn_bwd_dq
     from .forward import _attn_fwd, dropout_mode
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), IS_VARLEN=flags.get("varlen", False),
+    head_dim_v = flags.get("head_dim_v", head_dim)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), HEAD_DIM_V=head_dim_v,
+                  BLOCK_DV=configs.block_d(head_dim_v), IS_VARLEN=flags.get("varlen", False),
                   HAS_LEFT=flags.get("window", False), HAS_RIGHT=flags.get("causal", True) or flags.get("window", False),
                   HAS_SOFTCAP=(1 if dtype == "fp32" else 2) if flags.get("softcap") else 0, HAS_ALIBI=flags.get("alibi", False),
                   HAS_DROPOUT=flags.get("dropout", False),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-    f = configs.forward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"],
+    tiles = configs.tile_head_dim(head_dim, head_dim_v)
+    f = configs.forward_config(tiles, torch_dtype, capability, dropout=common["HAS_DROPOUT"],
                                seqlen_k=flags.get("seqlen_k"))
     gqa = flags.get("gqa", False)
-    b = configs.backward_config(head_dim, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa)
+    b = configs.backward_config(tiles, torch_dtype, capability, dropout=common["HAS_DROPOUT"], gqa=gqa)
     # the forward's K/V descriptors (dense batches on sm_90+), else constexpr None
-    use_tma = flags.get("tma", capability[0] >= 9 and configs.tma_tiles(common["BLOCK_D"], torch_dtype.itemsize,
-                                                                          common["IS_VARLEN"]))
+    use_tma = flags.get("tma", capability[0] >= 9 and common["BLOCK_DV"] == common["BLOCK_D"]
+                        and configs.tma_tiles(common["BLOCK_D"], torch_dtype.itemsize, common["IS_VARLEN"]))
     tma = dict(USE_TMA=True) if use_tma else dict(USE_TMA=False, K_DESC=None, V_DESC=None)
     # paged K/V (flash_attn_varlen_func's block_table, varlen only): a pointer and the page size
     tma.update(dict(PAGE_SIZE=flags["page_size"]) if flags.get("page_size") else dict(BLOCK_TABLE=None, PAGE_SIZE=0))

@@ -42,7 +42,7 @@ def _attn_bwd_preprocess(O, DO, DELTA, DLSE, LSE, STATS,
                          IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_STATS: tl.constexpr):
     """delta (and, with HAS_STATS, for the Gluon backward: STATS[b, h, 0, i] = lse_i in log2
     units, +inf for a row that saw no key, and STATS[b, h, 1, i] = delta_i, rows 16-byte aligned
-    so that the TMA can load them)."""
+    so that the TMA can load them). HEAD_DIM is O's and dO's: V's head dim."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // nheads
@@ -122,12 +122,12 @@ def _probs_rows(q, kT, do, vT, lse, start_m, offs_m, offs_n, start_n, seqlen_q, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                         stride_qs, stride_dos, start, end, start_n, offs_n, offs_d,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, k_mask, v_mask, q_base, do_base, lse_row, delta_row,
+                         stride_qs, stride_dos, start, end, start_n, offs_n, offs_d, offs_dv,
                          seqlen_q, seqlen_k, sm_scale, softcap, slope,
                          window_left, window_right, seed, salt, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr,
+                         BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -136,17 +136,17 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
         if RELOAD_KV:  # large head dims: re-read K, V (L2 hits) instead of holding them in registers
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
         q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BM, D]
-        do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :]  # [BM, D]
+        do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_dv[None, :]  # [BM, DV]
         if MASKED:
-            io_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_ptrs, mask=io_mask, other=0.0)
-            do = tl.load(do_ptrs, mask=io_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
+            row_ok = offs_m[:, None] < seqlen_q
+            q = tl.load(q_ptrs, mask=row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif BLOCK_D != HEAD_DIM or BLOCK_DV != HEAD_DIM_V:
             q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         else:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
@@ -165,7 +165,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
             p_kept = p
             if HAS_DROPOUT:
                 p_kept = tl.where(keep, p, 0.0)
-            dv = mma(tl.trans(p_kept.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
+            dv = mma(tl.trans(p_kept.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)  # [BN, DV]
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
@@ -185,7 +185,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base,
                 dpT = tl.where(keepT, dpT, 0.0)  # pT, delta carry 1/(1-p) (_fold_dropout_scale)
                 dv = mma(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
             else:
-                dv = mma(pT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)  # [BN, D]
+                dv = mma(pT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)  # [BN, DV]
             dsT = pT * (dpT - delta[None, :])
             if HAS_SOFTCAP:
                 dsT = dsT * (1.0 - tT * tT)
@@ -205,6 +205,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                    seqlen_q_dense, seqlen_k_dense, nheads, nheads_k, group,
                    sm_scale, softcap, window_left, window_right, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -221,14 +222,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
     b64 = b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    v_mask = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
     k_rows = k_start.to(tl.int64) + offs_n
     k_ptrs = K + b64 * stride_kb + k_rows[:, None] * stride_ks + hk * stride_kh + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + k_rows[:, None] * stride_vs + hk * stride_vh + offs_d[None, :]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BN, D]
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [BN, D]
+    v_ptrs = V + b64 * stride_vb + k_rows[:, None] * stride_vs + hk * stride_vh + offs_dv[None, :]
+    k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [BN, D]
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)  # [BN, DV]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(RNG) + tl.load(RNG + 1)
@@ -246,40 +249,40 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
         if HAS_ALIBI:
             slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32)
         salt = b * nheads + h
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      stride_qs, stride_dos, lo, full_lo, start_n, offs_n, offs_d,
-                                      seqlen_q, seqlen_k, sm_scale, softcap, slope,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, k_mask, v_mask, q_base, do_base,
+                                      lse_row, delta_row, stride_qs, stride_dos, lo, full_lo, start_n,
+                                      offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, QROWS)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      stride_qs, stride_dos, full_lo, full_hi, start_n, offs_n, offs_d,
-                                      seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, True,
+                                      HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION,
+                                      UPCAST, RELOAD_KV, QROWS)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, k_mask, v_mask, q_base, do_base,
+                                      lse_row, delta_row, stride_qs, stride_dos, full_lo, full_hi, start_n,
+                                      offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, QROWS)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, kv_mask, q_base, do_base, lse_row, delta_row,
-                                      stride_qs, stride_dos, full_hi, hi, start_n, offs_n, offs_d,
-                                      seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, False,
+                                      HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION,
+                                      UPCAST, RELOAD_KV, QROWS)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_ptrs, v_ptrs, k_mask, v_mask, q_base, do_base,
+                                      lse_row, delta_row, stride_qs, stride_dos, full_hi, hi, start_n,
+                                      offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, slope,
                                       window_left, window_right, seed, salt, dropout_p,
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST,
-                                      RELOAD_KV, QROWS)
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, True,
+                                      HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION,
+                                      UPCAST, RELOAD_KV, QROWS)
     dk = dk * sm_scale  # d(q·k·scale)/dk
     tl.store(DK + b64 * stride_dkb + k_rows[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * stride_dvb + k_rows[:, None] * stride_dvs + hk * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+             dk.to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(DV + b64 * stride_dvb + k_rows[:, None] * stride_dvs + hk * stride_dvh + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                       start, end, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
-                       window_left, window_right, seed, salt, dropout_p,
+                       start, end, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap,
+                       slope, window_left, window_right, seed, salt, dropout_p,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -287,14 +290,14 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BN]
-        vT_ptrs = v_base + offs_n[None, :] * stride_vs + offs_d[:, None]  # [D, BN]
+        vT_ptrs = v_base + offs_n[None, :] * stride_vs + offs_dv[:, None]  # [DV, BN]
         if MASKED:
-            io_mask = (offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM)
-            kT = tl.load(kT_ptrs, mask=io_mask, other=0.0)
-            vT = tl.load(vT_ptrs, mask=io_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
+            col_ok = offs_n[None, :] < seqlen_k
+            kT = tl.load(kT_ptrs, mask=col_ok & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            vT = tl.load(vT_ptrs, mask=col_ok & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        elif BLOCK_D != HEAD_DIM or BLOCK_DV != HEAD_DIM_V:
             kT = tl.load(kT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            vT = tl.load(vT_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vT = tl.load(vT_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
         else:
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
@@ -320,6 +323,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
                  seqlen_q_dense, seqlen_k_dense, nheads, group,
                  sm_scale, softcap, window_left, window_right, dropout_p,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -336,12 +340,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
     b64 = b.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     io_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     q_rows = q_start.to(tl.int64) + offs_m
     q = tl.load(Q + b64 * stride_qb + q_rows[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
                 mask=io_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + q_rows[:, None] * stride_dos + h * stride_doh + offs_d[None, :],
-                 mask=io_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + q_rows[:, None] * stride_dos + h * stride_doh + offs_dv[None, :],
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     lse = _load_lse_log2(LSE + b64 * stride_lb + h * stride_lh + q_start, offs_m, seqlen_q)
     delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, mask=offs_m < seqlen_q, other=0.0)
     lse, delta = _fold_dropout_scale(lse, delta, dropout_p, HAS_DROPOUT)
@@ -359,20 +364,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI,
     lo, full_lo, full_hi, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                            lo, full_lo, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
-                            window_left, window_right, seed, salt, dropout_p,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                            lo, full_lo, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
+                            sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, True, HAS_LEFT,
+                            HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                            full_lo, full_hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
-                            window_left, window_right, seed, salt, dropout_p,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                            full_lo, full_hi, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
+                            sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, False, HAS_LEFT,
+                            HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
-                            full_hi, hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k, sm_scale, softcap, slope,
-                            window_left, window_right, seed, salt, dropout_p,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
+                            full_hi, hi, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
+                            sm_scale, softcap, slope, window_left, window_right, seed, salt, dropout_p,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, True, HAS_LEFT,
+                            HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, DOT_PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + q_rows[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -417,7 +422,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     """Launch the backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
     ``dlse``: the gradient of the returned lse (its shape), or None. On sm_90 the calls that
     backward_sm90 supports take one of its modes (backward_sm90.supported: the one pass, or,
-    with ``deterministic``, its dK/dV kernel and then the Triton dQ kernel)."""
+    with ``deterministic``, its dK/dV kernel and then the Triton dQ kernel). v, out and dout
+    may have a head dim of their own (the Gluon kernels take equal ones only)."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
@@ -435,7 +441,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     dq = configs.new_empty(q.shape, q.dtype, q.device)
     dk = configs.new_empty(k.shape, k.dtype, k.device)
     dv = configs.new_empty(v.shape, v.dtype, v.device)
-    block_d = configs.block_d(head_dim)
+    head_dim_v = v.shape[-1]  # (of dout and out too)
+    block_d, block_dv = configs.block_d(head_dim), configs.block_d(head_dim_v)
     if q.numel() == 0 or max_seqlen_q == 0:  # no query rows: no gradient flows anywhere
         return dq.zero_(), dk.zero_(), dv.zero_()
     if k.numel() == 0 or max_seqlen_k == 0:  # no keys: every row is empty
@@ -456,7 +463,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         *_dense_or_varlen_strides(out, varlen), *strides_do,
         stride_lb, stride_lh, *stats_strides,
         cu_seqlens_q, max_seqlen_q, nheads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block, IS_VARLEN=varlen,
+        HEAD_DIM=head_dim_v, BLOCK_D=block_dv, BLOCK_M=pre_block, IS_VARLEN=varlen,
         HAS_DLSE=dlse is not None, HAS_STATS=stats is not None,
     )
     sm90_kw = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k) if varlen else {}
@@ -485,12 +492,12 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
                 kw["alibi_slopes"] = alibi_slopes[..., hq]
             one_pass(qc, doc, kc, vc, stats[:, hq], dqc, dkc, dvc, kw)  # (its accumulator freed before the next)
         return dq, dk, dv
-    cfg = configs.backward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0,
-                                  gqa=nheads != nheads_k)
+    cfg = configs.backward_config(configs.tile_head_dim(head_dim, head_dim_v), q.dtype, q.device,
+                                  dropout=dropout_p > 0, gqa=nheads != nheads_k)
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, IS_VARLEN=varlen,
                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                  HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                  HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),

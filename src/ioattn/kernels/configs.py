@@ -78,6 +78,16 @@ def block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
 
+def tile_head_dim(head_dim: int, head_dim_v: int) -> int:
+    """The head dim whose tiles (forward_config, backward_config) a call takes where V's head
+    dim differs from Q/K's: the larger, whose tiles leave shared memory for the smaller; of two
+    that pad to the same power of two, the smaller, so that a padded one (129..255) keeps the
+    tiles _forward_config gives padded head dims."""
+    if block_d(head_dim) == block_d(head_dim_v):
+        return min(head_dim, head_dim_v)
+    return max(head_dim, head_dim_v)
+
+
 @functools.cache
 def _cuda_capability(index):
     return torch.cuda.get_device_capability(index)

@@ -125,14 +125,15 @@ def _softmax_step(acc, l_i, m_i, qk, v, start_m, offs_m, start_n, offs_n, seqlen
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_desc, v_desc, b, hk,
-                    start, end, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
+                    start, end, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
                     sm_scale, softcap, slope, window_left, window_right,
                     seed, salt, dropout_p, bt_row, stride_kp, stride_vp,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    USE_TMA: tl.constexpr, PAGE_SIZE: tl.constexpr):
+                    BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr):
     """Fold key blocks [start, end) into the running softmax state."""
     offs_n0 = tl.arange(0, BLOCK_N)
     if PAGE_SIZE > 0:
@@ -151,11 +152,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_de
             kT = _load_rows(k_base, offs_n, offs_d, stride_ks, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, True)
         qk = mma(q, kT, None, DOT_PRECISION, UPCAST)  # [BM, BN]
         if PAGE_SIZE > 0:
-            v = _load_paged(v_base, rows_v, offs_n, offs_d, seqlen_k, HEAD_DIM, False)
+            v = _load_paged(v_base, rows_v, offs_n, offs_dv, seqlen_k, HEAD_DIM_V, False)
         elif USE_TMA:
-            v = tl.reshape(v_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_D))
+            v = tl.reshape(v_desc.load([b, start_n, hk, 0]), (BLOCK_N, BLOCK_DV))
         else:
-            v = _load_rows(v_base, offs_n, offs_d, stride_vs, seqlen_k, HEAD_DIM, BLOCK_D, MASKED, False)
+            v = _load_rows(v_base, offs_n, offs_dv, stride_vs, seqlen_k, HEAD_DIM_V, BLOCK_DV, MASKED, False)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, start_m, offs_m, start_n, offs_n, seqlen_q, seqlen_k,
                                       sm_scale, softcap, slope, window_left, window_right,
                                       seed, salt, dropout_p, BLOCK_M, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
@@ -173,11 +174,13 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
               seqlen_q_dense, seqlen_k_dense, nheads, group,
               sm_scale, softcap, window_left, window_right, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
               PAGE_SIZE: tl.constexpr = 0):
+    # HEAD_DIM: of Q and K; HEAD_DIM_V: of V and O (they differ in e.g. DeepSeek's MLA: 192 and 128)
     # PAGE_SIZE > 0: K, V are paged caches (num_pages, PAGE_SIZE, heads, dim) whose pages for
     # sequence b are BLOCK_TABLE[b, :]; stride_kb / stride_vb are then the page strides
     # the last query blocks have the most keys to visit under a causal mask: start them first
@@ -205,6 +208,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < seqlen_q
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BM, D]
@@ -219,35 +223,35 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     lo, full_lo, full_hi, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # 1) masked blocks at the left edge of a window
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
-                                    lo, full_lo, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    lo, full_lo, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, bt_row, stride_kb, stride_vb,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                                     HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA, PAGE_SIZE)
     # 2) blocks every row sees in full: no mask arithmetic
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
-                                    full_lo, full_hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    full_lo, full_hi, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, bt_row, stride_kb, stride_vb,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                                     HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA, PAGE_SIZE)
     # 3) masked blocks on the causal diagonal / right window edge / ragged end
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
                                     K_DESC, V_DESC, b, hk,
-                                    full_hi, hi, start_m, offs_m, offs_d, seqlen_q, seqlen_k,
+                                    full_hi, hi, start_m, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
                                     sm_scale, softcap, slope, window_left, window_right,
                                     seed, salt, dropout_p, bt_row, stride_kb, stride_vb,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                                     HAS_DROPOUT, DOT_PRECISION, UPCAST, USE_TMA, PAGE_SIZE)
 
@@ -259,8 +263,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI, RNG, K_DESC, V
     acc = acc * inv_l[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(lse_base + offs_m, lse, mask=row_ok)
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 def _dense_or_varlen_strides(x, varlen):
@@ -305,7 +309,8 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
                       alibi_slopes=None, dropout_p=0.0, rng_state=None, block_table=None):
     """Launch the forward kernel. See docs/ARCHITECTURE.md for the contract. With
     ``block_table`` (int32 (batch, max_pages); varlen only), k and v are paged caches
-    (num_pages, page_size, nheads_k, headdim) and cu_seqlens_k gives each sequence's length."""
+    (num_pages, page_size, nheads_k, headdim) and cu_seqlens_k gives each sequence's length.
+    v (and out) may have a head dim of their own (the Gluon kernel takes equal ones only)."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
@@ -330,15 +335,18 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window_left=window_left,
             dropout_p=dropout_p, rng_state=rng_state, softcap=softcap, alibi_slopes=alibi_slopes)
         return out, lse
-    cfg = configs.forward_config(head_dim, q.dtype, q.device, dropout=dropout_p > 0, seqlen_k=max_seqlen_k)
-    block_d = configs.block_d(head_dim)
+    head_dim_v = v.shape[-1]
+    cfg = configs.forward_config(configs.tile_head_dim(head_dim, head_dim_v), q.dtype, q.device,
+                                 dropout=dropout_p > 0, seqlen_k=max_seqlen_k)
+    block_d, block_dv = configs.block_d(head_dim), configs.block_d(head_dim_v)
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)
     grid = (configs.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * nheads)
     k_desc = v_desc = None
-    use_tma = (configs.tma_tiles(block_d, q.element_size(), varlen) and configs.use_tma(q.device)
-               and _tma_ok(k, head_dim) and _tma_ok(v, head_dim))
+    # (K and V take the same box: a V head dim of its own only where it pads to K's width)
+    use_tma = (block_dv == block_d and configs.tma_tiles(block_d, q.element_size(), varlen)
+               and configs.use_tma(q.device) and _tma_ok(k, head_dim) and _tma_ok(v, head_dim_v))
     if use_tma:
         k_desc, v_desc = _kv_descriptors(k, v, [1, cfg["BLOCK_N"], 1, block_d])
     paged = dict(PAGE_SIZE=k.shape[1]) if block_table is not None else {}
@@ -351,7 +359,8 @@ def attention_forward(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
         stride_lb, stride_lh, stride_ab, block_table.stride(0) if paged else 0,
         max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k,
         softmax_scale, softcap, window_left, window_right, dropout_p,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=head_dim, BLOCK_D=block_d, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap_mode(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_mode(dropout_p, q.dtype),
