@@ -186,6 +186,12 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s17d)  # session 17, little device time left: the value-head-dim tests on the GPU (Triton kernels, dv != d), one
+          # ping-pong A/B round over 0 and 2, then as much of the full benchmark (s14b) as the call allows; files
+          # straight into $OUT (they come back from a cut call)
+    timeout 150 python3 -m pytest tests/test_value_headdim.py -q -x 2>&1 | tee "$OUT/value_headdim.log" | tail -n 5
+    SETTINGS="0 2" timeout 170 bash scripts/gpu_suite.sh s14e 2>&1 | tee -a "$OUT/s17d.log"
+    bash scripts/gpu_suite.sh s14b 2>&1 | tee -a "$OUT/s17d.log" ;;
   s17a|s17b|s17c)  # session 17: s17a = the ping-pong A/B rounds 1 and 2 (s14e then s14g) in one call; s17b = the shared
           # dropout draws (s14f) then the option costs with ping-pong (s14h at hdim 64 only); s17c (little device time
           # left) = one round of the ping-pong A/B over 0, 2, 2b, then the full benchmark (s14b). Each writes its
