@@ -311,3 +311,38 @@ def test_gluon_dispatch_rules():
         assert b(128) is None
     finally:
         bwd.MODE = "auto"
+
+
+@pytest.mark.parametrize("head_dim,head_dim_v,causal,options", [(192, 128, True, {}), (192, 128, False, {"varlen": True}),
+                                                               (256, 128, True, {"dropout": "packed"}),
+                                                               (128, 64, True, {"persistent": True}),
+                                                               (192, 64, False, {"softcap": True, "alibi": True})],
+                         ids=str)
+def test_gluon_forward_value_dims_compile_for_sm90a(head_dim, head_dim_v, causal, options):
+    """The Gluon forward with V's own head dim (forward_sm90.VALUE_DIMS; Q/K 192 runs in 256-wide
+    tiles) compiles for sm_90a within the shared memory, with wgmma and without spills; the
+    blocks fit the budget that config() picks them by."""
+    forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
+    kernel = forward_sm90.compile_for(head_dim, "bf16", causal, head_dim_v=head_dim_v, **options)
+    assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    assert "wgmma.mma_async" in kernel.asm["ptx"]
+    assert ptxas_report(kernel)["spill_bytes"] == 0
+    cfg = forward_sm90.config(head_dim, head_dim_v)
+    assert forward_sm90._smem_bytes(forward_sm90._kernel_dim(head_dim), head_dim_v, cfg["BLOCK_N"],
+                                    cfg["STAGES"]) <= forward_sm90._SMEM_BUDGET
+
+
+def test_gluon_forward_value_dims_dispatch():
+    """Which (d, dv) pairs the Gluon forward takes: equal dims as before; unequal ones only with
+    VALUE_DIMS, with dv < d and Q/K's dim in VALUE_QK_DIMS."""
+    forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
+    prev = forward_sm90.VALUE_DIMS
+    try:
+        forward_sm90.VALUE_DIMS = False
+        assert forward_sm90.head_dims_ok(128, 128) and not forward_sm90.head_dims_ok(192, 128)
+        forward_sm90.VALUE_DIMS = True
+        assert forward_sm90.head_dims_ok(192, 128) and forward_sm90.head_dims_ok(128, 64)
+        assert not forward_sm90.head_dims_ok(64, 128)  # (the output tile reuses Q's buffer: dv < d)
+        assert not forward_sm90.head_dims_ok(192, 192) and not forward_sm90.head_dims_ok(160, 128)
+    finally:
+        forward_sm90.VALUE_DIMS = prev

@@ -410,10 +410,11 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
     dtype: gl.constexpr = q2.dtype
     ROWS: gl.constexpr = q2.shape[0]
     HEAD_DIM: gl.constexpr = q2.shape[1]
+    HEAD_DIM_V: gl.constexpr = v_smem.shape[4]  # (VALUE_DIMS: V's own, <= HEAD_DIM)
     STAGES: gl.constexpr = k_smem.shape[0]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
-    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM_V)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     kv2_layout: gl.constexpr = _TILE2
     diag = seqlen_k - seqlen_q
@@ -428,7 +429,7 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
-    o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    o = gl.zeros([ROWS, HEAD_DIM_V], gl.float32, o_layout)
     s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
     if ALIBI_LINEAR and HAS_ALIBI:
@@ -460,7 +461,7 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         # P V of the previous block runs on the tensor cores behind the scores
         sp = (c - 1) % STAGES
         mbarrier.wait(v_ready.index(sp), ((c - 1) // STAGES) & 1)
-        vp = v_smem.index(sp)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        vp = v_smem.index(sp)._reinterpret(dtype, [BLOCK_N, HEAD_DIM_V], kv2_layout)
         o_tok = warpgroup_mma(p, vp, o, is_async=True)
         _turn_pass(turn, WG)
         kn = n_lo + j * BLOCK_N
@@ -480,7 +481,7 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
         c = c0 + n_blocks - 1
         sl = c % STAGES
         mbarrier.wait(v_ready.index(sl), (c // STAGES) & 1)
-        vl = v_smem.index(sl)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], kv2_layout)
+        vl = v_smem.index(sl)._reinterpret(dtype, [BLOCK_N, HEAD_DIM_V], kv2_layout)
         _turn_wait(turn, t0 + n_blocks, WG)
         o_tok = warpgroup_mma(p, vl, o, is_async=True)
         _turn_pass(turn, WG)
@@ -490,12 +491,26 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
 
 
 @gluon.jit
-def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale):
-    """Normalize a warpgroup's output and start its TMA store from the Q tile's buffer (free:
-    its last product has retired; the store drops rows past seqlen_q); rows that saw no key
+def _out_views(q_tile, o_desc):
+    """The buffer of a warpgroup's output tile: its Q tile's (free once the last product has
+    retired), as o_desc's 4-D TMA tile and as the 2-D view the consumer writes; with V's own head
+    dim (VALUE_DIMS, smaller than Q's) the front of that buffer, in the output's layout."""
+    ROWS: gl.constexpr = o_desc.block_type.shape[1]
+    HEAD_DIM_V: gl.constexpr = o_desc.block_type.shape[3]
+    if HEAD_DIM_V == q_tile.shape[3]:
+        o_tile = q_tile
+    else:
+        o_tile = q_tile._reinterpret(o_desc.dtype, o_desc.block_type.shape, o_desc.layout)
+    return o_tile, o_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM_V], _TILE2)
+
+
+@gluon.jit
+def _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale):
+    """Normalize a warpgroup's output and start its TMA store from the Q tile's buffer (o_tile
+    and its 2-D view o2, _out_views; the store drops rows past seqlen_q); rows that saw no key
     get out = 0 and lse = -inf; o_scale: 1, or 1 / (1 - p) under dropout. The caller waits for
     the store (tma.store_wait)."""
-    ROWS: gl.constexpr = q2.shape[0]
+    ROWS: gl.constexpr = o2.shape[0]
     o_layout: gl.constexpr = o.type.layout
     s_layout: gl.constexpr = m_i.type.layout.parent
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
@@ -504,9 +519,9 @@ def _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_l
     lse = gl.where(empty, float("-inf"), (m_i * qk_scale + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
     o = o * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
-    q2.store(o.to(q2.dtype))
+    o2.store(o.to(o2.dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, r0, h, 0], q_tile)
+    tma.async_copy_shared_to_global(o_desc, [b, r0, h, 0], o_tile)
 
 
 @gluon.jit
@@ -530,23 +545,24 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
                           seqlen_k, qk_scale, causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT, sc_in, sc_out,
                           slope2, HAS_SOFTCAP, HAS_ALIBI, turn, 0, WG)
+    o_tile, o2 = _out_views(q_tile, o_desc)
     if VARLEN:
         # a TMA store of the tile would write into the next sequence: a masked store instead
         # (a run-time branch between the two epilogues crashes the compiler's LLVM lowering)
-        _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale,
+        _epilogue_masked(o, m_i, l_i, o2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale,
                          o_scale)
     else:
-        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale)
+        _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale)
         tma.store_wait(0)
 
 
 @gluon.jit
-def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale, o_scale):
+def _epilogue_masked(o, m_i, l_i, o2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale, o_scale):
     """The varlen epilogue (O and LSE point at the sequence's first row): the normalized tile
-    goes through the Q tile's buffer into a row-major layout, then to memory by a store that
-    drops the rows past the sequence (a TMA store would write into the next one)."""
-    ROWS: gl.constexpr = q2.shape[0]
-    HEAD_DIM: gl.constexpr = q2.shape[1]
+    goes through the Q tile's buffer (o2, _out_views) into a row-major layout, then to memory by
+    a store that drops the rows past the sequence (a TMA store would write into the next one)."""
+    ROWS: gl.constexpr = o2.shape[0]
+    HEAD_DIM: gl.constexpr = o2.shape[1]
     o_layout: gl.constexpr = o.type.layout
     s_layout: gl.constexpr = m_i.type.layout.parent
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
@@ -555,9 +571,9 @@ def _epilogue_masked(o, m_i, l_i, q2, O, LSE, h, r0, seqlen_q, stride_os, stride
     lse = gl.where(empty, float("-inf"), (m_i * qk_scale + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     gl.store(LSE + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
     o = o * gl.expand_dims(gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), 1)
-    q2.store(o.to(q2.dtype))
+    o2.store(o.to(o2.dtype))
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
-    ot = q2.load(rows_layout)
+    ot = o2.load(rows_layout)
     rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
     ptrs = O + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + h * stride_oh + gl.expand_dims(cols, 0)
@@ -805,7 +821,8 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
         o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
                               seqlen_k, qk_scale, causal, -1, 0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, False, False,
                               turn, t, WG)
-        _epilogue(o, m_i, l_i, q2, q_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, 1.0)
+        o_tile, o2 = _out_views(q_tile, o_desc)
+        _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, 1.0)
         if PINGPONG:
             t += n_blocks + (n_blocks > 0).to(gl.int32)
         c += n_blocks
@@ -869,15 +886,48 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
 
 
 HEAD_DIMS = (64, 128, 256)
+# V with a head dim of its own (DeepSeek's MLA: q/k 192, v 128): V's tiles, the P V products and
+# the output take dv, and the output tile goes out through the front of the Q tile's buffer
+# (_out_views), so dv < d; Q/K head dims VALUE_QK_DIMS, V's one of HEAD_DIMS. Gluon's tiles need
+# power-of-two shapes: Q/K head dim 192 runs as 256 (_kernel_dim), the TMA filling the columns past
+# the tensor's 192 with zeros, which add nothing to Q K^T (the scores' products grow by a third,
+# the forward's by a fifth at 192/128). Shared memory (bf16, 2 stages; sm_90a compiles, no
+# spills): 192/128 and 256/128 164 KB with 64-key blocks (128 would not fit), 128/64 131 KB
+# with 128, 256/64 and 192/64 148 KB with 128. IOATTN_GLUON_VALUE_DIMS=1, opt-in until a GPU run
+# checks it (compiled only); otherwise dv != d takes the Triton forward
+VALUE_DIMS = os.environ.get("IOATTN_GLUON_VALUE_DIMS", "0") == "1"
+VALUE_QK_DIMS = (128, 192, 256)
+_SMEM_BUDGET = 220 * 1024  # of sm_90's 227 KB a CTA, the rest for barriers and the compiler's scratch
 
 
-def config(head_dim):
-    """Tiles and register split of the Gluon forward for a head dim. Key blocks of 128
-    (64 at head dim 256, where a 64 x 256 fp32 output accumulator already takes 128 registers
-    a thread); key blocks of 256 at head dim 64 spill. Shared memory on sm_90a (bf16): 82 KB
-    (hdim 64), 164 KB (128), 197 KB (256) with 2 stages."""
-    return dict(BLOCK_N=64 if head_dim > 128 else 128, STAGES=STAGES_64 if head_dim == 64 else 2,
-                CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+def _smem_bytes(head_dim, head_dim_v, block_n, stages):
+    """Shared memory of the per-tile kernel's buffers (16-bit elements): two Q tiles (one per
+    warpgroup, later the output tiles) and the K/V rings."""
+    return 2 * (2 * HALF_M * head_dim + stages * block_n * (head_dim + head_dim_v))
+
+
+def _kernel_dim(head_dim):
+    """The Q/K head dim the kernel's tiles take: head_dim, or 256 for 192 (VALUE_QK_DIMS)."""
+    return 256 if head_dim == 192 else head_dim
+
+
+def config(head_dim, head_dim_v=None):
+    """Tiles and register split of the Gluon forward for a head dim (and V's, if its own). Key
+    blocks of 128 (64 where V's head dim is 256, where a 64 x 256 fp32 output accumulator already
+    takes 128 registers a thread, or where 128 would not fit the shared memory); key blocks of
+    256 at head dim 64 spill. Shared memory on sm_90a (bf16): 82 KB (hdim 64), 164 KB (128),
+    197 KB (256) with 2 stages."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    stages = STAGES_64 if head_dim == 64 else 2
+    block_n = 64 if dv > 128 or _smem_bytes(_kernel_dim(head_dim), dv, 128, stages) > _SMEM_BUDGET else 128
+    return dict(BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
+
+
+def head_dims_ok(head_dim, head_dim_v):
+    """Whether the kernel takes these Q/K and V head dims (VALUE_DIMS for unequal ones)."""
+    if head_dim_v == head_dim:
+        return head_dim in HEAD_DIMS
+    return VALUE_DIMS and head_dim in VALUE_QK_DIMS and head_dim_v in HEAD_DIMS and head_dim_v < head_dim
 
 
 def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p, block_table,
@@ -891,7 +941,7 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
             dropout_p > 0 and not dropout_ok(q.shape[-1])) or window_right > 0 or (
             window_left >= 0 and not WINDOW):
         return False  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
-    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+    if q.dtype not in (torch.bfloat16, torch.float16) or not head_dims_ok(q.shape[-1], v.shape[-1]):
         return False
     if capability[0] != 9:
         return False
@@ -900,8 +950,8 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     # limit of 2k between them is a guess (2k not measured yet), so it keeps those
     if q.shape[-1] == 64 and window_right == 0 and (max_seqlen_k if varlen else k.shape[1]) <= 2048:
         return False
-    d = q.shape[-1]
-    return tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d)
+    d, dv = q.shape[-1], v.shape[-1]
+    return tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, dv)
 
 
 @functools.cache
@@ -951,6 +1001,14 @@ def _score_args(softmax_scale, softcap, alibi_slopes, lse):
     return qk_scale, (alibi_slopes if has_alibi else lse, stride_ab, sc_in, sc_out), has_softcap, has_alibi
 
 
+def _descriptors(q, k, v, out, block_n):
+    """TMA descriptors of (batch, seqlen, heads, dim) q, k, v, out: HALF_M-row tiles of Q and the
+    output, block_n-row tiles of K and V, V and out with their own head dim."""
+    d = _kernel_dim(q.shape[-1])  # (a tile wider than the tensor: the TMA fills the rest with zeros)
+    blocks = ([1, HALF_M, 1, d], [1, block_n, 1, d], [1, block_n, 1, v.shape[-1]], [1, HALF_M, 1, out.shape[-1]])
+    return [_descriptor(t, blk, q.dtype) for t, blk in zip((q, k, v, out), blocks)]
+
+
 def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_softcap, has_alibi, cfg=None):
     """Whether a dense forward takes the persistent kernel (PERSISTENT; a ``cfg`` with a
     PERSISTENT entry decides for benchmarks' A/B runs, where the kernel can run: head dims <= 128,
@@ -978,29 +1036,27 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
                                softmax_scale, causal, cfg, window_left, drop, has_dropout, scores)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    cfg = cfg or config(head_dim)
-    q_block = [1, HALF_M, 1, head_dim]
-    kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
-    descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q, q_block), (k, kv_block), (v, kv_block), (out, q_block))]
+    cfg = cfg or config(head_dim, v.shape[-1])
+    descs = _descriptors(q, k, v, out, cfg["BLOCK_N"])
     n_mblocks = cdiv(seqlen_q, 2 * HALF_M)
     if use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, scores[2], scores[3], cfg):
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
         head_group = min(HEAD_GROUP or batch * nheads, batch * nheads)
-        key = ("persistent", q.shape, k.shape, lse.stride(), q.dtype, causal, grid, head_group, tuple(cfg.values()),
+        key = ("persistent", q.shape, k.shape, v.shape[-1], lse.stride(), q.dtype, causal, grid, head_group, tuple(cfg.values()),
                align(lse))
         return launch(_attn_fwd_sm90_persistent, grid,
             *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"],
+            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"],
             STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
             num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
-    key = (q.shape, k.shape, lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap, has_alibi,
+    key = (q.shape, k.shape, v.shape[-1], lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap, has_alibi,
            score_args[1], tuple(cfg.values()), align(lse, out, drop[0], score_args[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-        qk_scale, out, 0, 0, lse, lse, window_left, *drop, *score_args, CAUSAL=causal, HEAD_DIM=head_dim,
+        qk_scale, out, 0, 0, lse, lse, window_left, *drop, *score_args, CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim),
         BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=False, HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
@@ -1014,45 +1070,47 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
     total_q, nheads, head_dim = q.shape
     nheads_k = k.shape[1]
     batch = cu_q.shape[0] - 1
-    cfg = cfg or config(head_dim)
-    q_block = [1, HALF_M, 1, head_dim]
-    kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
-    q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    descs = [_descriptor(t, blk, q.dtype) for t, blk in ((q4, q_block), (k4, kv_block), (v4, kv_block), (q4, q_block))]
+    cfg = cfg or config(head_dim, v.shape[-1])
+    # (the output's descriptor only gives the kernel its tile shape and layout: varlen stores
+    # through pointers, _epilogue_masked)
+    descs = _descriptors(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out.unsqueeze(0), cfg["BLOCK_N"])
     grid = (cdiv(max_seqlen_q, 2 * HALF_M), batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
-    key = ("varlen", q.shape, k.shape, lse.stride(0), out.stride(), window_left, q.dtype, causal, has_dropout,
+    key = ("varlen", q.shape, k.shape, v.shape[-1], lse.stride(0), out.stride(), window_left, q.dtype, causal, has_dropout,
            has_softcap, has_alibi, score_args[1], tuple(cfg.values()), align(lse, out, cu_q, cu_k, drop[0],
                                                                              score_args[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, qk_scale,
         out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, *score_args, CAUSAL=causal,
-        HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap,
         HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False,
-                dropout=False, softcap=False, alibi=False):
+                dropout=False, softcap=False, alibi=False, head_dim_v=None):
     """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests).
-    dropout: False, True (= "select"), or "select" / "packed" / "early" (DROPOUT_APPLY)."""
+    dropout: False, True (= "select"), or "select" / "packed" / "early" (DROPOUT_APPLY).
+    head_dim_v: V's own head dim (VALUE_DIMS), else head_dim."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    cfg = config(head_dim)
+    dv = head_dim if head_dim_v is None else head_dim_v
+    cfg = config(head_dim, dv)
     fn = _attn_fwd_sm90_persistent if persistent else _attn_fwd_sm90
-    q_block = [1, HALF_M, 1, head_dim]
-    kv_block = [1, cfg["BLOCK_N"], 1, head_dim]
+    kd = _kernel_dim(head_dim)
+    q_block, o_block = [1, HALF_M, 1, kd], [1, HALF_M, 1, dv]
+    kv_block, v_block = [1, cfg["BLOCK_N"], 1, kd], [1, cfg["BLOCK_N"], 1, dv]
 
     def desc(block):
         return f"tensordesc<{dtype}[{','.join(map(str, block))}],{_layout(block, tdtype)!r}>"
 
-    sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(kv_block), o_desc=desc(q_block),
+    sig = dict(q_desc=desc(q_block), k_desc=desc(kv_block), v_desc=desc(v_block), o_desc=desc(o_block),
                LSE="*fp32", stride_lb="i32", stride_lh="i32", seqlen_q="i32", seqlen_k="i32", nheads="i32",
                group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", head_group="i32", O=f"*{dtype}", stride_os="i32",
                stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32", RNG="*i64", dropout_p="fp32", o_scale="fp32",
                ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
-    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     if not persistent:
         constexprs["IS_VARLEN"] = varlen
