@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 
 os.environ["IOATTN_GLUON_VALUE_DIMS"] = "1"
@@ -258,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--seqlens", default="1024,4096,16384")
     args = ap.parse_args(argv)
+    # a `timeout` (SIGTERM) still writes the rows so far (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     rows = []
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     n_fail = 0
