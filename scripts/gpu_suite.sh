@@ -186,13 +186,13 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s18a)  # session 18: V's own head dim in the Gluon forward (IOATTN_GLUON_VALUE_DIMS=1; compiled only): the
-          # value-head-dim tests with it, the kernel / public-API checks and the 192/128 timing (4k, 16k), then one
-          # ping-pong A/B round over 0 and 2; files straight into $OUT (~8 min)
-    IOATTN_GLUON_VALUE_DIMS=1 timeout 120 python3 -m pytest tests/test_value_headdim.py -q -x 2>&1 | tee "$OUT/value_headdim.log" | tail -n 5
+  s18a)  # session 18: one ping-pong A/B round over 0 and 2 (s14e), then V's own head dim in the Gluon forward
+          # (IOATTN_GLUON_VALUE_DIMS=1; compiled only): the value-head-dim tests with it, the kernel / public-API
+          # checks and the 192/128 timing (4k, 16k); files straight into $OUT (~8 min)
+    SETTINGS="0 2" timeout 170 bash scripts/gpu_suite.sh s14e 2>&1 | tee -a "$OUT/s18a.log"
+    IOATTN_GLUON_VALUE_DIMS=1 timeout 100 python3 -m pytest tests/test_value_headdim.py -q -x 2>&1 | tee "$OUT/value_headdim.log" | tail -n 5
     timeout 230 python3 benchmarks/gluon_value_dim_check.py --seqlens 4096,16384 --out "$OUT/value_dim.json" 2>&1 \
-      | tee "$OUT/value_dim.log" | grep -v "^PASS"
-    SETTINGS="0 2" timeout 170 bash scripts/gpu_suite.sh s14e 2>&1 | tee -a "$OUT/s18a.log" ;;
+      | tee "$OUT/value_dim.log" | grep -v "^PASS" ;;
   s18b)  # session 18, after s18a: the full benchmark (s14b; its files straight into $OUT), then the shared
           # dropout draws (s14f; its files under /tmp/s18b and one tar of them in $OUT) (~9 min)
     timeout 330 bash scripts/gpu_suite.sh s14b 2>&1 | tee -a "$OUT/s18b.log"
