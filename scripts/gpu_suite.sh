@@ -193,6 +193,9 @@ case "$mode" in
     IOATTN_GLUON_VALUE_DIMS=1 timeout 100 python3 -m pytest tests/test_value_headdim.py -q -x 2>&1 | tee "$OUT/value_headdim.log" | tail -n 5
     timeout 230 python3 benchmarks/gluon_value_dim_check.py --seqlens 4096,16384 --out "$OUT/value_dim.json" 2>&1 \
       | tee "$OUT/value_dim.log" | grep -v "^PASS" ;;
+  s18c)  # session 18, little device time left: the value-head-dim checks of the Gluon forward alone, no timing (~3 min)
+    timeout 200 python3 benchmarks/gluon_value_dim_check.py --skip-bench --out "$OUT/value_dim.json" 2>&1 \
+      | tee "$OUT/value_dim.log" | grep -v "^PASS" ;;
   s18b)  # session 18, after s18a: the full benchmark (s14b; its files straight into $OUT), then the shared
           # dropout draws (s14f; its files under /tmp/s18b and one tar of them in $OUT) (~9 min)
     timeout 330 bash scripts/gpu_suite.sh s14b 2>&1 | tee -a "$OUT/s18b.log"
