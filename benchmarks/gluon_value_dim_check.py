@@ -132,11 +132,11 @@ def check_api(rows):
             v = torch.randn(b, sk, hk, dv, device="cuda", dtype=dtype)
             dout = torch.randn(b, sq, h, dv, device="cuda", dtype=dtype)
             seed = 1234 + n
+            window = opts.get("window_size", (-1, 0 if opts["causal"] else -1))
             mask = None
             if opts.get("dropout_p", 0) > 0:
-                mask = _keep_mask(q, k, opts["dropout_p"], opts["causal"], (-1, 0), seed)
+                mask = _keep_mask(q, k, opts["dropout_p"], opts["causal"], window, seed)
             # where the dispatch should take the Gluon forward (dropout: at DROPOUT_HEAD_DIMS only)
-            window = opts.get("window_size", (-1, 0 if opts["causal"] else -1))
             expect = forward_sm90.supported(q, k, v, varlen=False, window_left=window[0], window_right=window[1],
                                             softcap=opts.get("softcap", 0.0), alibi_slopes=opts.get("alibi_slopes"),
                                             dropout_p=opts.get("dropout_p", 0.0), block_table=None,

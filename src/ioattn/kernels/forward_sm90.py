@@ -15,10 +15,10 @@ wheel) lets the kernel say what runs where:
   block j runs while it rescales (FlashAttention-3's intra-warpgroup overlap).
 
 Scope: bf16/fp16 (batch, seqlen, heads, dim) tensors or packed varlen batches, head dims 64,
-128 and 256 (with VALUE_DIMS also Q/K 128/192/256 with a smaller V head dim), causal (bottom-right aligned) or not, sliding windows (left, 0) / (left, -1),
-GQA/MQA, dropout (dropout_sm90's masks, equal to the Triton kernels'; by default at hdim 128
-only, see DROPOUT); the same outputs as forward.py (out, and lse in natural log), so the
-backward is shared; softcap and ALiBi (SCORES). Right windows, paged K/V, other head dims and
+128 and 256 (with VALUE_DIMS also Q/K 128/192/256 with a smaller V head dim), causal
+(bottom-right aligned) or not, sliding windows (left, 0) / (left, -1), GQA/MQA, dropout
+(dropout_sm90's masks, equal to the Triton kernels'; by default at hdim 128 only, see DROPOUT);
+the same outputs as forward.py (out, and lse in natural log), so the backward is shared; softcap and ALiBi (SCORES). Right windows, paged K/V, other head dims and
 fp32 keep the Triton kernel.
 Gluon kernels do not run in the interpreter: tests/test_gpu_configs.py compiles this one for
 sm_90a on the CPU, and the GPU suite (benchmarks/gpu_check.py) checks its numbers.
@@ -1043,17 +1043,17 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
         head_group = min(HEAD_GROUP or batch * nheads, batch * nheads)
-        key = ("persistent", q.shape, k.shape, v.shape[-1], lse.stride(), q.dtype, causal, grid, head_group, tuple(cfg.values()),
-               align(lse))
+        key = ("persistent", q.shape, k.shape, v.shape[-1], lse.stride(), q.dtype, causal, grid, head_group,
+               tuple(cfg.values()), align(lse))
         return launch(_attn_fwd_sm90_persistent, grid,
             *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"],
-            STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
-            num_warps=cfg["num_warps"], key=key)
+            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim),
+            BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+            PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
-    key = (q.shape, k.shape, v.shape[-1], lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap, has_alibi,
-           score_args[1], tuple(cfg.values()), align(lse, out, drop[0], score_args[0]))
+    key = (q.shape, k.shape, v.shape[-1], lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap,
+           has_alibi, score_args[1], tuple(cfg.values()), align(lse, out, drop[0], score_args[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
         qk_scale, out, 0, 0, lse, lse, window_left, *drop, *score_args, CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim),
@@ -1076,15 +1076,15 @@ def _forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, s
     descs = _descriptors(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out.unsqueeze(0), cfg["BLOCK_N"])
     grid = (cdiv(max_seqlen_q, 2 * HALF_M), batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
-    key = ("varlen", q.shape, k.shape, v.shape[-1], lse.stride(0), out.stride(), window_left, q.dtype, causal, has_dropout,
-           has_softcap, has_alibi, score_args[1], tuple(cfg.values()), align(lse, out, cu_q, cu_k, drop[0],
-                                                                             score_args[0]))
+    key = ("varlen", q.shape, k.shape, v.shape[-1], lse.stride(0), out.stride(), window_left, q.dtype, causal,
+           has_dropout, has_softcap, has_alibi, score_args[1], tuple(cfg.values()),
+           align(lse, out, cu_q, cu_k, drop[0], score_args[0]))
     return launch(_attn_fwd_sm90, grid,
         *descs, lse, 0, lse.stride(0), 0, 0, nheads, nheads // nheads_k, qk_scale,
         out, out.stride(0), out.stride(1), cu_q, cu_k, window_left, *drop, *score_args, CAUSAL=causal,
-        HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
-        PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True, HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap,
-        HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
+        HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
+        CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], IS_VARLEN=True,
+        HAS_DROPOUT=has_dropout, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
 
 
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persistent=False, varlen=False,
@@ -1110,7 +1110,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
                group="i32", qk_scale="fp32", n_tiles="i32", n_mblocks="i32", head_group="i32", O=f"*{dtype}", stride_os="i32",
                stride_oh="i32", CU_Q="*i32", CU_K="*i32", left="i32", RNG="*i64", dropout_p="fp32", o_scale="fp32",
                ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
-    constexprs = dict(CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=kd, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     if not persistent:
         constexprs["IS_VARLEN"] = varlen
