@@ -18,8 +18,9 @@ Scope: bf16/fp16 (batch, seqlen, heads, dim) tensors or packed varlen batches, h
 128 and 256 (with VALUE_DIMS also Q/K 128/192/256 with a smaller V head dim), causal
 (bottom-right aligned) or not, sliding windows (left, 0) / (left, -1), GQA/MQA, dropout
 (dropout_sm90's masks, equal to the Triton kernels'; by default at hdim 128 only, see DROPOUT);
-the same outputs as forward.py (out, and lse in natural log), so the backward is shared; softcap and ALiBi (SCORES). Right windows, paged K/V, other head dims and
-fp32 keep the Triton kernel.
+the same outputs as forward.py (out, and lse in natural log), so the backward is shared;
+softcap and ALiBi (SCORES). Right windows, paged K/V, other head dims and fp32 keep the Triton
+kernel.
 Gluon kernels do not run in the interpreter: tests/test_gpu_configs.py compiles this one for
 sm_90a on the CPU, and the GPU suite (benchmarks/gpu_check.py) checks its numbers.
 """
