@@ -186,6 +186,14 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s19a)  # session 19, after the new defaults (V's own head dim in the Gluon forward; hdim-64 dropout on the Gluon
+          # backward, 64-row blocks, each Philox call once): the public-API quick grid, the hdim-64 dropout checks
+          # (dense, varlen) vs fp32, the value-head-dim tests, then the hdim-64 dropout cost (~5 min)
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1; tail -n 3 "$OUT/check.log"
+    timeout 150 python3 benchmarks/dropout64_check.py --out "$OUT/dropout64.json" 2>&1 | tee "$OUT/dropout64.log" | grep -v "^PASS"
+    timeout 120 python3 -m pytest tests/test_value_headdim.py tests/test_features.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 3
+    timeout 100 python3 benchmarks/bench_features.py --hdim 64 --parts options --options plain,dropout,sdpa \
+      --out "$OUT/features_d64.json" 2>&1 | tail -n 8 ;;
   s18a)  # session 18: one ping-pong A/B round over 0 and 2 (s14e), then V's own head dim in the Gluon forward
           # (IOATTN_GLUON_VALUE_DIMS=1; compiled only): the value-head-dim tests with it, the kernel / public-API
           # checks and the 192/128 timing (4k, 16k); files straight into $OUT (~8 min)

@@ -540,8 +540,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         q: ``(batch, seqlen_q, nheads, headdim)``; k: ``(batch, seqlen_k, nheads_k, headdim)``;
             v: ``(batch, seqlen_k, nheads_k, headdim_v)``, ``nheads % nheads_k == 0`` (GQA/MQA).
             fp16, bf16 or fp32; headdim and headdim_v 1..256, headdim_v may differ from headdim
-            (e.g. DeepSeek's MLA: 192 and 128; on Hopper such calls run the Triton kernels, or
-            the Gluon forward with ``IOATTN_GLUON_VALUE_DIMS=1``, opt-in: kernels/forward_sm90.py).
+            (e.g. DeepSeek's MLA: 192 and 128; on Hopper the Gluon forward takes Q/K 128/192/256
+            with a smaller V head dim of 64/128/256, the rest and the backward the Triton kernels).
         dropout_p: dropout on the attention probabilities (use 0.0 at evaluation).
         softmax_scale: defaults to ``1 / sqrt(headdim)`` (q's head dim).
         causal: bottom-right aligned causal mask (see the module docstring).

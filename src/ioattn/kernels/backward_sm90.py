@@ -629,7 +629,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    cfg = config(head_dim)
+    cfg = config(head_dim, softcap=softcap, alibi=alibi, dropout=dropout)  # the rows the launcher takes
     blk = _blocks(head_dim, block_m or cfg["BLOCK_M"])
 
     def desc(block, dt=dtype, tdt=tdtype):

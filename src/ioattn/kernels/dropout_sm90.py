@@ -56,17 +56,18 @@ from triton.experimental.gluon import language as gl
 from .masks import DROPOUT_ROUNDS
 
 # how the backward's transposed tiles (keep_cols) get their draws (IOATTN_GLUON_DROPOUT_COLS):
-# "redundant" (default): every warp of the warpgroup runs each Philox call its threads need a word
-# of (4x the calls of the tile); "shared": each call runs once (a warp per quarter of the query
+# "redundant": every warp of the warpgroup runs each Philox call its threads need a word
+# of (4x the calls of the tile); "shared" (default): each call runs once (a warp per quarter of the query
 # rows), and its four words reach the warps that use them through shared memory (a layout
 # conversion: 4 KB of shared memory a warpgroup for a 64 x 64 tile). Static SASS of the hdim-64
 # backward on 64-row blocks under dropout: 2,968 -> 2,512 instructions (plain 1,872), no spills,
 # 133 -> 140 KB of shared memory. The hdim-128 backward would need 239 KB (beyond sm_90's 227), so
-# the backward takes it at hdim 64 only (keep_cols's SHARED). Opt-in until an H200 run checks the
-# masks (gluon_dropout_check) and times it. (A plain bool: kernels take it as a constexpr of their
+# the backward takes it at hdim 64 only (keep_cols's SHARED). H100, session 19 (results/h100-session19b):
+# masks bit-identical to the Triton ones (52/52), the mask's cost 0.574 -> 0.269 ps per element, the
+# hdim-64 dropout forward+backward (4k causal) 3.606 -> 3.526 ms. (A plain bool: kernels take it as a constexpr of their
 # own module or as an argument, which Triton's compile cache keys on; a global of this module read
 # from a kernel of another is not part of that key.)
-COLS_SHARED = os.environ.get("IOATTN_GLUON_DROPOUT_COLS", "redundant") == "shared"
+COLS_SHARED = os.environ.get("IOATTN_GLUON_DROPOUT_COLS", "shared") == "shared"
 
 # tl.philox_impl's uint32 constants (triton/language/random.py)
 PHILOX_KEY_A = gl.constexpr(0x9E3779B9)

@@ -64,11 +64,14 @@ DROPOUT_HEAD_DIMS = (64, 128)
 # (softcap 284-684 B, ALiBi 108-448 B, dropout 184-364 B), 64-row blocks do not. H200, 4k causal,
 # same run (results/h200-session13a), backward part (forward+backward - forward) at 128 / 64 rows:
 # softcap 3.76 / 2.32 ms (forward+backward +89% -> +32% over plain), ALiBi 2.15 / 2.25, dropout
-# (Gluon backward at 64 rows vs the Triton one) 2.76 / 2.74. IOATTN_GLUON_BWD64_OPTION_ROWS: "auto"
-# (default) 64 rows under softcap only, "64" under any of the three (and the Gluon backward under
-# dropout at hdim 64), "128" never
+# (Gluon backward at 64 rows vs the Triton one) 2.76 / 2.74. H100, session 19 (results/h100-session19b,
+# 4k causal, p 0.1, forward+backward): the Triton backward 3.603 ms, the Gluon one at 64 rows 3.606,
+# and with each Philox call once (dropout_sm90.COLS_SHARED) 3.526 (-2.1%; masks bit-identical to
+# the Triton ones, 52/52). IOATTN_GLUON_BWD64_OPTION_ROWS: "auto" (default) 64 rows under softcap or
+# dropout (the Gluon backward under dropout at hdim 64), 128 under ALiBi alone; "64" under any of
+# the three; "128" never (and the Triton backward under dropout at hdim 64)
 OPTION_ROWS_64 = os.environ.get("IOATTN_GLUON_BWD64_OPTION_ROWS", "auto")
-DROPOUT_BWD_HEAD_DIMS = (128, 64) if OPTION_ROWS_64 == "64" else (128, )
+DROPOUT_BWD_HEAD_DIMS = (128, ) if OPTION_ROWS_64 == "128" else (128, 64)
 
 
 def option_rows_64(softcap=False, alibi=False, dropout=False):
@@ -77,7 +80,7 @@ def option_rows_64(softcap=False, alibi=False, dropout=False):
         return 64 if (softcap or alibi or dropout) else 128
     if OPTION_ROWS_64 == "128":
         return 128
-    return 64 if softcap else 128
+    return 64 if (softcap or dropout) else 128
 
 
 # how the forward applies the masks (IOATTN_GLUON_DROPOUT_APPLY; the same kept entries in all three):
@@ -894,9 +897,11 @@ HEAD_DIMS = (64, 128, 256)
 # the tensor's 192 with zeros, which add nothing to Q K^T (the scores' products grow by a third,
 # the forward's by a fifth at 192/128). Shared memory (bf16, 2 stages; sm_90a compiles, no
 # spills): 192/128 and 256/128 164 KB with 64-key blocks (128 would not fit), 128/64 131 KB
-# with 128, 256/64 and 192/64 148 KB with 128. IOATTN_GLUON_VALUE_DIMS=1, opt-in until a GPU run
-# checks it (compiled only); otherwise dv != d takes the Triton forward
-VALUE_DIMS = os.environ.get("IOATTN_GLUON_VALUE_DIMS", "0") == "1"
+# with 128, 256/64 and 192/64 148 KB with 128. H100, session 19 (results/h100-session19a): 60/60
+# kernel checks vs fp64, 12/12 public-API forward+backward checks next to the Triton path; 192/128
+# bf16 forward 490-537 TFLOP/s vs the Triton forward's 237-280 (1.9-2.1x) and cuDNN's 543-612
+# (0.86-0.93x). IOATTN_GLUON_VALUE_DIMS=0 sends dv != d to the Triton forward
+VALUE_DIMS = os.environ.get("IOATTN_GLUON_VALUE_DIMS", "1") == "1"
 VALUE_QK_DIMS = (128, 192, 256)
 _SMEM_BUDGET = 220 * 1024  # of sm_90's 227 KB a CTA, the rest for barriers and the compiler's scratch
 
