@@ -186,6 +186,10 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s19b)  # session 19, little device time left: V's own head dim in the Gluon backward (IOATTN_GLUON_BWD_VALUE_DIMS;
+          # compiled only): the public-API checks vs fp64 next to the Triton backward, then 192/128 fwd+bwd at 4k (~3 min)
+    timeout 170 python3 benchmarks/gluon_value_dim_bwd_check.py --seqlens 4096 --out "$OUT/value_dim_bwd.json" 2>&1 \
+      | tee "$OUT/value_dim_bwd.log" | grep -v "^PASS" ;;
   s19a)  # session 19, after the new defaults (V's own head dim in the Gluon forward; hdim-64 dropout on the Gluon
           # backward, 64-row blocks, each Philox call once): the public-API quick grid, the hdim-64 dropout checks
           # (dense, varlen) vs fp32, the value-head-dim tests, then the hdim-64 dropout cost (~5 min)

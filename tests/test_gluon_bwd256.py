@@ -196,3 +196,74 @@ def test_gluon_bwd256_options_launcher_wiring(monkeypatch, varlen):
     assert kwargs["HAS_WINDOW"] and kwargs["HAS_SOFTCAP"] and kwargs["HAS_ALIBI"] and kwargs["CAUSAL"]
     assert kwargs["IS_VARLEN"] == varlen and not kwargs["WITH_DQ"]
     assert (kwargs["CONSUMER_REGS"], kwargs["PRODUCER_REGS"]) == (232, 40)
+
+
+# ----------------------------------------------------------------- V's own head dim (MLA)
+
+@pytest.mark.parametrize("causal,options", [(False, {}), (True, {}), (True, dict(window=True, softcap=True)),
+                                            (False, dict(alibi=True))], ids=str)
+def test_gluon_bwd256_value_dim_compiles_for_sm90a(causal, options):
+    """V with head dim 128 under Q/K 256 or 192 (backward_sm90.VALUE_DIMS): dO and V in 64-wide
+    column halves of a ring of their own, dV 64 x 64 a warpgroup (m64n64 wgmma), dP over V's two
+    halves (m64n32); within the shared memory (177 KB measured) and without spills."""
+    d256 = pytest.importorskip("ioattn.kernels.backward_sm90_d256")
+    kernel = d256.compile_for("bf16", causal, False, head_dim_v=128, **options)
+    assert kernel.metadata.shared <= 182 * 1024, kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    assert "m64n32k16" in ptx and "m64n64k16" in ptx and "m64n128k16" in ptx
+    assert "cp.reduce.async.bulk.tensor" not in ptx and "cp.async.bulk.tensor.4d.global.shared" in ptx
+    assert ptxas_report(kernel)["spill_bytes"] == 0
+    assert d256.head_dims_ok(192, 128) and d256.head_dims_ok(256, 128) and d256.head_dims_ok(256, 256)
+    assert not d256.head_dims_ok(192, 128, varlen=True) and not d256.head_dims_ok(192, 128, with_dq=True)
+    assert not d256.head_dims_ok(192, 192) and not d256.head_dims_ok(128, 64)
+
+
+def test_gluon_bwd256_value_dim_dispatch(monkeypatch):
+    """Which calls with dv != d take the Gluon backward: with VALUE_DIMS, (192 | 256, 128) dense
+    without dropout, in the split mode (deterministic or not); otherwise the Triton backward."""
+    bwd = pytest.importorskip("ioattn.kernels.backward_sm90")
+    opts = dict(varlen=False, window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                capability=(9, 0), deterministic=False)
+
+    def sup(d, dv, **kw):
+        q, k, v = (torch.zeros(1, 512, 2, n, dtype=torch.bfloat16) for n in (d, d, dv))
+        return bwd.supported(q, k, v, torch.zeros_like(v), **{**opts, **kw})
+
+    monkeypatch.setattr(bwd, "VALUE_DIMS", False)
+    assert sup(192, 128) is None and sup(256, 256) == "split"
+    monkeypatch.setattr(bwd, "VALUE_DIMS", True)
+    assert sup(192, 128) == sup(256, 128) == sup(192, 128, deterministic=True) == "split"
+    assert sup(192, 128, softcap=30.0, window_left=64) == "split"
+    assert sup(192, 128, dropout_p=0.1) is None and sup(128, 64) is None and sup(192, 64) is None
+    assert sup(192, 128, capability=(8, 0)) is None
+    packed = (torch.zeros(512, 2, n, dtype=torch.bfloat16) for n in (192, 192, 128))
+    q, k, v = packed
+    assert bwd.supported(q, k, v, torch.zeros_like(v), **{**opts, "varlen": True, "max_seqlen_k": 512}) is None
+
+
+def test_gluon_bwd256_value_dim_launcher_wiring(monkeypatch):
+    """The launcher at Q/K 192, V 128 (recorded, not launched): Q, K, dK tiles 128 wide (the TMA
+    zero-fills past 192 and drops those columns from the dK store), dO, V, dV tiles 64 wide, on
+    the tensors themselves; dK and dV with their own strides; the split mode."""
+    bwd = pytest.importorskip("ioattn.kernels.backward_sm90")
+    d256 = pytest.importorskip("ioattn.kernels.backward_sm90_d256")
+    calls = []
+    monkeypatch.setattr(d256, "launch", lambda kern, grid, *a, **kw: calls.append((kern, grid, a, kw)))
+    b, h, hk, sq, sk = 2, 4, 2, 300, 130
+    q = torch.empty(b, sq, h, 192, dtype=torch.bfloat16)
+    k = torch.empty(b, sk, hk, 192, dtype=torch.bfloat16)
+    v = torch.empty(b, sk, hk, 128, dtype=torch.bfloat16)
+    dout = torch.empty(b, sq, h, 128, dtype=torch.bfloat16)
+    stats = bwd.new_stats(b, h, sq, "cpu")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    bwd.attention_backward_sm90(dout, q, k, v, stats, None, dk, dv, softmax_scale=192 ** -0.5, causal=True)
+    (kern, grid, args, kwargs), = calls
+    assert kern is d256._attn_bwd_d256 and grid == (3, b * hk)
+    blocks = [tuple(x.block_shape) for x in args[:7]]
+    assert blocks == [(1, 64, 1, 128), (1, 64, 1, 64), (1, 64, 1, 128), (1, 64, 1, 64), (1, 64, 1, 128),
+                      (1, 64, 1, 64), (1, 64, 1, 64)]
+    assert [x.base for x in args[:6]] == [q, dout, k, v, dk, dv]
+    assert not kwargs["WITH_DQ"] and not kwargs["IS_VARLEN"]
+    with pytest.raises(AssertionError):  # the one pass has no slot for its dQ tile with V's own head dim
+        bwd.attention_backward_sm90(dout, q, k, v, stats, torch.zeros(q.shape), dk, dv, softmax_scale=0.1,
+                                    causal=True)

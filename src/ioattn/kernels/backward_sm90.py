@@ -481,6 +481,12 @@ D256 = os.environ.get("IOATTN_GLUON_BWD256", "1") == "1"
 # ALiBi (h,)/(b, h), varlen with empty sequences); 4k causal split mode 1.24x the Triton backward
 # with softcap 50 and with a window of 1024. Dropout at hdim 256 keeps the Triton backward.
 D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
+# V's own head dim (MLA: Q/K 192, V 128; also 256 / 128) on backward_sm90_d256's kernel, dK/dV only
+# ("split": the Triton dQ kernel after it), dense, no dropout: its dO and V tiles are column halves
+# of V's head dim, Q/K 192 runs in its 128-wide halves (the TMA zero-fills the columns past 192 and
+# drops them from the dK store). Shared memory 177 KB, no spills on sm_90a. IOATTN_GLUON_BWD_VALUE_DIMS=1:
+# opt-in until a GPU run checks it (compiled only); otherwise such calls take the Triton backward
+VALUE_DIMS = os.environ.get("IOATTN_GLUON_BWD_VALUE_DIMS", "0") == "1"
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
@@ -502,21 +508,32 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if window_left >= 0 and not forward_sm90.WINDOW:
         return None
-    if q.shape[-1] == 256 and D256:
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv != d:
+        # backward_sm90_d256 with V's own head dim (VALUE_DIMS): dense, no dropout, dK/dV only
+        if not (VALUE_DIMS and D256 and (d, dv) in _VALUE_PAIRS) or varlen or dropout_p > 0 or (
+                (window_left >= 0 or softcap > 0 or alibi_slopes is not None) and not D256_OPTIONS):
+            return None
+    elif d == 256 and D256:
         # backward_sm90_d256: no dropout; windows, softcap, ALiBi and varlen with D256_OPTIONS only
         if dropout_p > 0 or ((varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
                              and not D256_OPTIONS):
             return None
-    elif q.shape[-1] not in HEAD_DIMS:
+    elif d not in HEAD_DIMS:
         return None
-    if q.dtype not in (torch.bfloat16, torch.float16) or v.shape[-1] != q.shape[-1]:
+    if q.dtype not in (torch.bfloat16, torch.float16):
         return None
-    d = q.shape[-1]
-    if not (tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, d) and tma_ok(dout, d)):
+    if not (tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, dv) and tma_ok(dout, dv)):
         return None
+    if dv != d:
+        return "split"
     if d == 256:
         return "atomic" if MODE == "atomic" and not deterministic else "split"
     return "split" if deterministic or MODE == "split" else "atomic"
+
+
+# backward_sm90_d256.VALUE_PAIRS (here so that supported() imports nothing on every call)
+_VALUE_PAIRS = ((256, 128), (192, 128))
 
 
 def _blocks(head_dim, block_m):
@@ -576,7 +593,7 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     new_stats_varlen (each sequence's rows from stats_offset); one CTA per 128 keys of the
     longest sequence (the others return at once). dropout_p, rng_state, softcap, alibi_slopes:
     as the forward's (the same masks, scores and slopes)."""
-    if q.shape[-1] == 256:  # the kernel that splits the head dim (supported(): no dropout)
+    if q.shape[-1] in (192, 256):  # the kernel that splits the head dim (supported(): no dropout; 192 with V 128)
         from . import backward_sm90_d256
         assert dropout_p == 0
         return backward_sm90_d256.attention_backward_d256(

@@ -64,18 +64,20 @@ BLOCK_N = 64  # keys per CTA (32 per warpgroup in the score products)
 
 
 @gluon.jit
-def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
+def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, do_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
               q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off):
     # (varlen: b = 0 and the sequence's rows start at q_off / k_off of the packed tensors, its
     # lse/delta at st_off of the stats buffer)
     STAGES: gl.constexpr = st_smem.shape[0] // 2
     ROWS: gl.constexpr = qd_smem.shape[2]
     HALF: gl.constexpr = qd_smem.shape[4]
+    VHALF: gl.constexpr = v_smem.shape[4]  # (V's own head dim: half of it; then dO has a ring of its own)
+    COMBINED: gl.constexpr = qd_smem.shape[0] == 4 * STAGES
     # K and V (column halves), once per CTA
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     for w in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, k_off + n0, hk, w * HALF], kv_bar, k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [b, k_off + n0, hk, w * HALF], kv_bar, v_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [b, k_off + n0, hk, w * VHALF], kv_bar, v_smem.index(w))
     for t in range(group * n_mblocks):
         s = t % STAGES
         h = hk * group + t // n_mblocks
@@ -84,30 +86,40 @@ def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem,
         mbarrier.expect(q_ready.index(s), 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes
                         + 2 * st_desc.block_type.nbytes)
         # stage s holds Q[:, half 0], dO[:, half 0], Q[:, half 1], dO[:, half 1] in this order:
-        # half w's two tiles are one contiguous 32 KB (warpgroup w's fp32 dQ tile in "atomic")
+        # half w's two tiles are one contiguous 32 KB (warpgroup w's fp32 dQ tile in "atomic");
+        # with V's own head dim, Q's halves are 2 s + w of qd_smem and dO's those of do_smem
         for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [b, q_off + m0, h, w * HALF], q_ready.index(s),
-                                            qd_smem.index(4 * s + 2 * w))
-            tma.async_copy_global_to_shared(do_desc, [b, q_off + m0, h, w * HALF], q_ready.index(s),
-                                            qd_smem.index(4 * s + 2 * w + 1))
+            if COMBINED:
+                tma.async_copy_global_to_shared(q_desc, [b, q_off + m0, h, w * HALF], q_ready.index(s),
+                                                qd_smem.index(4 * s + 2 * w))
+                tma.async_copy_global_to_shared(do_desc, [b, q_off + m0, h, w * HALF], q_ready.index(s),
+                                                qd_smem.index(4 * s + 2 * w + 1))
+            else:
+                tma.async_copy_global_to_shared(q_desc, [b, q_off + m0, h, w * HALF], q_ready.index(s),
+                                                qd_smem.index(2 * s + w))
+                tma.async_copy_global_to_shared(do_desc, [b, q_off + m0, h, w * VHALF], q_ready.index(s),
+                                                do_smem.index(2 * s + w))
         tma.async_copy_global_to_shared(st_desc, [b, h, 0, st_off + m0], q_ready.index(s), st_smem.index(2 * s))
         tma.async_copy_global_to_shared(st_desc, [b, h, 1, st_off + m0], q_ready.index(s),
                                         st_smem.index(2 * s + 1))
 
 
 @gluon.jit
-def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
               q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
               causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, WG: gl.constexpr,
               WITH_DQ: gl.constexpr):
     dtype: gl.constexpr = dk_desc.dtype
     STAGES: gl.constexpr = st_smem.shape[0] // 2
     ROWS: gl.constexpr = qd_smem.shape[2]  # queries per block
-    HALF: gl.constexpr = qd_smem.shape[4]  # head-dim columns of this warpgroup's dK, dV, dQ
+    HALF: gl.constexpr = qd_smem.shape[4]  # head-dim columns of this warpgroup's dK, dQ (and dV)
+    VHALF: gl.constexpr = v_smem.shape[4]  # of its dV (V's own head dim: half of it)
+    COMBINED: gl.constexpr = qd_smem.shape[0] == 4 * STAGES  # Q and dO in one ring (equal head dims)
     KEYS: gl.constexpr = k_smem.shape[2]  # keys of the CTA
     KW: gl.constexpr = KEYS // 2  # keys of this warpgroup's scores
     s_layout: gl.constexpr = _wgmma_layout(KW)  # S_w, dP_w: ROWS x KW, queries as rows
-    acc_layout: gl.constexpr = _wgmma_layout(HALF)  # dK, dV: KEYS x HALF; dQ: ROWS x HALF
+    acc_layout: gl.constexpr = _wgmma_layout(HALF)  # dK: KEYS x HALF; dQ: ROWS x HALF
+    dv_layout: gl.constexpr = _wgmma_layout(VHALF)  # dV: KEYS x VHALF
     tile2: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     # compile-time options carried by the shape of a placeholder allocation (gl.warp_specialize
@@ -120,15 +132,15 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
 
     k_lo = k_smem.index(0)._reinterpret(dtype, [KEYS, HALF], tile2)
     k_hi = k_smem.index(1)._reinterpret(dtype, [KEYS, HALF], tile2)
-    v_lo = v_smem.index(0)._reinterpret(dtype, [KEYS, HALF], tile2)
-    v_hi = v_smem.index(1)._reinterpret(dtype, [KEYS, HALF], tile2)
+    v_lo = v_smem.index(0)._reinterpret(dtype, [KEYS, VHALF], tile2)
+    v_hi = v_smem.index(1)._reinterpret(dtype, [KEYS, VHALF], tile2)
     # this warpgroup's keys in both column halves (B operands of S_w, dP_w)
     kw_lo = k_lo.slice(WG * KW, KW, dim=0).permute((1, 0))
     kw_hi = k_hi.slice(WG * KW, KW, dim=0).permute((1, 0))
     vw_lo = v_lo.slice(WG * KW, KW, dim=0).permute((1, 0))
     vw_hi = v_hi.slice(WG * KW, KW, dim=0).permute((1, 0))
     k_own = k_smem.index(WG)._reinterpret(dtype, [KEYS, HALF], tile2)  # K[:, half WG] (dQ's B)
-    v_own = v_smem.index(WG)._reinterpret(dtype, [KEYS, HALF], tile2)
+    v_own = v_smem.index(WG)._reinterpret(dtype, [KEYS, VHALF], tile2)
     if WITH_DQ:
         # the stages as fp32 tiles: index 2 s + w is stage s's (Q, dO)[:, half w]
         dq_all = qd_smem._reinterpret(gl.float32, [2 * STAGES] + dq_desc.block_type.shape, dq_desc.layout)
@@ -139,7 +151,7 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
     offs_k = k0 + gl.arange(0, KW, layout=gl.SliceLayout(0, s_layout))
     offs_q = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     dk = gl.zeros([KEYS, HALF], gl.float32, acc_layout)
-    dv = gl.zeros([KEYS, HALF], gl.float32, acc_layout)
+    dv = gl.zeros([KEYS, VHALF], gl.float32, dv_layout)
     s_init = gl.zeros([ROWS, KW], gl.float32, s_layout)
     dq_init = gl.zeros([ROWS, HALF], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
@@ -150,12 +162,20 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
         h = hk * group + t // n_mblocks
         m0 = (m_first + t % n_mblocks) * ROWS
         mbarrier.wait(q_ready.index(s), (t // STAGES) & 1)
-        q_lo = qd_smem.index(4 * s)._reinterpret(dtype, [ROWS, HALF], tile2)
-        do_lo = qd_smem.index(4 * s + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
-        q_hi = qd_smem.index(4 * s + 2)._reinterpret(dtype, [ROWS, HALF], tile2)
-        do_hi = qd_smem.index(4 * s + 3)._reinterpret(dtype, [ROWS, HALF], tile2)
-        q_own = qd_smem.index(4 * s + 2 * WG)._reinterpret(dtype, [ROWS, HALF], tile2)
-        do_own = qd_smem.index(4 * s + 2 * WG + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
+        if COMBINED:
+            q_lo = qd_smem.index(4 * s)._reinterpret(dtype, [ROWS, HALF], tile2)
+            do_lo = qd_smem.index(4 * s + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
+            q_hi = qd_smem.index(4 * s + 2)._reinterpret(dtype, [ROWS, HALF], tile2)
+            do_hi = qd_smem.index(4 * s + 3)._reinterpret(dtype, [ROWS, HALF], tile2)
+            q_own = qd_smem.index(4 * s + 2 * WG)._reinterpret(dtype, [ROWS, HALF], tile2)
+            do_own = qd_smem.index(4 * s + 2 * WG + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
+        else:
+            q_lo = qd_smem.index(2 * s)._reinterpret(dtype, [ROWS, HALF], tile2)
+            q_hi = qd_smem.index(2 * s + 1)._reinterpret(dtype, [ROWS, HALF], tile2)
+            do_lo = do_smem.index(2 * s)._reinterpret(dtype, [ROWS, VHALF], tile2)
+            do_hi = do_smem.index(2 * s + 1)._reinterpret(dtype, [ROWS, VHALF], tile2)
+            q_own = qd_smem.index(2 * s + WG)._reinterpret(dtype, [ROWS, HALF], tile2)
+            do_own = do_smem.index(2 * s + WG)._reinterpret(dtype, [ROWS, VHALF], tile2)
         # S_w = Q K_w^T and dP_w = dO V_w^T over the full head dim (two column halves each)
         s_tok = warpgroup_mma(q_lo, kw_lo, s_init, use_acc=False, is_async=True)
         s_tok = warpgroup_mma(q_hi, kw_hi, s_tok, is_async=True)
@@ -222,49 +242,49 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_s
     v_own.store(dv.to(dtype))
     if IS_VARLEN:  # a TMA store would write into the next sequence's keys: a masked store
         _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
-        _store_rows(v_own, DV + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
+        _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks, stride_kh)
     else:
         fence_async_shared()
         tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, WG * HALF], k_smem.index(WG))
-        tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * HALF], v_smem.index(WG))
+        tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * VHALF], v_smem.index(WG))
         tma.store_wait(0)
 
 
 # one wrapper per (warpgroup, mode): gl.warp_specialize turns constexpr arguments into values
 @gluon.jit
-def _consumer_wg0_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
+def _consumer_wg0_split(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
                         kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                         qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
                         sc_out):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
               q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
               causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 0, False)
 
 
 @gluon.jit
-def _consumer_wg1_split(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
+def _consumer_wg1_split(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
                         kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                         qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
                         sc_out):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
               q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
               causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 1, False)
 
 
 @gluon.jit
-def _consumer_wg0_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+def _consumer_wg0_dq(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
                      q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
                      sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
               q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
               causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 0, True)
 
 
 @gluon.jit
-def _consumer_wg1_dq(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+def _consumer_wg1_dq(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
                      q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale,
                      sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out):
-    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
+    _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem, kv_bar,
               q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k, qk_scale, sm_scale,
               causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in, sc_out, 1, True)
 
@@ -305,8 +325,14 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
     causal = 1 if CAUSAL else 0
 
     dtype: gl.constexpr = q_desc.dtype
-    # per stage: Q and dO in column halves (Q lo, dO lo, Q hi, dO hi), each a (1, ROWS, 1, 128) TMA tile
-    qd_smem = gl.allocate_shared_memory(dtype, [4 * STAGES] + q_desc.block_type.shape, q_desc.layout)
+    # per stage: Q and dO in column halves (Q lo, dO lo, Q hi, dO hi), each a (1, ROWS, 1, 128) TMA tile;
+    # with V's own head dim (dO's halves narrower) Q's halves in qd_smem, dO's in do_smem
+    if v_desc.block_type.shape[3] == q_desc.block_type.shape[3]:
+        qd_smem = gl.allocate_shared_memory(dtype, [4 * STAGES] + q_desc.block_type.shape, q_desc.layout)
+        do_smem = qd_smem
+    else:
+        qd_smem = gl.allocate_shared_memory(dtype, [2 * STAGES] + q_desc.block_type.shape, q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2 * STAGES] + do_desc.block_type.shape, do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, ROWS], dtype)
@@ -327,11 +353,11 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)
 
-    consumer_args = (dk_desc, dv_desc, dq_desc, qd_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
+    consumer_args = (dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, st_smem, flags_smem,
                      kv_bar, q_ready, q_empty, ds_ready, b, hk, group, n0, m_first, n_mblocks, seqlen_q, seqlen_k,
                      qk_scale, sm_scale, causal, left, q_off, DK, DV, stride_ks, stride_kh, ALIBI, ab_off, sc_in,
                      sc_out)
-    producer_args = (q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
+    producer_args = (q_desc, do_desc, k_desc, v_desc, st_desc, qd_smem, do_smem, k_smem, v_smem, st_smem, kv_bar, q_ready,
                      q_empty, b, hk, group, n0, m_first, n_mblocks, q_off, k_off, st_off)
     if WITH_DQ:
         gl.warp_specialize([(_consumer_wg0_dq, consumer_args), (_consumer_wg1_dq, consumer_args),
@@ -357,8 +383,26 @@ def config(with_dq=False, options=False):
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=2, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], num_warps=4)
 
 
-def _blocks(cfg):
-    return dict(q=(1, cfg["BLOCK_M"], 1, HALF_D), kv=(1, cfg["BLOCK_N"], 1, HALF_D), dq=(1, cfg["BLOCK_M"], 1, HALF_D))
+def _blocks(cfg, head_dim_v=HEAD_DIM):
+    """TMA tiles: column halves of Q, K (dK), dQ, and of dO, V (dV) with V's head dim."""
+    vh = head_dim_v // 2
+    return dict(q=(1, cfg["BLOCK_M"], 1, HALF_D), kv=(1, cfg["BLOCK_N"], 1, HALF_D), dq=(1, cfg["BLOCK_M"], 1, HALF_D),
+                do=(1, cfg["BLOCK_M"], 1, vh), v=(1, cfg["BLOCK_N"], 1, vh))
+
+
+# (Q/K head dim, V head dim) pairs: 256 with 256 (every mode and option), and V's own head dim of
+# 128 under Q/K 256 or 192 (MLA; 192 in the 256-wide tiles, the TMA zero-filling the columns past
+# the tensor's and dropping them from the dK store): the split mode on dense tensors only (its dO
+# and V halves are narrower than Q's, so the one pass's dQ tile has no stage slot to live in, and
+# the varlen epilogue's stores take one stride for dK and dV)
+VALUE_PAIRS = ((256, 128), (192, 128))
+
+
+def head_dims_ok(head_dim, head_dim_v, varlen=False, with_dq=False):
+    """Whether this kernel takes these head dims in that mode."""
+    if head_dim == head_dim_v:
+        return head_dim == HEAD_DIM
+    return (head_dim, head_dim_v) in VALUE_PAIRS and not varlen and not with_dq
 
 
 def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
@@ -382,13 +426,15 @@ def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
         batch = q.shape[0]
         seqlen_k_grid = k.shape[1]
     _, seqlen_q, nheads, head_dim = q.shape
-    assert head_dim == HEAD_DIM and dk.stride() == dv.stride()
+    head_dim_v = v.shape[-1]
+    assert head_dims_ok(head_dim, head_dim_v, varlen, with_dq), (head_dim, head_dim_v, varlen, with_dq)
+    assert head_dim_v != head_dim or dk.stride() == dv.stride()
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(with_dq, varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
-    blk = _blocks(cfg)
+    blk = _blocks(cfg, head_dim_v)
     d = forward_sm90._descriptor
-    descs = [d(q, blk["q"], q.dtype), d(dout, blk["q"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["kv"], q.dtype),
-             d(dk4, blk["kv"], q.dtype), d(dv4, blk["kv"], q.dtype)]
+    descs = [d(q, blk["q"], q.dtype), d(dout, blk["do"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["v"], q.dtype),
+             d(dk4, blk["kv"], q.dtype), d(dv4, blk["v"], q.dtype)]
     descs.append(d(dq_accum, blk["dq"], torch.float32) if with_dq else descs[-1])  # (not read without dQ)
     descs.append(_stats_descriptor(stats, cfg["BLOCK_M"]))
     grid = (cdiv(seqlen_k_grid, cfg["BLOCK_N"]), batch * nheads_k)
@@ -398,7 +444,7 @@ def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
                                                                             stats)
     # (every argument is a descriptor, fixed by the dtype and cfg, an int fixed by the shapes,
     # strides and window_left, a float, or a pointer of the align() bits)
-    key = (varlen, q.shape, k.shape, dk4.stride(), window_left, q.dtype, causal, with_dq, has_softcap, has_alibi,
+    key = (varlen, q.shape, k.shape, v.shape[-1], dk4.stride(), dv4.stride(), window_left, q.dtype, causal, with_dq, has_softcap, has_alibi,
            score_args[1], tuple(cfg.values()), align(cu_q, cu_k, dk, dv, score_args[0]))
     return launch(_attn_bwd_d256, grid, *descs, seqlen_q, seqlen_k, nheads_k, nheads // nheads_k, qk_scale,
                   softmax_scale, window_left, cu_q, cu_k, dk, dv, dk4.stride(1), dk4.stride(2), *score_args,
@@ -408,21 +454,22 @@ def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
 
 
 def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg=None, window=False, varlen=False,
-                softcap=False, alibi=False):
-    """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
+                softcap=False, alibi=False, head_dim_v=HEAD_DIM):
+    """Compile the kernel for a target without a GPU (tests, the compiler's view); head_dim_v: V's
+    (the kernel is the same for Q/K 192 and 256: the descriptors' tiles are 128 wide either way)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = cfg or config(with_dq, window or varlen or softcap or alibi)
-    blk = _blocks(cfg)
+    blk = _blocks(cfg, head_dim_v)
 
     def desc(block, dt=dtype, tdt=tdtype):
         return f"tensordesc<{dt}[{','.join(map(str, block))}],{forward_sm90._layout(block, tdt)!r}>"
 
     fn = _attn_bwd_d256
-    sig = dict(q_desc=desc(blk["q"]), do_desc=desc(blk["q"]), k_desc=desc(blk["kv"]), v_desc=desc(blk["kv"]),
-               dk_desc=desc(blk["kv"]), dv_desc=desc(blk["kv"]),
+    sig = dict(q_desc=desc(blk["q"]), do_desc=desc(blk["do"]), k_desc=desc(blk["kv"]), v_desc=desc(blk["v"]),
+               dk_desc=desc(blk["kv"]), dv_desc=desc(blk["v"]),
                dq_desc=desc(blk["dq"], "fp32", torch.float32) if with_dq else desc(blk["kv"]),
                st_desc=f"tensordesc<fp32[1,1,1,{blk['q'][1]}],{_STATS_LAYOUT!r}>", seqlen_q="i32", seqlen_k="i32",
                nheads_k="i32", group="i32", qk_scale="fp32", sm_scale="fp32", left="i32", CU_Q="*i32", CU_K="*i32",
