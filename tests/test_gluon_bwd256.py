@@ -201,7 +201,7 @@ def test_gluon_bwd256_options_launcher_wiring(monkeypatch, varlen):
 # ----------------------------------------------------------------- V's own head dim (MLA)
 
 @pytest.mark.parametrize("causal,options", [(False, {}), (True, {}), (True, dict(window=True, softcap=True)),
-                                            (False, dict(alibi=True))], ids=str)
+                                            (False, dict(alibi=True)), (True, dict(varlen=True))], ids=str)
 def test_gluon_bwd256_value_dim_compiles_for_sm90a(causal, options):
     """V with head dim 128 under Q/K 256 or 192 (backward_sm90.VALUE_DIMS): dO and V in 64-wide
     column halves of a ring of their own, dV 64 x 64 a warpgroup (m64n64 wgmma), dP over V's two
@@ -211,16 +211,17 @@ def test_gluon_bwd256_value_dim_compiles_for_sm90a(causal, options):
     assert kernel.metadata.shared <= 182 * 1024, kernel.metadata.shared
     ptx = kernel.asm["ptx"]
     assert "m64n32k16" in ptx and "m64n64k16" in ptx and "m64n128k16" in ptx
-    assert "cp.reduce.async.bulk.tensor" not in ptx and "cp.async.bulk.tensor.4d.global.shared" in ptx
+    tma_store = "cp.async.bulk.tensor.4d.global.shared" in ptx
+    assert "cp.reduce.async.bulk.tensor" not in ptx and tma_store != options.get("varlen", False)
     assert ptxas_report(kernel)["spill_bytes"] == 0
     assert d256.head_dims_ok(192, 128) and d256.head_dims_ok(256, 128) and d256.head_dims_ok(256, 256)
-    assert not d256.head_dims_ok(192, 128, varlen=True) and not d256.head_dims_ok(192, 128, with_dq=True)
+    assert not d256.head_dims_ok(192, 128, with_dq=True)
     assert not d256.head_dims_ok(192, 192) and not d256.head_dims_ok(128, 64)
 
 
 def test_gluon_bwd256_value_dim_dispatch(monkeypatch):
-    """Which calls with dv != d take the Gluon backward: with VALUE_DIMS, (192 | 256, 128) dense
-    without dropout, in the split mode (deterministic or not); otherwise the Triton backward."""
+    """Which calls with dv != d take the Gluon backward: with VALUE_DIMS, (192 | 256, 128) dense or
+    varlen without dropout, in the split mode (deterministic or not); otherwise the Triton backward."""
     bwd = pytest.importorskip("ioattn.kernels.backward_sm90")
     opts = dict(varlen=False, window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
                 capability=(9, 0), deterministic=False)
@@ -238,7 +239,7 @@ def test_gluon_bwd256_value_dim_dispatch(monkeypatch):
     assert sup(192, 128, capability=(8, 0)) is None
     packed = (torch.zeros(512, 2, n, dtype=torch.bfloat16) for n in (192, 192, 128))
     q, k, v = packed
-    assert bwd.supported(q, k, v, torch.zeros_like(v), **{**opts, "varlen": True, "max_seqlen_k": 512}) is None
+    assert bwd.supported(q, k, v, torch.zeros_like(v), **{**opts, "varlen": True, "max_seqlen_k": 512}) == "split"
 
 
 def test_gluon_bwd256_value_dim_launcher_wiring(monkeypatch):
@@ -267,3 +268,32 @@ def test_gluon_bwd256_value_dim_launcher_wiring(monkeypatch):
     with pytest.raises(AssertionError):  # the one pass has no slot for its dQ tile with V's own head dim
         bwd.attention_backward_sm90(dout, q, k, v, stats, torch.zeros(q.shape), dk, dv, softmax_scale=0.1,
                                     causal=True)
+
+
+def test_gluon_bwd256_value_dim_varlen_wiring(monkeypatch):
+    """Packed varlen at Q/K 192, V 128: descriptors on (1, total, heads, dim) views, one CTA per 64
+    keys of the longest sequence, dK's strides for the kernel (it derives dV's: contiguous dK, dV,
+    checked), IS_VARLEN."""
+    bwd = pytest.importorskip("ioattn.kernels.backward_sm90")
+    d256 = pytest.importorskip("ioattn.kernels.backward_sm90_d256")
+    calls = []
+    monkeypatch.setattr(d256, "launch", lambda kern, grid, *a, **kw: calls.append((kern, grid, a, kw)))
+    h, hk = 4, 2
+    q = torch.empty(429, h, 192, dtype=torch.bfloat16)
+    k = torch.empty(330, hk, 192, dtype=torch.bfloat16)
+    v = torch.empty(330, hk, 128, dtype=torch.bfloat16)
+    dout = torch.empty(429, h, 128, dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, 300, 300, 429], dtype=torch.int32)
+    cu_k = torch.tensor([0, 130, 130, 330], dtype=torch.int32)
+    stats = bwd.new_stats_varlen(h, 429, 3, "cpu")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    kw = dict(softmax_scale=0.1, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_k=200)
+    bwd.attention_backward_sm90(dout, q, k, v, stats, None, dk, dv, **kw)
+    (kern, grid, args, kwargs), = calls
+    assert grid == (4, 3 * hk) and kwargs["IS_VARLEN"] and not kwargs["WITH_DQ"]
+    assert [tuple(x.block_shape)[-1] for x in args[:7]] == [128, 64, 128, 64, 128, 64, 64]
+    assert all(x.base.dim() == 4 and x.base.shape[0] == 1 for x in args[:6])
+    a = dict(zip(kern.arg_names, args))
+    assert (a["stride_ks"], a["stride_kh"]) == (hk * 192, 192) and a["DK"] is dk and a["DV"] is dv
+    with pytest.raises(AssertionError):  # a strided dV would be written with the wrong strides
+        bwd.attention_backward_sm90(dout, q, k, v, stats, None, dk, torch.empty(330, hk, 256, dtype=torch.bfloat16)[..., :128], **kw)

@@ -482,7 +482,7 @@ D256 = os.environ.get("IOATTN_GLUON_BWD256", "1") == "1"
 # with softcap 50 and with a window of 1024. Dropout at hdim 256 keeps the Triton backward.
 D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
 # V's own head dim (MLA: Q/K 192, V 128; also 256 / 128) on backward_sm90_d256's kernel, dK/dV only
-# ("split": the Triton dQ kernel after it), dense, no dropout: its dO and V tiles are column halves
+# ("split": the Triton dQ kernel after it), dense or varlen, no dropout: its dO and V tiles are column halves
 # of V's head dim, Q/K 192 runs in its 128-wide halves (the TMA zero-fills the columns past 192 and
 # drops them from the dK store). Shared memory 177 KB, no spills on sm_90a. IOATTN_GLUON_BWD_VALUE_DIMS=1:
 # opt-in until a GPU run checks it (compiled only); otherwise such calls take the Triton backward
@@ -510,9 +510,9 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None
     d, dv = q.shape[-1], v.shape[-1]
     if dv != d:
-        # backward_sm90_d256 with V's own head dim (VALUE_DIMS): dense, no dropout, dK/dV only
-        if not (VALUE_DIMS and D256 and (d, dv) in _VALUE_PAIRS) or varlen or dropout_p > 0 or (
-                (window_left >= 0 or softcap > 0 or alibi_slopes is not None) and not D256_OPTIONS):
+        # backward_sm90_d256 with V's own head dim (VALUE_DIMS): no dropout, dK/dV only
+        if not (VALUE_DIMS and D256 and (d, dv) in _VALUE_PAIRS) or dropout_p > 0 or (
+                (varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None) and not D256_OPTIONS):
             return None
     elif d == 256 and D256:
         # backward_sm90_d256: no dropout; windows, softcap, ALiBi and varlen with D256_OPTIONS only

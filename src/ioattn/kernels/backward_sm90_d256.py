@@ -241,13 +241,35 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_sm
     k_own.store((dk * sm_scale).to(dtype))
     v_own.store(dv.to(dtype))
     if IS_VARLEN:  # a TMA store would write into the next sequence's keys: a masked store
-        _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
-        _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks, stride_kh)
+        if COMBINED:
+            _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
+            _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks, stride_kh)
+        else:
+            # V's own head dim: dK and dV contiguous (the launcher checks), so K's head dim is
+            # stride_kh (192 or 256: dK's columns from it on are dropped) and dV's strides follow
+            # from V's (2 VHALF) and the KV heads (stride_ks // stride_kh)
+            _store_rows_cols(k_own, DK + WG * HALF, n0, seqlen_k, stride_kh - WG * HALF, hk, stride_ks, stride_kh)
+            dv_s = stride_ks // stride_kh * (2 * VHALF)
+            _store_rows_cols(v_own, DV + WG * VHALF, n0, seqlen_k, VHALF, hk, dv_s, 2 * VHALF)
     else:
         fence_async_shared()
         tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, WG * HALF], k_smem.index(WG))
         tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * VHALF], v_smem.index(WG))
         tma.store_wait(0)
+
+
+@gluon.jit
+def _store_rows_cols(tile, PTR, r0, n_rows, n_cols, h, stride_s, stride_h):
+    """backward_sm90._store_rows with the columns from n_cols on dropped as well (dK of Q/K head
+    dim 192 in its 128-wide halves)."""
+    ROWS: gl.constexpr = tile.shape[0]
+    COLS: gl.constexpr = tile.shape[1]
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // COLS, COLS // 8], [4, 1], [1, 0])
+    x = tile.load(rows_layout)
+    rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
+    cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, rows_layout))
+    ptrs = PTR + gl.expand_dims(rows.to(gl.int64) * stride_s, 1) + h * stride_h + gl.expand_dims(cols, 0)
+    gl.store(ptrs, x, mask=gl.expand_dims(rows < n_rows, 1) & gl.expand_dims(cols < n_cols, 0))
 
 
 # one wrapper per (warpgroup, mode): gl.warp_specialize turns constexpr arguments into values
@@ -311,7 +333,10 @@ def _attn_bwd_d256(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, s
         # masked epilogue's pointers) move to its first key; its lse/delta from stats_offset
         q_off, seqlen_q, k_off, seqlen_k, st_off = sequence_bounds(CU_Q, CU_K, b)
         DK += k_off.to(gl.int64) * stride_ks
-        DV += k_off.to(gl.int64) * stride_ks
+        if v_desc.block_type.shape[3] == q_desc.block_type.shape[3]:
+            DV += k_off.to(gl.int64) * stride_ks
+        else:  # (V's own head dim: dV contiguous, its rows stride_ks // stride_kh heads of V's dim)
+            DV += k_off.to(gl.int64) * (stride_ks // stride_kh * (2 * v_desc.block_type.shape[3]))
         b = 0
         if n0 >= seqlen_k:  # (one CTA per 64 keys of the longest sequence)
             return
@@ -392,17 +417,17 @@ def _blocks(cfg, head_dim_v=HEAD_DIM):
 
 # (Q/K head dim, V head dim) pairs: 256 with 256 (every mode and option), and V's own head dim of
 # 128 under Q/K 256 or 192 (MLA; 192 in the 256-wide tiles, the TMA zero-filling the columns past
-# the tensor's and dropping them from the dK store): the split mode on dense tensors only (its dO
-# and V halves are narrower than Q's, so the one pass's dQ tile has no stage slot to live in, and
-# the varlen epilogue's stores take one stride for dK and dV)
+# the tensor's and dropping them from the dK store): the split mode only (its dO and V halves are
+# narrower than Q's, so the one pass's dQ tile has no stage slot to live in); dense or varlen (the
+# varlen epilogue's masked stores take dV's strides from contiguous dK and dV)
 VALUE_PAIRS = ((256, 128), (192, 128))
 
 
-def head_dims_ok(head_dim, head_dim_v, varlen=False, with_dq=False):
+def head_dims_ok(head_dim, head_dim_v, with_dq=False):
     """Whether this kernel takes these head dims in that mode."""
     if head_dim == head_dim_v:
         return head_dim == HEAD_DIM
-    return (head_dim, head_dim_v) in VALUE_PAIRS and not varlen and not with_dq
+    return (head_dim, head_dim_v) in VALUE_PAIRS and not with_dq
 
 
 def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_scale, causal, cfg=None,
@@ -427,8 +452,10 @@ def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
         seqlen_k_grid = k.shape[1]
     _, seqlen_q, nheads, head_dim = q.shape
     head_dim_v = v.shape[-1]
-    assert head_dims_ok(head_dim, head_dim_v, varlen, with_dq), (head_dim, head_dim_v, varlen, with_dq)
-    assert head_dim_v != head_dim or dk.stride() == dv.stride()
+    assert head_dims_ok(head_dim, head_dim_v, with_dq), (head_dim, head_dim_v, with_dq)
+    # (varlen with V's own head dim: the masked stores derive dV's strides from contiguous dK, dV)
+    assert dk.stride() == dv.stride() if head_dim_v == head_dim else (
+        not varlen or (dk.is_contiguous() and dv.is_contiguous()))
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(with_dq, varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
     blk = _blocks(cfg, head_dim_v)
