@@ -43,6 +43,12 @@ kernel's helpers, with the scores' orientation turned: queries as rows here):
   store (backward_sm90._store_rows) instead of the TMA store, dQ reductions at the packed rows
   (rows past the sequence add zeros). One CTA per 64 keys of the longest sequence.
 Dropout at hdim 256 keeps the Triton backward (backward_sm90.supported).
+
+V's own head dim (backward_sm90.VALUE_DIMS, opt-in: VALUE_PAIRS, Q/K 256 or 192 with V 128, MLA's
+shapes): dO and V come in 64-wide column halves (of V's head dim) in a ring of their own, dV is
+KEYS x 64 a warpgroup, dP_w runs over V's two halves; Q/K 192 uses the same 128-wide halves, the
+TMA zero-filling the columns past 192 (adding nothing to S) and dropping them from the dK store
+(varlen: a column mask). The split mode only (its dQ tile would not fit a stage's halves).
 """
 
 import torch
