@@ -186,6 +186,13 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s20a)  # next session, first call: the value-dim Gluon backward (s19b's checks, then 192/128 fwd+bwd at 4k and
+          # 16k), then the GPU tests that session 19's calls cut (tests/test_features.py, tests/test_value_headdim.py)
+          # with the new defaults (~8 min)
+    timeout 230 python3 benchmarks/gluon_value_dim_bwd_check.py --seqlens 4096,16384 --out "$OUT/value_dim_bwd.json" 2>&1 \
+      | tee "$OUT/value_dim_bwd.log" | grep -v "^PASS"
+    timeout 240 python3 -m pytest tests/test_features.py tests/test_value_headdim.py -q -p no:cacheprovider 2>&1 \
+      | tee "$OUT/pytest.log" | tail -n 4 ;;
   s19b)  # session 19, little device time left: V's own head dim in the Gluon backward (IOATTN_GLUON_BWD_VALUE_DIMS;
           # compiled only): the public-API checks vs fp64 next to the Triton backward, then 192/128 fwd+bwd at 4k (~3 min)
     timeout 170 python3 benchmarks/gluon_value_dim_bwd_check.py --seqlens 4096 --out "$OUT/value_dim_bwd.json" 2>&1 \
