@@ -7,10 +7,9 @@ backward_sm90_d256's kernel, dQ by the Triton kernel) on the GPU, through the pu
    off) on the same call. A case passes when the Gluon kernel ran and each error is finite and
    <= 2x the Triton path's + 1e-3. Then packed varlen batches (empty and one-token sequences)
    through flash_attn_varlen_func, against each sequence's fp64 reference.
-2. Timing at 192/128 (bf16, 16k tokens, 16 heads): forward + backward with the Gluon backward,
-   with the Triton one, and SDPA cuDNN.
+Its timing is gluon_value_dim_check.py's (--skip-check): the "ioattn_gluon_bwd" rows.
 
-    python benchmarks/gluon_value_dim_bwd_check.py [--out f.json] [--skip-bench] [--seqlens 4096]
+    python benchmarks/gluon_value_dim_bwd_check.py [--out f.json]
 """
 
 import argparse
@@ -20,13 +19,14 @@ import signal
 import sys
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ioattn
 from ioattn.kernels import backward_sm90, configs
 from ioattn.reference import attention_ref
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from gluon_value_dim_check import _api_errors  # noqa: E402
 
 CASES = [  # (d, dv, batch, sq, sk, h, hk, dtype, opts)
     (192, 128, 2, 700, 900, 8, 2, torch.bfloat16, dict(causal=False)),
@@ -37,21 +37,6 @@ CASES = [  # (d, dv, batch, sq, sk, h, hk, dtype, opts)
     (192, 128, 1, 700, 700, 8, 2, torch.bfloat16, dict(causal=True, softcap=30.0, alibi=True)),
     (192, 128, 1, 640, 640, 4, 2, torch.bfloat16, dict(causal=False, deterministic=True)),
 ]
-
-
-def _errors(q, k, v, dout, opts):
-    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref_opts = {n: x for n, x in opts.items() if n != "deterministic"}
-    ref, _ = attention_ref(qr, kr, vr, **ref_opts)
-    ref.backward(dout.double())
-    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    configs.last_compiled.pop("dkdv", None)
-    out = ioattn.flash_attn_func(qg, kg, vg, **opts)
-    out.backward(dout)
-    torch.cuda.synchronize()
-    name = getattr(configs.last_compiled.get("dkdv"), "name", "?")
-    return [(a.double() - r).abs().max().item() for a, r in ((out, ref), (qg.grad, qr.grad), (kg.grad, kr.grad),
-                                                              (vg.grad, vr.grad))], name
 
 
 VARLEN_CASES = [  # (d, dv, lens_q, lens_k, h, hk, causal)
@@ -113,9 +98,9 @@ def check(rows):
             opts["alibi_slopes"] = torch.rand(h, device="cuda", dtype=torch.float32)
         try:
             backward_sm90.VALUE_DIMS = True
-            e_g, kname = _errors(q, k, v, dout, opts)
+            e_g, kname = _api_errors(q, k, v, dout, opts, None, i, kernel="dkdv")
             backward_sm90.VALUE_DIMS = False
-            e_t, tname = _errors(q, k, v, dout, opts)
+            e_t, tname = _api_errors(q, k, v, dout, opts, None, i, kernel="dkdv")
             good = "d256" in kname and all(math.isfinite(a) and a <= 2 * t + 1e-3 for a, t in zip(e_g, e_t))
         except Exception as exc:  # noqa: BLE001
             print("ERROR", i, repr(exc)[:300], flush=True)
@@ -152,56 +137,15 @@ def check(rows):
     return n_fail
 
 
-def bench(rows, seqlens):
-    d, dv, h = 192, 128, 16
-    for n in seqlens:
-        b = 16384 // n
-        for causal in (False, True):
-            q, k = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-            v = torch.randn(b, n, h, dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            dout = torch.randn(b, n, h, dv, device="cuda", dtype=torch.bfloat16)
-            qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
-            dout_t = dout.transpose(1, 2)
-            fl = 2 * b * h * n * n * (4 * d + 3 * dv) / (2 if causal else 1)  # forward + backward
-
-            def ours(on):
-                def f():
-                    backward_sm90.VALUE_DIMS = on
-                    ioattn.flash_attn_func(q, k, v, causal=causal).backward(dout)
-                return f
-
-            def cudnn():
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).backward(dout_t)
-
-            line = []
-            for name, fn in (("ioattn_gluon_bwd", ours(True)), ("ioattn_triton_bwd", ours(False)),
-                             ("sdpa_cudnn", cudnn)):
-                try:
-                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                except Exception as exc:  # noqa: BLE001
-                    print(name, "failed", repr(exc)[:160])
-                    ms = float("nan")
-                rows.append(dict(kind="bench", provider=name, mode="fwd_bwd", hdim=d, hdim_v=dv, seqlen=n, batch=b,
-                                 nheads=h, causal=causal, dtype="bf16", ms=ms, tflops=fl / ms / 1e9))
-                line.append(f"{name} {fl / ms / 1e9:6.1f}")
-            backward_sm90.VALUE_DIMS = True
-            print(f"192/128 n {n:5d} causal {causal!s:5} fwd+bwd TFLOP/s: " + "  ".join(line), flush=True)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--seqlens", default="4096,16384")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a `timeout` still writes the rows so far
     rows, n_fail = [], 0
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     try:
         n_fail = check(rows)
-        if not args.skip_bench:
-            bench(rows, [int(x) for x in args.seqlens.split(",")])
     finally:
         if args.out:
             with open(args.out, "w") as fh:

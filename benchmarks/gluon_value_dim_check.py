@@ -11,7 +11,8 @@ imported), and off again for the Triton forward's rows of the same run.
    return_attn_probs, and a packed varlen batch; each error next to the Triton forward's on the
    same call (flag off), a case passing when the Gluon one is finite and <= 2x Triton's + 1e-3.
 3. Timing (bf16, 16k tokens; forward and forward + backward): ioattn with the Gluon forward,
-   with the Triton one, SDPA cuDNN / flash / memory-efficient where they take dv != d.
+   with the Gluon forward and the Gluon backward (backward_sm90.VALUE_DIMS, opt-in), with the
+   Triton ones, SDPA cuDNN / flash / memory-efficient where they take dv != d.
 
     python benchmarks/gluon_value_dim_check.py [--out f.json] [--skip-bench] [--skip-check]
 """
@@ -31,11 +32,14 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import ioattn  # noqa: E402
-from ioattn.kernels import configs, forward_sm90  # noqa: E402
+from ioattn.kernels import backward_sm90, configs, forward_sm90  # noqa: E402
 from ioattn.reference import attention_ref  # noqa: E402
 
 PAIRS = ((192, 128), (256, 128), (128, 64), (192, 64), (256, 64))
 SHAPES = ((2, 1100, 1100, 8, 2), (1, 257, 300, 4, 4), (1, 513, 129, 2, 1), (2, 128, 128, 4, 4), (1, 64, 777, 4, 2))
+
+
+BWD_DEFAULT = backward_sm90.VALUE_DIMS
 
 
 def _gluon(on):
@@ -98,17 +102,19 @@ def _keep_mask(q, k, p, causal, window, seed):
     return probs >= 0
 
 
-def _api_errors(q, k, v, dout, opts, mask, seed):
-    """Errors of out, dq, dk, dv against the fp64 reference on the same (bf16) inputs."""
+def _api_errors(q, k, v, dout, opts, mask, seed, kernel="fwd"):
+    """Errors of out, dq, dk, dv against the fp64 reference on the same (bf16) inputs, and the
+    name of the kernel that configs.last_compiled records under ``kernel`` for the call."""
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = attention_ref(qr, kr, vr, dropout_mask=mask, **opts)
+    ref, _ = attention_ref(qr, kr, vr, dropout_mask=mask, **{n: x for n, x in opts.items() if n != "deterministic"})
     ref.backward(dout.double())
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.manual_seed(seed)
+    configs.last_compiled.pop(kernel, None)
     out = ioattn.flash_attn_func(qg, kg, vg, **opts)
     out.backward(dout)
     torch.cuda.synchronize()
-    name = getattr(configs.last_compiled.get("fwd"), "name", "?")
+    name = getattr(configs.last_compiled.get(kernel), "name", "?")
     return [(a.double() - r).abs().max().item() for a, r in ((out, ref), (qg.grad, qr.grad), (kg.grad, kr.grad),
                                                               (vg.grad, vr.grad))], name
 
@@ -214,13 +220,14 @@ def bench(rows, seqlens):
             flops_fwd = 2 * b * h * n * n * (d + dv) / (2 if causal else 1)
             flops_bwd = 2 * b * h * n * n * (3 * d + 2 * dv) / (2 if causal else 1)
 
-            def ours(on):
+            def ours(on, bwd=False):
                 def f():
                     _gluon(on)
+                    backward_sm90.VALUE_DIMS = bwd
                     return ioattn.flash_attn_func(q, k, v, causal=causal)
                 return f
 
-            fns = {"ioattn_gluon": ours(True), "ioattn_triton": ours(False)}
+            fns = {"ioattn_gluon": ours(True), "ioattn_gluon_bwd": ours(True, True), "ioattn_triton": ours(False)}
             for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                                   ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
                 def f(backend=backend):
@@ -249,6 +256,7 @@ def bench(rows, seqlens):
                                      nheads=h, causal=causal, dtype="bf16", ms=res[mode][0], tflops=res[mode][1]))
                 line.append(f"{name} {res['fwd'][1]:6.1f}/{res['fwd_bwd'][1]:6.1f}")
             _gluon(True)
+            backward_sm90.VALUE_DIMS = BWD_DEFAULT
             print(f"192/128 n {n:5d} causal {causal!s:5} TFLOP/s fwd/fwd+bwd: " + "  ".join(line), flush=True)
 
 

@@ -186,17 +186,16 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s20a)  # next session, first call: the value-dim Gluon backward (s19b's checks, then 192/128 fwd+bwd at 4k and
-          # 16k), then the GPU tests that session 19's calls cut (tests/test_features.py, tests/test_value_headdim.py)
-          # with the new defaults (~8 min)
-    timeout 230 python3 benchmarks/gluon_value_dim_bwd_check.py --seqlens 4096,16384 --out "$OUT/value_dim_bwd.json" 2>&1 \
+  s20a)  # next session, first call: the value-dim Gluon backward (IOATTN_GLUON_BWD_VALUE_DIMS; compiled only): its
+          # checks vs fp64 next to the Triton backward, then the 192/128 timing (gluon_value_dim_check's
+          # ioattn_gluon_bwd rows, 4k and 16k), then the GPU tests that session 19's calls cut (tests/test_features.py,
+          # tests/test_value_headdim.py) with the new defaults (~8 min)
+    timeout 150 python3 benchmarks/gluon_value_dim_bwd_check.py --out "$OUT/value_dim_bwd.json" 2>&1 \
       | tee "$OUT/value_dim_bwd.log" | grep -v "^PASS"
+    timeout 120 python3 benchmarks/gluon_value_dim_check.py --skip-check --seqlens 4096,16384 \
+      --out "$OUT/value_dim_bench.json" 2>&1 | grep "^192/128"
     timeout 240 python3 -m pytest tests/test_features.py tests/test_value_headdim.py -q -p no:cacheprovider 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 4 ;;
-  s19b)  # session 19, little device time left: V's own head dim in the Gluon backward (IOATTN_GLUON_BWD_VALUE_DIMS;
-          # compiled only): the public-API checks vs fp64 next to the Triton backward, then 192/128 fwd+bwd at 4k (~3 min)
-    timeout 170 python3 benchmarks/gluon_value_dim_bwd_check.py --seqlens 4096 --out "$OUT/value_dim_bwd.json" 2>&1 \
-      | tee "$OUT/value_dim_bwd.log" | grep -v "^PASS" ;;
   s19a)  # session 19, after the new defaults (V's own head dim in the Gluon forward; hdim-64 dropout on the Gluon
           # backward, 64-row blocks, each Philox call once): the public-API quick grid, the hdim-64 dropout checks
           # (dense, varlen) vs fp32, the value-head-dim tests, then the hdim-64 dropout cost (~5 min)

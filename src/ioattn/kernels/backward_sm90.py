@@ -276,9 +276,10 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
 
 
 @gluon.jit
-def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h):
+def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h, n_cols=None):
     """Store a (rows, dim) shared-memory tile (this warpgroup wrote it) at rows r0.. of head h
-    of PTR, which points at the sequence's first row; rows from n_rows on are dropped."""
+    of PTR, which points at the sequence's first row; rows from n_rows on are dropped, and with
+    n_cols the columns from it on (backward_sm90_d256: dK of Q/K head dim 192 in 128-wide halves)."""
     ROWS: gl.constexpr = tile.shape[0]
     HEAD_DIM: gl.constexpr = tile.shape[1]
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
@@ -286,7 +287,10 @@ def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h):
     rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
     ptrs = PTR + gl.expand_dims(rows.to(gl.int64) * stride_s, 1) + h * stride_h + gl.expand_dims(cols, 0)
-    gl.store(ptrs, x, mask=gl.expand_dims(rows < n_rows, 1))
+    mask = gl.expand_dims(rows < n_rows, 1)
+    if n_cols is not None:
+        mask = mask & gl.expand_dims(cols < n_cols, 0)
+    gl.store(ptrs, x, mask=mask)
 
 
 # One wrapper per (warpgroup, mode): gl.warp_specialize passes its arguments as run-time
@@ -487,6 +491,8 @@ D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
 # drops them from the dK store). Shared memory 177 KB, no spills on sm_90a. IOATTN_GLUON_BWD_VALUE_DIMS=1:
 # opt-in until a GPU run checks it (compiled only); otherwise such calls take the Triton backward
 VALUE_DIMS = os.environ.get("IOATTN_GLUON_BWD_VALUE_DIMS", "0") == "1"
+# (Q/K, V) head dims that backward_sm90_d256 takes with V's own head dim
+VALUE_PAIRS = ((256, 128), (192, 128))
 
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
@@ -511,7 +517,7 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
     d, dv = q.shape[-1], v.shape[-1]
     if dv != d:
         # backward_sm90_d256 with V's own head dim (VALUE_DIMS): no dropout, dK/dV only
-        if not (VALUE_DIMS and D256 and (d, dv) in _VALUE_PAIRS) or dropout_p > 0 or (
+        if not (VALUE_DIMS and D256 and (d, dv) in VALUE_PAIRS) or dropout_p > 0 or (
                 (varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None) and not D256_OPTIONS):
             return None
     elif d == 256 and D256:
@@ -530,10 +536,6 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
     if d == 256:
         return "atomic" if MODE == "atomic" and not deterministic else "split"
     return "split" if deterministic or MODE == "split" else "atomic"
-
-
-# backward_sm90_d256.VALUE_PAIRS (here so that supported() imports nothing on every call)
-_VALUE_PAIRS = ((256, 128), (192, 128))
 
 
 def _blocks(head_dim, block_m):

@@ -58,7 +58,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import forward_sm90
-from .backward_sm90 import _STATS_LAYOUT, _bwd_mask, _stats_descriptor, _store_rows, _tma_reduce_add, sequence_bounds
+from .backward_sm90 import (VALUE_PAIRS, _STATS_LAYOUT, _bwd_mask, _stats_descriptor, _store_rows, _tma_reduce_add,
+                            sequence_bounds)
 from .configs import cdiv
 from .forward_sm90 import _wgmma_layout
 from .launch import align, launch
@@ -254,28 +255,13 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_sm
             # V's own head dim: dK and dV contiguous (the launcher checks), so K's head dim is
             # stride_kh (192 or 256: dK's columns from it on are dropped) and dV's strides follow
             # from V's (2 VHALF) and the KV heads (stride_ks // stride_kh)
-            _store_rows_cols(k_own, DK + WG * HALF, n0, seqlen_k, stride_kh - WG * HALF, hk, stride_ks, stride_kh)
-            dv_s = stride_ks // stride_kh * (2 * VHALF)
-            _store_rows_cols(v_own, DV + WG * VHALF, n0, seqlen_k, VHALF, hk, dv_s, 2 * VHALF)
+            _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh, stride_kh - WG * HALF)
+            _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks // stride_kh * (2 * VHALF), 2 * VHALF)
     else:
         fence_async_shared()
         tma.async_copy_shared_to_global(dk_desc, [b, n0, hk, WG * HALF], k_smem.index(WG))
         tma.async_copy_shared_to_global(dv_desc, [b, n0, hk, WG * VHALF], v_smem.index(WG))
         tma.store_wait(0)
-
-
-@gluon.jit
-def _store_rows_cols(tile, PTR, r0, n_rows, n_cols, h, stride_s, stride_h):
-    """backward_sm90._store_rows with the columns from n_cols on dropped as well (dK of Q/K head
-    dim 192 in its 128-wide halves)."""
-    ROWS: gl.constexpr = tile.shape[0]
-    COLS: gl.constexpr = tile.shape[1]
-    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // COLS, COLS // 8], [4, 1], [1, 0])
-    x = tile.load(rows_layout)
-    rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
-    cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, rows_layout))
-    ptrs = PTR + gl.expand_dims(rows.to(gl.int64) * stride_s, 1) + h * stride_h + gl.expand_dims(cols, 0)
-    gl.store(ptrs, x, mask=gl.expand_dims(rows < n_rows, 1) & gl.expand_dims(cols < n_cols, 0))
 
 
 # one wrapper per (warpgroup, mode): gl.warp_specialize turns constexpr arguments into values
@@ -425,8 +411,7 @@ def _blocks(cfg, head_dim_v=HEAD_DIM):
 # 128 under Q/K 256 or 192 (MLA; 192 in the 256-wide tiles, the TMA zero-filling the columns past
 # the tensor's and dropping them from the dK store): the split mode only (its dO and V halves are
 # narrower than Q's, so the one pass's dQ tile has no stage slot to live in); dense or varlen (the
-# varlen epilogue's masked stores take dV's strides from contiguous dK and dV)
-VALUE_PAIRS = ((256, 128), (192, 128))
+# varlen epilogue's masked stores take dV's strides from contiguous dK and dV): backward_sm90.VALUE_PAIRS
 
 
 def head_dims_ok(head_dim, head_dim_v, with_dq=False):
