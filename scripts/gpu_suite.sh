@@ -188,14 +188,28 @@ case "$mode" in
     tail -n 13 "$OUT/features.log" ;;
   s20a)  # next session, first call: the value-dim Gluon backward (IOATTN_GLUON_BWD_VALUE_DIMS; compiled only): its
           # checks vs fp64 next to the Triton backward, then the 192/128 timing (gluon_value_dim_check's
-          # ioattn_gluon_bwd rows, 4k and 16k), then the GPU tests that session 19's calls cut (tests/test_features.py,
-          # tests/test_value_headdim.py) with the new defaults (~8 min)
+          # ioattn_gluon_bwd rows, 4k and 16k), then the mask-bounds checks of s14c (~8 min); WITH_TESTS=1 adds s20d
     timeout 150 python3 benchmarks/gluon_value_dim_bwd_check.py --out "$OUT/value_dim_bwd.json" 2>&1 \
       | tee "$OUT/value_dim_bwd.log" | grep -v "^PASS"
     timeout 120 python3 benchmarks/gluon_value_dim_check.py --skip-check --seqlens 4096,16384 \
       --out "$OUT/value_dim_bench.json" 2>&1 | grep "^192/128"
+    # session 13's forward mask from per-row bounds (IOATTN_GLUON_MASK_BOUNDS=1; compiled only): s14c's checks
+    IOATTN_GLUON_MASK_BOUNDS=1 timeout 150 python3 benchmarks/gluon_check.py --skip-bench --hdims 128,64 --shapes 4 --out "$OUT/gluon_fwd_bounds.json" 2>&1 | tee "$OUT/gluon_fwd_bounds.log" | grep -v "^PASS"
+    IOATTN_GLUON_MASK_BOUNDS=1 timeout 100 python3 benchmarks/gluon_window_check.py --out "$OUT/window_bounds.json" 2>&1 | tee "$OUT/window_bounds.log" | grep -v "^PASS" | tail -n 4
+    if [ -n "$WITH_TESTS" ]; then bash scripts/gpu_suite.sh s20d; fi ;;
+  s20d)  # session 20: the GPU tests that session 19's calls cut (s20a's third part) (~4 min)
     timeout 240 python3 -m pytest tests/test_features.py tests/test_value_headdim.py -q -p no:cacheprovider 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 4 ;;
+  s20b)  # session 20, after s20a: one round of s14c's A/B of the forward mask from per-row bounds (per-tile /
+          # persistent / Triton / cuDNN under CUDA graphs, 1k and 4k causal, IOATTN_GLUON_MASK_BOUNDS 0 and 1), then
+          # s14a (session 13's ALiBi as row + column terms, IOATTN_GLUON_ALIBI_LINEAR=1: its check vs fp64 and
+          # costs, then the costs without it) (~8 min)
+    for f in 0 1; do
+      echo "IOATTN_GLUON_MASK_BOUNDS=$f"
+      IOATTN_GLUON_MASK_BOUNDS=$f timeout 110 python3 benchmarks/fwd_tiles_ab.py --causal-only --seqlens 1024,4096 --rounds 2 --triton \
+        --out "$OUT/bounds_$f.json" 2>&1 | grep -v Warning
+    done
+    bash scripts/gpu_suite.sh s14a ;;
   s19a)  # session 19, after the new defaults (V's own head dim in the Gluon forward; hdim-64 dropout on the Gluon
           # backward, 64-row blocks, each Philox call once): the public-API quick grid, the hdim-64 dropout checks
           # (dense, varlen) vs fp32, the value-head-dim tests, then the hdim-64 dropout cost (~5 min)
