@@ -227,12 +227,14 @@ def test_gluon_dropout_compiles_for_sm90a(head_dim, causal):
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (64, False), (256, True)])
 def test_gluon_softcap_alibi_compile_for_sm90a(head_dim, causal):
     """Softcap (tanh.approx) and ALiBi in the Gluon kernels (IOATTN_GLUON_SCORES=0 keeps Triton's):
-    the forward without spills, the backward (hdim <= 128) within 1 KB (measured: hdim 128
-    4-292 B, hdim 64 108-980 B)."""
+    the forward within 16 B of spills (ALiBi as row + column terms, forward_sm90.ALIBI_LINEAR, on by
+    default since session 20: 4 B at hdim 128 causal with both options, 0 without ALIBI_LINEAR),
+    the backward (hdim <= 128) within 1 KB (measured: hdim 128 4-292 B, hdim 64 108-980 B)."""
     forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
     backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
     kernel = forward_sm90.compile_for(head_dim, "bf16", causal, softcap=True, alibi=True)
-    assert "tanh.approx.f32" in kernel.asm["ptx"] and ptxas_report(kernel)["spill_bytes"] == 0
+    assert "tanh.approx.f32" in kernel.asm["ptx"]
+    assert ptxas_report(kernel)["spill_bytes"] <= (16 if forward_sm90.ALIBI_LINEAR.value else 0)
     if head_dim <= 128:
         kernel = backward_sm90.compile_for(head_dim, "bf16", causal, softcap=True, alibi=True)
         assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)]
@@ -256,7 +258,11 @@ def test_gluon_dispatch_rules():
     assert f(128) and f(64) and f(256) and f(128, window_right=0)
     assert not f(128, cap=(8, 0)) and not f(128, cap=(10, 0))
     assert not f(96) and not f(128, dtype=torch.float32)
-    assert not f(64, n=2048, window_right=0)  # hdim 64 causal up to 2k keys: the Triton kernel
+    # hdim 64 causal up to 2k keys: the persistent Gluon kernel with the per-row mask bounds (H100,
+    # session 20), the Triton kernel for what the persistent one does not take (a window, an option)
+    assert f(64, n=2048, window_right=0) == (fwd.MASK_BOUNDS.value and fwd.PERSISTENT != "0")
+    assert not f(64, n=2048, window_left=256, window_right=0) and not f(64, n=2048, window_right=0, softcap=30.0)
+    assert f(64, n=4096, window_left=256, window_right=0)
     assert f(128, window_left=256, window_right=0) and f(128, window_left=256)  # sliding windows
     assert not f(128, window_left=256, window_right=16)
     assert fwd.SCORES  # softcap / ALiBi on the Gluon kernels by default (checked on an H200, session 9)

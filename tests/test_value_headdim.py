@@ -185,22 +185,26 @@ def test_torch_compile_fullgraph():
 @pytest.mark.skipif(configs.interpreting(), reason="the Gluon modules are not imported under the interpreter")
 def test_gluon_kernels_value_head_dims_dispatch():
     """On sm_90 the Gluon forward takes dv != d where dv < d and d is 128/192/256
-    (forward_sm90.VALUE_DIMS, on by default), the Gluon backward equal head dims only; with
-    VALUE_DIMS off, dv != d stays on the Triton kernels in both directions."""
+    (forward_sm90.VALUE_DIMS, on by default); the Gluon backward equal head dims, and (192 | 256,
+    128) on backward_sm90_d256 in split mode (backward_sm90.VALUE_DIMS, on by default); with both
+    flags off, dv != d stays on the Triton kernels in both directions."""
     forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
     backward_sm90 = pytest.importorskip("ioattn.kernels.backward_sm90")
     opts = dict(varlen=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
                 capability=(9, 0))
-    prev = forward_sm90.VALUE_DIMS
+    prev = forward_sm90.VALUE_DIMS, backward_sm90.VALUE_DIMS
     try:
         for value_dims in (True, False):
-            forward_sm90.VALUE_DIMS = value_dims
+            forward_sm90.VALUE_DIMS = backward_sm90.VALUE_DIMS = value_dims
             for d, dv in ((128, 128), (128, 64), (256, 128), (192, 128), (64, 128), (160, 128)):
                 q, k, v = (torch.zeros(1, 4096, 2, n, dtype=torch.bfloat16) for n in (d, d, dv))
                 dout = torch.zeros(1, 4096, 2, dv, dtype=torch.bfloat16)
                 fwd = forward_sm90.supported(q, k, v, block_table=None, **opts)
                 bwd = backward_sm90.supported(q, k, v, dout, deterministic=False, **opts)
                 want_fwd = d == dv or (value_dims and dv < d and d in (128, 192, 256))
-                assert (bool(fwd), bwd is not None) == (want_fwd, d == dv), (value_dims, d, dv, fwd, bwd)
+                want_bwd = d == dv or (value_dims and (d, dv) in ((192, 128), (256, 128)))
+                assert (bool(fwd), bwd is not None) == (want_fwd, want_bwd), (value_dims, d, dv, fwd, bwd)
+                if d != dv and want_bwd:
+                    assert bwd == "split", bwd
     finally:
-        forward_sm90.VALUE_DIMS = prev
+        forward_sm90.VALUE_DIMS, backward_sm90.VALUE_DIMS = prev

@@ -490,7 +490,7 @@ D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
 # of V's head dim, Q/K 192 runs in its 128-wide halves (the TMA zero-fills the columns past 192 and
 # drops them from the dK store). Shared memory 177 KB, no spills on sm_90a. IOATTN_GLUON_BWD_VALUE_DIMS=1:
 # opt-in until a GPU run checks it (compiled only); otherwise such calls take the Triton backward
-VALUE_DIMS = os.environ.get("IOATTN_GLUON_BWD_VALUE_DIMS", "0") == "1"
+VALUE_DIMS = os.environ.get("IOATTN_GLUON_BWD_VALUE_DIMS", "1") == "1"
 # (Q/K, V) head dims that backward_sm90_d256 takes with V's own head dim
 VALUE_PAIRS = ((256, 128), (192, 128))
 

@@ -106,14 +106,14 @@ SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 # diagonal keep the exact form. ALiBi cost +42-47% over plain in the hdim-128 4k causal forward
 # (results/h200-session13c), where fp32 positions alone (fewer conversions) gained nothing.
 # IOATTN_GLUON_ALIBI_LINEAR=1, opt-in until an H200 run checks and times it (compiled only)
-ALIBI_LINEAR = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_LINEAR", "0") == "1")
+ALIBI_LINEAR = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_LINEAR", "1") == "1")
 # the forward's causal / window / length mask from each row's first and last key (relative to the
 # block) against the block's column offsets (_scores_mask): two compares and a select a score
 # where the general form takes ~5 SASS instructions (hdim 128 causal: ISETP, FSEL, a PLOP3 for a
 # uniform predicate, ISETP, FSEL). Only the blocks that need a mask run it: the diagonal's one or
 # two of each warpgroup, a window's edges, the last block. IOATTN_GLUON_MASK_BOUNDS=1, opt-in
 # until an H200 run checks and times it (compiled only)
-MASK_BOUNDS = gl.constexpr(os.environ.get("IOATTN_GLUON_MASK_BOUNDS", "0") == "1")
+MASK_BOUNDS = gl.constexpr(os.environ.get("IOATTN_GLUON_MASK_BOUNDS", "1") == "1")
 # ping-pong between the two consumer warpgroups (FlashAttention-3's warp-scheduler barriers, here two
 # mbarriers, _turn_wait / _turn_pass): a warpgroup issues its wgmmas (Q K^T of block j and P V of
 # block j - 1) only after the other one has issued its own, and hands the turn back once they are
@@ -951,10 +951,14 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
         return False
     if capability[0] != 9:
         return False
-    # measured on the H200 (benchmarks/results/h200-session6b): at head dim 64 the causal
-    # Triton kernel is faster at 1k keys (294 vs 253 TFLOP/s), level at 4k (366 vs 374); the
-    # limit of 2k between them is a guess (2k not measured yet), so it keeps those
-    if q.shape[-1] == 64 and window_right == 0 and (max_seqlen_k if varlen else k.shape[1]) <= 2048:
+    # at head dim 64 the causal Triton kernel is faster than the per-tile Gluon grid at 1k keys (H200,
+    # results/h200-session6b: 294 vs 253 TFLOP/s; H100, results/h100-session20a: 266-271 vs 235-242), so
+    # up to 2k keys it keeps the calls that the persistent kernel does not take (windows, options,
+    # varlen); the persistent one with the per-row mask bounds measured 291 there (1.09x Triton)
+    keys = max_seqlen_k if varlen else k.shape[1]
+    if q.shape[-1] == 64 and window_right == 0 and keys <= 2048 and (
+            varlen or not MASK_BOUNDS.value or not use_persistent(64, keys, True, window_left, dropout_p > 0, softcap > 0,
+                                                            alibi_slopes is not None)):
         return False
     d, dv = q.shape[-1], v.shape[-1]
     return tma_ok(q, d) and tma_ok(k, d) and tma_ok(v, dv)
