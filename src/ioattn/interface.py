@@ -541,7 +541,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             v: ``(batch, seqlen_k, nheads_k, headdim_v)``, ``nheads % nheads_k == 0`` (GQA/MQA).
             fp16, bf16 or fp32; headdim and headdim_v 1..256, headdim_v may differ from headdim
             (e.g. DeepSeek's MLA: 192 and 128; on Hopper the Gluon forward takes Q/K 128/192/256
-            with a smaller V head dim of 64/128/256, the rest and the backward the Triton kernels).
+            with a smaller V head dim of 64/128/256, the Gluon backward Q/K 192/256 with V 128
+            without dropout; the other pairs run the Triton kernels).
         dropout_p: dropout on the attention probabilities (use 0.0 at evaluation).
         softmax_scale: defaults to ``1 / sqrt(headdim)`` (q's head dim).
         causal: bottom-right aligned causal mask (see the module docstring).

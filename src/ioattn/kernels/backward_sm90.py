@@ -488,8 +488,10 @@ D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
 # V's own head dim (MLA: Q/K 192, V 128; also 256 / 128) on backward_sm90_d256's kernel, dK/dV only
 # ("split": the Triton dQ kernel after it), dense or varlen, no dropout: its dO and V tiles are column halves
 # of V's head dim, Q/K 192 runs in its 128-wide halves (the TMA zero-fills the columns past 192 and
-# drops them from the dK store). Shared memory 177 KB, no spills on sm_90a. IOATTN_GLUON_BWD_VALUE_DIMS=1:
-# opt-in until a GPU run checks it (compiled only); otherwise such calls take the Triton backward
+# drops them from the dK store). Shared memory 177 KB, no spills on sm_90a. H100, session 20
+# (results/h100-session20a): 10/10 vs fp64 (dense, varlen) with the Triton backward's errors; 192/128
+# forward+backward TFLOP/s 4k 303 -> 340, causal 272 -> 305, 16k 298 -> 361, causal 305 -> 346 (cuDNN
+# 325, 406, 339, 491). IOATTN_GLUON_BWD_VALUE_DIMS=0 keeps the Triton backward for such calls
 VALUE_DIMS = os.environ.get("IOATTN_GLUON_BWD_VALUE_DIMS", "1") == "1"
 # (Q/K, V) head dims that backward_sm90_d256 takes with V's own head dim
 VALUE_PAIRS = ((256, 128), (192, 128))

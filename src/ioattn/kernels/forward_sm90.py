@@ -104,15 +104,19 @@ SCORES = os.environ.get("IOATTN_GLUON_SCORES", "1") == "1"
 # the scale's multiply) and the row term goes into the running max (_softmax_rows), where the
 # exact form costs an int add, an abs, a conversion and an FMA per score; blocks crossing the
 # diagonal keep the exact form. ALiBi cost +42-47% over plain in the hdim-128 4k causal forward
-# (results/h200-session13c), where fp32 positions alone (fewer conversions) gained nothing.
-# IOATTN_GLUON_ALIBI_LINEAR=1, opt-in until an H200 run checks and times it (compiled only)
+# (results/h200-session13c), where fp32 positions alone (fewer conversions) gained nothing. H100,
+# session 20 (results/h100-session20a): softcap/ALiBi 6/6 vs fp64; ALiBi forward 0.684 -> 0.565 ms
+# (+53% -> +22% over plain), forward+backward +17% -> +12%. IOATTN_GLUON_ALIBI_LINEAR=0 keeps the exact form
 ALIBI_LINEAR = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_LINEAR", "1") == "1")
 # the forward's causal / window / length mask from each row's first and last key (relative to the
 # block) against the block's column offsets (_scores_mask): two compares and a select a score
 # where the general form takes ~5 SASS instructions (hdim 128 causal: ISETP, FSEL, a PLOP3 for a
 # uniform predicate, ISETP, FSEL). Only the blocks that need a mask run it: the diagonal's one or
-# two of each warpgroup, a window's edges, the last block. IOATTN_GLUON_MASK_BOUNDS=1, opt-in
-# until an H200 run checks and times it (compiled only)
+# two of each warpgroup, a window's edges, the last block. H100, session 20 (results/h100-session20a,
+# CUDA graphs, causal, TFLOP/s off -> on, persistent kernel): hdim 64 1k 273 -> 291, 4k 383 -> 402;
+# hdim 128 1k 373 -> 389, 4k 529 -> 540 (cuDNN drifted +3% between the two runs, so hdim 128 is level
+# and hdim 64 gains ~5% against it); outputs bit-identical, checks 32/32 + 8/8 varlen + 8/8 windows.
+# IOATTN_GLUON_MASK_BOUNDS=0 keeps the general form
 MASK_BOUNDS = gl.constexpr(os.environ.get("IOATTN_GLUON_MASK_BOUNDS", "1") == "1")
 # ping-pong between the two consumer warpgroups (FlashAttention-3's warp-scheduler barriers, here two
 # mbarriers, _turn_wait / _turn_pass): a warpgroup issues its wgmmas (Q K^T of block j and P V of
