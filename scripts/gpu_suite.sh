@@ -186,7 +186,14 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s21a)  # session 21, after s19a / s14b: each consumer warpgroup runs only the key blocks its rows see
+  s21)  # session 21, first call: session 20's defaults together (the value-dim Gluon backward, the forward mask from
+          # per-row bounds, ALiBi as row + column terms, hdim-64 causal <= 2k keys on the persistent Gluon forward):
+          # the public-API quick grid vs fp64, the hdim-64 dropout checks, the value-dim backward checks (~8 min)
+    timeout 220 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1; tail -n 3 "$OUT/check.log"
+    timeout 150 python3 benchmarks/dropout64_check.py --out "$OUT/dropout64.json" 2>&1 | tee "$OUT/dropout64.log" | grep -v "^PASS"
+    timeout 150 python3 benchmarks/gluon_value_dim_bwd_check.py --out "$OUT/value_dim_bwd.json" 2>&1 \
+      | tee "$OUT/value_dim_bwd.log" | grep -v "^PASS" ;;
+  s21a)  # session 21, after s21 / s14b: each consumer warpgroup runs only the key blocks its rows see
           # (IOATTN_GLUON_WG_SKIP=1; compiled only): the Gluon forward's checks vs fp32 (hdim 256/128/64, dense,
           # varlen), windows, then per-tile / cuDNN / Triton under CUDA graphs, causal, hdim 256 and 64, 1k-4k,
           # with it and without (~8 min)
