@@ -102,25 +102,32 @@ def test_gluon_backward_compiles_for_sm90a(head_dim, causal, with_dq):
     assert rep["spill_bytes"] <= (192 if (head_dim, causal, with_dq) == (64, True, True) else 32), rep
 
 
+def _int_rows_per_flag(var, flags, code, n_rows):
+    """Run ``code`` (which prints n_rows lines of ints) in a fresh process per value of the env var
+    (compile-time flags are constexpr globals, read at import): {flag: [tuple of ints, ...]}."""
+    import os
+    import subprocess
+    import sys
+    got = {}
+    for flag in flags:
+        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{var: flag}),
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got[flag] = [tuple(map(int, line.split())) for line in res.stdout.strip().splitlines()[-n_rows:]]
+    return got
+
+
 def test_gluon_forward_mask_bounds():
     """MASK_BOUNDS (IOATTN_GLUON_MASK_BOUNDS, on by default since session 20): the forward's mask from per-row bounds
     compiles at hdim 64/128 (per-tile, varlen, persistent) with fewer selects than the general
     mask and no more spills. (A process per setting: the flag is a constexpr global.)"""
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("ioattn.kernels.forward_sm90")
     code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report\n"
             "for d in (64, 128):\n"
             "    for kw in ({}, {'varlen': True}, {'persistent': True}):\n"
             "        k = forward_sm90.compile_for(d, 'bf16', True, **kw)\n"
             "        print(len(re.findall(r'selp\\.f32', k.asm['ptx'])), ptxas_report(k)['spill_bytes'])")
-    got = {}
-    for flag in ("0", "1"):
-        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, IOATTN_GLUON_MASK_BOUNDS=flag),
-                             capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-2000:]
-        got[flag] = [tuple(map(int, line.split())) for line in res.stdout.strip().splitlines()[-6:]]
+    got = _int_rows_per_flag("IOATTN_GLUON_MASK_BOUNDS", ("0", "1"), code, 6)
     for (sel0, spill0), (sel1, spill1) in zip(got["0"], got["1"]):
         assert sel1 < sel0 and spill1 <= spill0, got
 
@@ -172,21 +179,13 @@ def test_gluon_forward_wg_skip_compiles():
     """WG_SKIP (IOATTN_GLUON_WG_SKIP=1, opt-in): the per-tile forward compiles at hdim 64/128/256,
     causal or not, with the two release loops (up to 8 more mbarrier arrivals) and spills within
     32 B of the default's (hdim 256 softcap + ALiBi: 0 -> 24 B causal). (A process per setting.)"""
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("ioattn.kernels.forward_sm90")
     code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report\n"
             "for d in (64, 128, 256):\n"
             "    for causal, kw in ((True, {}), (False, {}), (True, {'softcap': True, 'alibi': True})):\n"
             "        k = forward_sm90.compile_for(d, 'bf16', causal, **kw)\n"
             "        print(len(re.findall(r'mbarrier\\.arrive', k.asm['ptx'])), ptxas_report(k)['spill_bytes'])")
-    got = {}
-    for flag in ("0", "1"):
-        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, IOATTN_GLUON_WG_SKIP=flag),
-                             capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-2000:]
-        got[flag] = [tuple(map(int, line.split())) for line in res.stdout.strip().splitlines()[-9:]]
+    got = _int_rows_per_flag("IOATTN_GLUON_WG_SKIP", ("0", "1"), code, 9)
     for (arr0, spill0), (arr1, spill1) in zip(got["0"], got["1"]):
         assert arr0 < arr1 <= arr0 + 8 and spill1 <= spill0 + 32, got
 
@@ -197,9 +196,6 @@ def test_gluon_forward_pingpong():
     in the kernel), level 2 also loads K ahead of V (more TMA load sites); both compile at hdim 64/128,
     per-tile and persistent, with spills within 16 B of the default's (hdim 128 persistent causal:
     16 B by default). (A process per setting: the flag is a constexpr global.)"""
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("ioattn.kernels.forward_sm90")
     code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report\n"
             "for d in (64, 128):\n"
@@ -207,12 +203,7 @@ def test_gluon_forward_pingpong():
             "        k = forward_sm90.compile_for(d, 'bf16', True, **kw); ptx = k.asm['ptx']\n"
             "        print(len(re.findall(r'mbarrier\\.arrive\\.shared', ptx)), len(re.findall(r'mbarrier\\.try_wait', ptx)),"
             " len(re.findall(r'cp\\.async\\.bulk\\.tensor', ptx)), ptxas_report(k)['spill_bytes'])")
-    got = {}
-    for flag in ("0", "1", "2"):
-        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, IOATTN_GLUON_PINGPONG=flag),
-                             capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-2000:]
-        got[flag] = [tuple(map(int, line.split())) for line in res.stdout.strip().splitlines()[-4:]]
+    got = _int_rows_per_flag("IOATTN_GLUON_PINGPONG", ("0", "1", "2"), code, 4)
     for (arr0, wait0, tma0, spill0), (arr1, wait1, tma1, spill1), (arr2, wait2, tma2, spill2) in zip(
             got["0"], got["1"], got["2"]):
         assert arr1 == arr0 + 6 and wait1 == wait0 + 6 and tma1 == tma0, got
