@@ -193,6 +193,11 @@ case "$mode" in
     timeout 150 python3 benchmarks/dropout64_check.py --out "$OUT/dropout64.json" 2>&1 | tee "$OUT/dropout64.log" | grep -v "^PASS"
     timeout 150 python3 benchmarks/gluon_value_dim_bwd_check.py --out "$OUT/value_dim_bwd.json" 2>&1 \
       | tee "$OUT/value_dim_bwd.log" | grep -v "^PASS" ;;
+  s21b)  # session 21: the Gluon dQ kernel of the split-mode backward (IOATTN_GLUON_DQ; opt-in): its checks vs
+          # fp64 next to the Triton dQ kernel (deterministic 64/128, 192/128, 256/128, 256/256, options), then
+          # the backward alone with it off / on and cuDNN's (~4 min)
+    timeout 280 python3 benchmarks/gluon_dq_check.py --out "$OUT/gluon_dq.json" 2>&1 | tee "$OUT/gluon_dq.log" \
+      | grep -v "^PASS" ;;
   s21a)  # session 21, after s21 / s14b: each consumer warpgroup runs only the key blocks its rows see
           # (IOATTN_GLUON_WG_SKIP=1; compiled only): the Gluon forward's checks vs fp32 (hdim 256/128/64, dense,
           # varlen), windows, then per-tile / cuDNN / Triton under CUDA graphs, causal, hdim 256 and 64, 1k-4k,

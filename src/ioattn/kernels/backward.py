@@ -28,6 +28,7 @@ _sm90 = None
 if not configs.interpreting():
     try:
         from . import backward_sm90 as _sm90
+        from . import backward_sm90_dq as _sm90_dq
     except ImportError:  # an older triton without Gluon
         _sm90 = None
 
@@ -508,6 +509,12 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
         configs.last_compiled["dkdv"] = _sm90.attention_backward_sm90(
             dout, q, k, v, stats, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
             window_left=window_left, **sm90_kw)
+        if _sm90_dq.supported(q, k, v, dout, varlen=varlen, window_right=window_right, dropout_p=dropout_p):
+            # dQ by the Gluon kernel too (IOATTN_GLUON_DQ=1): the additions in a fixed order
+            configs.last_compiled["dq"] = _sm90_dq.attention_backward_dq(
+                dout, q, k, v, stats, dq, softmax_scale=softmax_scale, causal=window_right == 0,
+                window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes)
+            return dq, dk, dv
     else:
         c = cfg["dkdv"]
         configs.last_compiled["dkdv"] = _attn_bwd_dkdv[(configs.cdiv(max_seqlen_k, c["BLOCK_N"]), batch * nheads_k)](
