@@ -423,7 +423,8 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     """Launch the backward kernels. Returns (dq, dk, dv) in the inputs' dtype.
     ``dlse``: the gradient of the returned lse (its shape), or None. On sm_90 the calls that
     backward_sm90 supports take one of its modes (backward_sm90.supported: the one pass, or,
-    with ``deterministic``, its dK/dV kernel and then the Triton dQ kernel). v, out and dout
+    with ``deterministic``, its dK/dV kernel and then a dQ kernel: backward_sm90_dq's Gluon one
+    where it applies, else the Triton one). v, out and dout
     may have a head dim of their own (the Gluon kernels take equal ones only)."""
     varlen = cu_seqlens_q is not None
     if varlen:

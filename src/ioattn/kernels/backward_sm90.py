@@ -18,8 +18,9 @@ where 5 suffice. This kernel:
   accumulator in global memory by a bulk TMA reduction of the tile (converted to the output
   dtype afterwards). The additions come in no fixed order, so this mode is not
   bit-reproducible: the default when ``deterministic=False`` (as FlashAttention's atomic dQ);
-- without (mode "split", what ``deterministic=True`` runs): dK and dV only, and the Triton dQ
-  kernel runs after; no atomics, no barrier between the warpgroups.
+- without (mode "split", what ``deterministic=True`` runs): dK and dV only, and a dQ kernel (the
+  Gluon one of backward_sm90_dq at head dim 128, dense, no dropout; else the Triton one) runs
+  after; no atomics, no barrier between the warpgroups.
 
 Scope: what forward_sm90 covers (bf16/fp16, dense or packed varlen, causal or not, sliding
 windows (left, 0) / (left, -1), GQA/MQA, dropout) at head dims 64 and 128 (at 256, dK and dV
@@ -255,7 +256,7 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             # (varlen: rows past the sequence add zeros to the next one's, their dS being 0)
             _dq_out(dq_desc, dqw, dq_smem.index(WG), dq * sm_scale, b, h, q_off + m0, WG * HALF_D)
-        else:  # dK and dV only (the Triton dQ kernel runs after)
+        else:  # dK and dV only (a dQ kernel runs after)
             dst_a = gl.convert_layout(dst16, a_layout)
             dk_tok = warpgroup_mma(dst_a, qs, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
@@ -467,7 +468,7 @@ SHARED_DROPOUT_DRAWS = gl.constexpr(dropout_sm90.COLS_SHARED)
 #            the Triton backward); hdim 64 causal with <= 2k keys keeps the Triton backward
 #   "atomic" this kernel for dK, dV and dQ in one pass (dQ by bulk TMA reductions: the order of
 #            the additions varies, so not bit-reproducible; deterministic=True takes "split")
-#   "split"  this kernel for dK/dV only, then the Triton dQ kernel: deterministic
+#   "split"  this kernel for dK/dV only, then a dQ kernel (backward_sm90_dq's, else Triton's): deterministic
 #   "0"      the Triton backward (two Triton kernels)
 MODE = os.environ.get("IOATTN_GLUON_BWD", "auto")
 # IOATTN_GLUON_BWD_VARLEN=0 keeps the Triton backward for packed variable-length batches (A/B)
@@ -499,7 +500,7 @@ VALUE_PAIRS = ((256, 128), (192, 128))
 
 def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alibi_slopes, dropout_p,
               deterministic, capability, max_seqlen_k=None):
-    """Which Gluon backward a call takes: "atomic" (one pass), "split" (Gluon dK/dV, Triton dQ),
+    """Which Gluon backward a call takes: "atomic" (one pass), "split" (Gluon dK/dV, then dQ),
     or None (the Triton backward). varlen: packed (total, heads, dim) tensors, ``max_seqlen_k``
     given."""
     if MODE not in ("auto", "split", "atomic"):
