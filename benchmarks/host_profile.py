@@ -1,6 +1,6 @@
-"""Where the host time of one ioattn forward goes (cProfile over back-to-back calls), next to the
-time per call with the GPU never the bottleneck (tiny work per call is not possible here, so the
-calls are timed at 1k causal hdim 128, b 16, h 16, as the benchmark's row).
+"""Where the host time of one ioattn forward goes: the time per call of back-to-back calls, host
+alone and with the GPU synchronized after them (equal times: the host is the bottleneck), then
+cProfile over the same calls. The shape is the benchmark's 1k causal hdim-128 row (b 16, h 16).
 
     python benchmarks/host_profile.py [--calls 300] [--grad]
 """

@@ -57,6 +57,17 @@ def compile_kernel(fn, dtype, constexprs, num_warps, num_stages, capability=(9, 
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def compile_gluon(fn, sig, constexprs, num_warps, capability=(9, 0)):
+    """Compile a Gluon kernel for a target: ``sig`` gives its run-time parameters' Triton types
+    (entries for parameters fn does not have are ignored), ``constexprs`` its compile-time values."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    names = fn.arg_names
+    full = {n: "constexpr" if n in constexprs else sig[n] for n in names}
+    src = GluonASTSource(fn=fn, signature=full, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    cc = capability[0] * 10 + capability[1]
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+
+
 def ptxas_report(kernel, capability=(9, 0)):
     """Registers and spill bytes as ptxas reports them."""
     from triton.backends.nvidia.compiler import get_ptxas

@@ -511,7 +511,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
             dout, q, k, v, stats, None, dk, dv, softmax_scale=softmax_scale, causal=window_right == 0,
             window_left=window_left, **sm90_kw)
         if _sm90_dq.supported(q, k, v, dout, varlen=varlen, window_right=window_right, dropout_p=dropout_p):
-            # dQ by the Gluon kernel too (IOATTN_GLUON_DQ=1): the additions in a fixed order
+            # dQ by the Gluon kernel too (IOATTN_GLUON_DQ=0: the Triton one below): the additions in a fixed order
             configs.last_compiled["dq"] = _sm90_dq.attention_backward_dq(
                 dout, q, k, v, stats, dq, softmax_scale=softmax_scale, causal=window_right == 0,
                 window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes)

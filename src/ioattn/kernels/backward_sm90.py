@@ -647,9 +647,7 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
 def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=True, block_m=None, window=False,
                 varlen=False, dropout=False, softcap=False, alibi=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from . import aot
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = config(head_dim, softcap=softcap, alibi=alibi, dropout=dropout)  # the rows the launcher takes
     blk = _blocks(head_dim, block_m or cfg["BLOCK_M"])
@@ -669,10 +667,4 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), with_dq=
                       IS_VARLEN=varlen, HAS_DROPOUT=dropout, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
                       CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"])
-    names = fn.arg_names
-    for n in constexprs:
-        sig[n] = "constexpr"
-    sig = {n: sig[n] for n in names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
-                          options={"num_warps": cfg["num_warps"]})
+    return aot.compile_gluon(fn, sig, constexprs, cfg["num_warps"], capability)

@@ -475,9 +475,7 @@ def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg
                 softcap=False, alibi=False, head_dim_v=HEAD_DIM):
     """Compile the kernel for a target without a GPU (tests, the compiler's view); head_dim_v: V's
     (the kernel is the same for Q/K 192 and 256: the descriptors' tiles are 128 wide either way)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from . import aot
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = cfg or config(with_dq, window or varlen or softcap or alibi)
     blk = _blocks(cfg, head_dim_v)
@@ -496,10 +494,4 @@ def compile_for(dtype="bf16", causal=True, with_dq=False, capability=(9, 0), cfg
     constexprs = dict(CAUSAL=causal, STAGES=cfg["STAGES"], WITH_DQ=with_dq, CONSUMER_REGS=cfg["CONSUMER_REGS"],
                       PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_WINDOW=window, IS_VARLEN=varlen, HAS_SOFTCAP=softcap,
                       HAS_ALIBI=alibi)
-    names = fn.arg_names
-    for n in constexprs:
-        sig[n] = "constexpr"
-    sig = {n: sig[n] for n in names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
-                          options={"num_warps": cfg["num_warps"]})
+    return aot.compile_gluon(fn, sig, constexprs, cfg["num_warps"], capability)

@@ -47,7 +47,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import forward_sm90
 from .backward_sm90 import _bwd_mask
-from .configs import cdiv, tma_ok
+from .configs import cdiv
 from .forward_sm90 import _wgmma_layout
 from .launch import align, launch
 
@@ -292,10 +292,11 @@ def _blocks(head_dim, head_dim_v, block_n):
 
 def supported(q, k, v, dout, *, varlen, window_right, dropout_p):
     """Whether this kernel takes the dQ of a split-mode backward (backward_sm90.supported has
-    said "split" for the call: sm_90, bf16/fp16, TMA-ready q, k, v, dout)."""
+    said "split" for the call: sm_90, bf16/fp16, TMA-ready q, k, v, dout; dq is a fresh
+    contiguous tensor of q's shape)."""
     if not ENABLED or varlen or dropout_p > 0 or window_right > 0:
         return False
-    return (q.shape[-1], v.shape[-1]) in PAIRS and tma_ok(q, q.shape[-1])
+    return (q.shape[-1], v.shape[-1]) in PAIRS
 
 
 def attention_backward_dq(dout, q, k, v, stats, dq, *, softmax_scale, causal, window_left=-1, softcap=0.0,
@@ -317,9 +318,10 @@ def attention_backward_dq(dout, q, k, v, stats, dq, *, softmax_scale, causal, wi
     qk_scale, score_args, has_softcap, has_alibi = forward_sm90._score_args(softmax_scale, softcap, alibi_slopes,
                                                                             stats)
     sb, sh, sr = stats.stride()[:3]
-    key = (q.shape, k.shape, v.shape[-1], q.stride(), k.stride(), v.stride(), dout.stride(), stats.stride(),
-           window_left, q.dtype, causal, has_softcap, has_alibi, score_args[1], tuple(cfg.values()),
-           align(stats, score_args[0]))
+    # (every argument is a descriptor, fixed by the dtype, head dims and cfg, an int fixed by the
+    # shapes, the stats' strides and window_left, a float, or a pointer of the align() bits)
+    key = (q.shape, k.shape, v.shape[-1], stats.stride(), window_left, q.dtype, causal, has_softcap, has_alibi,
+           score_args[1], tuple(cfg.values()), align(stats, score_args[0]))
     return launch(_attn_bwd_dq_sm90, grid, *descs, stats, sb, sh, sr, seqlen_q, seqlen_k, nheads, nheads // nheads_k,
                   qk_scale, softmax_scale, window_left, *score_args, CAUSAL=causal, STAGES=cfg["STAGES"],
                   HAS_HI=head_dim > LO, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
@@ -330,9 +332,7 @@ def attention_backward_dq(dout, q, k, v, stats, dq, *, softmax_scale, causal, wi
 def compile_for(head_dim, head_dim_v=None, dtype="bf16", causal=True, capability=(9, 0), cfg=None, window=False,
                 softcap=False, alibi=False):
     """Compile the kernel for a target without a GPU (tests, the compiler's view)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from . import aot
     head_dim_v = head_dim_v or head_dim
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = cfg or config(head_dim, head_dim_v)
@@ -349,10 +349,4 @@ def compile_for(head_dim, head_dim_v=None, dtype="bf16", causal=True, capability
                stride_ab="i32", sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, STAGES=cfg["STAGES"], HAS_HI=head_dim > LO, HAS_WINDOW=window, HAS_SOFTCAP=softcap,
                       HAS_ALIBI=alibi, CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
-    names = fn.arg_names
-    for n in constexprs:
-        sig[n] = "constexpr"
-    sig = {n: sig[n] for n in names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
-                          options={"num_warps": cfg["num_warps"]})
+    return aot.compile_gluon(fn, sig, constexprs, cfg["num_warps"], capability)

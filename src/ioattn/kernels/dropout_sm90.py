@@ -49,7 +49,6 @@ compares these masks with the Triton ones on a GPU, tests/test_dropout_sm90.py c
 import math
 import os
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
@@ -518,8 +517,7 @@ def _bench_kernel(OUT, RNG, dropout_p, iters, TR: gl.constexpr, TC: gl.constexpr
 def compile_for(kernel="mask", tr=64, tc=128, transposed=False, capability=(9, 0), dropout=True, packed=False,
                 shared=False):
     """Compile a check kernel for a target without a GPU (tests/test_dropout_sm90.py)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from . import aot
     if kernel == "mask":
         fn = _mask_kernel
         sig = dict(MASK="*i8", RNG="*i64", seqlen_q="i32", seqlen_k="i32", dropout_p="fp32", m_base="i32",
@@ -529,13 +527,7 @@ def compile_for(kernel="mask", tr=64, tc=128, transposed=False, capability=(9, 0
         fn = _bench_kernel
         sig = dict(OUT="*fp32", RNG="*i64", dropout_p="fp32", iters="i32")
         constexprs = dict(TR=tr, TC=tc, TRANSPOSED=transposed, DROPOUT=dropout, SHARED=shared)
-    names = fn.arg_names
-    for n in constexprs:
-        sig[n] = "constexpr"
-    sig = {n: sig[n] for n in names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
-                          options={"num_warps": 4})
+    return aot.compile_gluon(fn, sig, constexprs, 4, capability)
 
 
 def keep_mask_reference(seed, salt, start_m, start_n, rows, cols, dropout_p, rounds=None):

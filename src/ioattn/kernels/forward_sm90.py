@@ -29,7 +29,6 @@ import functools
 import os
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -1160,8 +1159,7 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     """Compile the kernel for a target without a GPU (the compiler's view: aot.py, tests).
     dropout: False, True (= "select"), or "select" / "packed" / "early" (DROPOUT_APPLY).
     head_dim_v: V's own head dim (VALUE_DIMS), else head_dim."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from . import aot
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     dv = head_dim if head_dim_v is None else head_dim_v
     cfg = config(head_dim, dv)
@@ -1185,11 +1183,4 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
         constexprs["HAS_DROPOUT"] = _DROPOUT_MODES[dropout] if isinstance(dropout, str) else int(dropout)
         constexprs["HAS_SOFTCAP"] = softcap
         constexprs["HAS_ALIBI"] = alibi
-    names = fn.arg_names
-    for n in constexprs:
-        sig[n] = "constexpr"
-    sig = {n: sig[n] for n in names}  # (the non-persistent kernel has no n_tiles, n_mblocks, head_group)
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    cc = capability[0] * 10 + capability[1]
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": cfg["num_warps"]})
+    return aot.compile_gluon(fn, sig, constexprs, cfg["num_warps"], capability)
