@@ -191,3 +191,114 @@ def test_persistent_forward_dispatch(monkeypatch):
     assert use(128, 16384, True, -1, 0, False, False) and not use(256, 128, False, -1, 0, False, False)
     monkeypatch.setattr(forward_sm90, "PERSISTENT", "0")
     assert not use(128, 1024, False, -1, 0, False, False)
+
+
+class _Utils:
+    """The driver utils' fill_tma_descriptor, recording its calls and returning what it was given."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def fill_tma_descriptor(self, ptr, swizzle, elem_size, elem_type, block, shape, strides, padding):
+        self.calls += 1
+        return ("map", ptr, swizzle, elem_size, elem_type, tuple(block), tuple(shape), tuple(strides), padding)
+
+
+def _wrapped_launcher(kern, metas):
+    """A CompiledKernel stand-in whose CudaLauncher.launch is triton's own tensor-descriptor wrapper
+    (wrap_handle_tensordesc of the installed triton) around a recording C launcher."""
+    from types import SimpleNamespace
+
+    from triton.backends.nvidia.driver import wrap_handle_tensordesc
+    log = []
+    sig = {n: ("tensordesc<bf16[1,64,1,128]>" if n.endswith("_desc") else "i32") for n in kern.arg_names}
+    run = SimpleNamespace(launch=wrap_handle_tensordesc(lambda *a: log.append(a), sig, metas),
+                          launch_cooperative_grid=False, launch_pdl=False, global_scratch_size=0,
+                          profile_scratch_size=0)
+    return SimpleNamespace(run=run, function=1234, packed_metadata=(8, 1)), log
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
+
+
+def test_direct_launch_passes_what_triton_passes(monkeypatch):
+    """launch._Direct's C-launcher arguments equal those of triton's descriptor wrapper (the same
+    encoded maps, shapes, strides and plain arguments), and it encodes a descriptor once per
+    address, shape and strides."""
+    pytest.importorskip("triton.backends.nvidia.driver")
+    saved = driver._active
+    utils = _Utils()
+    stand = _Driver()
+    stand.utils = utils
+    driver.set_active(stand)
+    try:
+        calls = []
+        monkeypatch.setattr(forward_sm90, "launch", lambda kern, grid, *a, **kw: calls.append((kern, grid, a, kw)))
+        monkeypatch.setattr(forward_sm90, "_num_sms", lambda device: 132)
+        q = torch.empty(2, 300, 4, 128, dtype=torch.bfloat16)
+        kv = torch.empty(2, 300, 2, 128, dtype=torch.bfloat16)
+        out, lse = torch.empty_like(q), torch.empty(2, 4, 300)
+        per_tile = dict(forward_sm90.config(128), PERSISTENT=False)
+        forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=True, cfg=per_tile)
+        forward_sm90.attention_forward_sm90(q, kv, kv, out, lse, softmax_scale=0.1, causal=False)
+        q2 = torch.empty(2, 300, 4, 128, dtype=torch.bfloat16)
+        forward_sm90.attention_forward_sm90(q2, kv, kv, out, lse, softmax_scale=0.1, causal=True, cfg=per_tile)
+        metas = [dict(swizzle=128, elem_size=2, elem_type=10, block_size=[1, 64 + i, 1, 128], fp4_padded=False)
+                 for i in range(4)]
+        for kern, grid, a, kw in calls:
+            kw = {n: v for n, v in kw.items() if n != "key"}
+            full = launch_mod.generic_key(kern, a, kw)[1]
+            compiled, log = _wrapped_launcher(kern, metas)
+            direct = launch_mod._Direct.of(compiled)
+            assert direct is not None
+            grid3 = (*grid, 1, 1)[:3]
+            compiled.run.launch(*grid3, 0, 1234, False, False, None, None, (8, 1), None, None, None, *full)
+            before = utils.calls
+            direct(grid3, full, 0)
+            assert utils.calls == before + 4  # (a new _Direct: four descriptors encoded)
+            direct(grid3, full, 0)
+            assert utils.calls == before + 4  # the same tensors again: none encoded
+            assert len(log) == 3
+            for got in log[1:]:
+                assert len(got) == len(log[0])
+                assert all(_same(x, y) for x, y in zip(got, log[0]))
+            assert sum(isinstance(x, tuple) and x[:1] == ("map",) for x in log[0]) == 4
+        # a different Q tensor (address) gets its own map; K, V and the output keep theirs
+        compiled, log = _wrapped_launcher(calls[0][0], metas)
+        direct = launch_mod._Direct.of(compiled)
+        for kern, grid, a, kw in (calls[0], calls[2]):
+            kw = {n: v for n, v in kw.items() if n != "key"}
+            before = utils.calls
+            direct((*grid, 1, 1)[:3], launch_mod.generic_key(kern, a, kw)[1], 0)
+        assert utils.calls == before + 1 and log[0][13][1] != log[1][13][1] and log[0][14] == log[1][14]
+    finally:
+        driver._active = saved
+
+
+def test_direct_launch_falls_back(monkeypatch):
+    """Triton's own chain launches where _Direct cannot: descriptors without metadata, scratch
+    memory, a launcher not built by triton's wrapper, registered launch hooks."""
+    pytest.importorskip("triton.backends.nvidia.driver")
+    kern = forward_sm90._attn_fwd_sm90
+    compiled, _ = _wrapped_launcher(kern, None)
+    assert launch_mod._Direct.of(compiled) is None  # (metadata None: the frontend decomposes them)
+    meta = [dict(swizzle=128, elem_size=2, elem_type=10, block_size=[1, 64, 1, 128], fp4_padded=False)] * 4
+    compiled, _ = _wrapped_launcher(kern, meta)
+    compiled.run.global_scratch_size = 64
+    assert launch_mod._Direct.of(compiled) is None
+    compiled.run.global_scratch_size = 0
+    compiled.run.launch = lambda *a, **kw: None  # some other wrapper
+    assert launch_mod._Direct.of(compiled) is None
+    assert launch_mod._Direct.of(object()) is None
+    assert launch_mod._hooks_idle()
+    from triton import knobs
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert not launch_mod._hooks_idle()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert launch_mod._hooks_idle()
