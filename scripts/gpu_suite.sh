@@ -187,10 +187,9 @@ case "$mode" in
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
   s22a)  # session 22, first call: the direct C launch of the Gluon kernels (kernels/launch.py _Direct, default on):
-          # the public-API quick grid vs fp64 through it, host time per call with it off / on (hdim 128 1k causal
-          # forward, forward+backward), then the 1k rows of the benchmark (ioattn, cuDNN, FA2) with it off / on,
-          # then the hdim-256 1k causal backward with the Gluon dQ kernel off (~7 min)
-    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1; tail -n 3 "$OUT/check.log"
+          # host time per call with it off / on (hdim 128 1k causal forward, forward+backward), the 1k rows of the
+          # benchmark (ioattn, cuDNN, FA2; each output checked vs fp32 first) with it off / on, the hdim-256 1k
+          # backward with the Gluon dQ kernel off, then the public-API quick grid vs fp64 (~8 min)
     for f in 0 1; do
       for m in "" --bwd; do
         IOATTN_DIRECT_LAUNCH=$f timeout 60 python3 benchmarks/host_profile.py --grad $m --no-prof \
@@ -205,7 +204,8 @@ case "$mode" in
     done
     echo "IOATTN_GLUON_DQ=0"
     IOATTN_GLUON_DQ=0 timeout 60 python3 benchmarks/bench_attention.py --providers ioattn,sdpa_cudnn --hdim 256 \
-      --seqlen 1024 --mode bwd --no-memory --no-plot --out "$OUT/bench1k_dq0.json" 2>&1 | grep -E "^(fwd|bwd)" ;;
+      --seqlen 1024 --mode bwd --no-memory --no-plot --out "$OUT/bench1k_dq0.json" 2>&1 | grep -E "^(fwd|bwd)"
+    timeout 200 python3 benchmarks/gpu_check.py --quick --out "$OUT/check.json" > "$OUT/check.log" 2>&1; tail -n 3 "$OUT/check.log" ;;
   s21)  # session 21, first call: session 20's defaults together (the value-dim Gluon backward, the forward mask from
           # per-row bounds, ALiBi as row + column terms, hdim-64 causal <= 2k keys on the persistent Gluon forward):
           # the public-API quick grid vs fp64, the hdim-64 dropout checks, the value-dim backward checks (~8 min)
