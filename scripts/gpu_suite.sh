@@ -218,17 +218,6 @@ case "$mode" in
           # the backward alone with it off / on and cuDNN's (~4 min)
     timeout 280 python3 benchmarks/gluon_dq_check.py --out "$OUT/gluon_dq.json" 2>&1 | tee "$OUT/gluon_dq.log" \
       | grep -v "^PASS" ;;
-  s21a)  # session 21, after s21 / s14b: each consumer warpgroup runs only the key blocks its rows see
-          # (IOATTN_GLUON_WG_SKIP=1; compiled only): the Gluon forward's checks vs fp32 (hdim 256/128/64, dense,
-          # varlen), windows, then per-tile / cuDNN / Triton under CUDA graphs, causal, hdim 256 and 64, 1k-4k,
-          # with it and without (~8 min)
-    IOATTN_GLUON_WG_SKIP=1 timeout 170 python3 benchmarks/gluon_check.py --skip-bench --hdims 256,128,64 --shapes 4 --out "$OUT/gluon_fwd_wgskip.json" 2>&1 | tee "$OUT/gluon_fwd_wgskip.log" | grep -v "^PASS"
-    IOATTN_GLUON_WG_SKIP=1 timeout 100 python3 benchmarks/gluon_window_check.py --out "$OUT/window_wgskip.json" 2>&1 | tee "$OUT/window_wgskip.log" | grep -v "^PASS" | tail -n 4
-    for f in 0 1; do
-      echo "IOATTN_GLUON_WG_SKIP=$f"
-      IOATTN_GLUON_WG_SKIP=$f timeout 120 python3 benchmarks/fwd_tiles_ab.py --causal-only --hdims 256,64 --seqlens 1024,2048,4096 \
-        --rounds 2 --triton --out "$OUT/wgskip_$f.json" 2>&1 | grep -v Warning
-    done ;;
   s20a)  # next session, first call: the value-dim Gluon backward (IOATTN_GLUON_BWD_VALUE_DIMS; compiled only): its
           # checks vs fp64 next to the Triton backward, then the 192/128 timing (gluon_value_dim_check's
           # ioattn_gluon_bwd rows, 4k and 16k), then the mask-bounds checks of s14c (~8 min); WITH_TESTS=1 adds s20d

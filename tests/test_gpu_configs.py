@@ -132,64 +132,6 @@ def test_gluon_forward_mask_bounds():
         assert sel1 < sel0 and spill1 <= spill0, got
 
 
-def _own_blocks(n_blocks, n_lo, r0, rows, block_n, seqlen_q, seqlen_k, causal, left):
-    """forward_sm90._own_blocks restated in Python (Gluon does not run on the CPU)."""
-    diag = seqlen_k - seqlen_q
-    skip = max(max(r0 + diag - left, 0) // block_n - n_lo // block_n, 0) if left >= 0 else 0
-    end = n_blocks
-    if causal:
-        hi = min(seqlen_k, min(r0 + rows, seqlen_q) + diag)
-        end = min(max((max(hi, 0) + block_n - 1) // block_n - n_lo // block_n, 0), n_blocks)
-    skip = min(skip, end)
-    return skip, end - skip
-
-
-def test_gluon_forward_own_blocks_keep_every_visible_key():
-    """WG_SKIP's block range per warpgroup (_own_blocks, restated): the blocks a warpgroup hands
-    back unread hold no (row, key) pair that any of its rows sees, for the CTA ranges the per-tile
-    kernel computes (causal or not, sliding windows, seqlen_q != seqlen_k both ways, 64- and
-    128-key blocks); under a causal mask with 64-key blocks and equal lengths of 512 the first
-    warpgroup drops one block of each of the 4 tiles, the second none."""
-    import itertools
-    rows = 64
-    dropped = {}
-    for block_n, sq, sk, causal, left in itertools.product((64, 128), (1, 63, 200, 512), (1, 64, 200, 512, 513),
-                                                          (False, True), (-1, 0, 37, 128, 300)):
-        diag = sk - sq
-        for m0 in range(0, sq, 2 * rows):
-            hi = min(sk, min(m0 + 2 * rows, sq) + diag) if causal else sk
-            lo = max(m0 + diag - left, 0) // block_n if left >= 0 else 0
-            n_blocks = max((max(hi, 0) + block_n - 1) // block_n - lo, 0)
-            n_lo = lo * block_n
-            for wg in (0, 1):
-                r0 = m0 + wg * rows
-                skip, n = _own_blocks(n_blocks, n_lo, r0, rows, block_n, sq, sk, causal, left)
-                assert 0 <= skip and 0 <= n and skip + n <= n_blocks
-                for j in [j for j in range(n_blocks) if not skip <= j < skip + n]:
-                    for r in range(r0, min(r0 + rows, sq)):
-                        for c in range(n_lo + j * block_n, min(n_lo + (j + 1) * block_n, sk)):
-                            visible = (not causal or c <= r + diag) and (left < 0 or c >= r + diag - left)
-                            assert not visible, (block_n, sq, sk, causal, left, m0, wg, j, r, c)
-                if block_n == 64 and causal and left < 0 and sq == sk == 512:
-                    dropped[wg] = dropped.get(wg, 0) + n_blocks - n
-    assert dropped == {0: 4, 1: 0}, dropped
-
-
-def test_gluon_forward_wg_skip_compiles():
-    """WG_SKIP (IOATTN_GLUON_WG_SKIP=1, opt-in): the per-tile forward compiles at hdim 64/128/256,
-    causal or not, with the two release loops (up to 8 more mbarrier arrivals) and spills within
-    32 B of the default's (hdim 256 softcap + ALiBi: 0 -> 24 B causal). (A process per setting.)"""
-    pytest.importorskip("ioattn.kernels.forward_sm90")
-    code = ("import re; from ioattn.kernels import forward_sm90; from ioattn.kernels.aot import ptxas_report\n"
-            "for d in (64, 128, 256):\n"
-            "    for causal, kw in ((True, {}), (False, {}), (True, {'softcap': True, 'alibi': True})):\n"
-            "        k = forward_sm90.compile_for(d, 'bf16', causal, **kw)\n"
-            "        print(len(re.findall(r'mbarrier\\.arrive', k.asm['ptx'])), ptxas_report(k)['spill_bytes'])")
-    got = _int_rows_per_flag("IOATTN_GLUON_WG_SKIP", ("0", "1"), code, 9)
-    for (arr0, spill0), (arr1, spill1) in zip(got["0"], got["1"]):
-        assert arr0 < arr1 <= arr0 + 8 and spill1 <= spill0 + 32, got
-
-
 def test_gluon_forward_pingpong():
     """PINGPONG (IOATTN_GLUON_PINGPONG=1|2, opt-in): each consumer warpgroup waits for its turn before
     its three wgmma issue points and hands the turn over after each (+6 mbarrier arrivals and waits

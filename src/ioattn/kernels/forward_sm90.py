@@ -117,17 +117,6 @@ ALIBI_LINEAR = gl.constexpr(os.environ.get("IOATTN_GLUON_ALIBI_LINEAR", "1") == 
 # and hdim 64 gains ~5% against it); outputs bit-identical, checks 32/32 + 8/8 varlen + 8/8 windows.
 # IOATTN_GLUON_MASK_BOUNDS=0 keeps the general form
 MASK_BOUNDS = gl.constexpr(os.environ.get("IOATTN_GLUON_MASK_BOUNDS", "1") == "1")
-# each consumer warpgroup of the per-tile kernels runs only the key blocks its own 64 rows see
-# (_own_blocks), and hands the others back to the producer unread (_release_blocks); without it
-# both run every block of the CTA's range. Under a causal mask with 64-key blocks (head dim 256,
-# V's head dim 256) the first warpgroup's last block is wholly right of its diagonal: at 1k keys
-# that is 8 of 72 warpgroup blocks a (batch, head), 12.5% of the tensor-core work for no output
-# (6% at 2k, 1.5% at 4k). With 128-key blocks (head dims 64/128) it applies only when seqlen_k -
-# seqlen_q is not a multiple of 128; under a sliding window the second warpgroup may skip its
-# first block. The outputs stay the same bits (a skipped block adds exact zeros, and 0 * V, which
-# is NaN for an infinite V entry, no longer runs). Not with PINGPONG (the turns count blocks).
-# IOATTN_GLUON_WG_SKIP=1, opt-in until a GPU run checks and times it (compiled only)
-WG_SKIP = gl.constexpr(os.environ.get("IOATTN_GLUON_WG_SKIP", "0") == "1")
 # ping-pong between the two consumer warpgroups (FlashAttention-3's warp-scheduler barriers, here two
 # mbarriers, _turn_wait / _turn_pass): a warpgroup issues its wgmmas (Q K^T of block j and P V of
 # block j - 1) only after the other one has issued its own, and hands the turn back once they are
@@ -509,42 +498,6 @@ def _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c0, n_blocks
 
 
 @gluon.jit
-def _own_blocks(n_blocks, n_lo, r0, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, seqlen_q, seqlen_k, causal, left):
-    """(skip, n): of the CTA's n_blocks key blocks from key n_lo, the ones this warpgroup's rows
-    r0 .. r0 + ROWS - 1 see are blocks skip .. skip + n - 1 (WG_SKIP). The CTA's range is its
-    first row's window start to its last row's diagonal; the first warpgroup's rows end a
-    warpgroup earlier (under a causal mask its last block may lie wholly right of them: with
-    64-key blocks, one block of every tile on the diagonal), and the second's start one later
-    (under a window its first block may lie wholly left of them)."""
-    diag = seqlen_k - seqlen_q
-    skip = 0
-    if left >= 0:
-        skip = gl.maximum(gl.maximum(r0 + diag - left, 0) // BLOCK_N - n_lo // BLOCK_N, 0)
-    end = n_blocks
-    if causal != 0:
-        hi = gl.minimum(seqlen_k, gl.minimum(r0 + ROWS, seqlen_q) + diag)
-        end = gl.minimum(gl.maximum((gl.maximum(hi, 0) + BLOCK_N - 1) // BLOCK_N - n_lo // BLOCK_N, 0), n_blocks)
-    skip = gl.minimum(skip, end)
-    return skip, end - skip
-
-
-@gluon.jit
-def _release_blocks(k_ready, k_empty, v_ready, v_empty, c_from, c_to):
-    """Hand ring positions c_from .. c_to - 1 back to the producer unread (WG_SKIP: blocks this
-    warpgroup's rows do not see). Each waits for its block to have arrived first: an empty
-    barrier counts one arrival per warpgroup, and an early one would complete the phase of the
-    stage's previous block while the other warpgroup still reads it."""
-    STAGES: gl.constexpr = k_ready.shape[0]
-    for c in range(c_from, c_to):
-        st = c % STAGES
-        ph = (c // STAGES) & 1
-        mbarrier.wait(k_ready.index(st), ph)
-        mbarrier.arrive(k_empty.index(st))
-        mbarrier.wait(v_ready.index(st), ph)
-        mbarrier.arrive(v_empty.index(st))
-
-
-@gluon.jit
 def _out_views(q_tile, o_desc):
     """The buffer of a warpgroup's output tile: its Q tile's (free once the last product has
     retired), as o_desc's 4-D TMA tile and as the 2-D view the consumer writes; with V's own head
@@ -596,16 +549,9 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     HAS_SOFTCAP: gl.constexpr = (drop_smem.shape[0] - 1) // 4 % 2 == 1
     HAS_ALIBI: gl.constexpr = (drop_smem.shape[0] - 1) // 8 == 1
     mbarrier.wait(q_bars.index(WG), 0)
-    skip = 0
-    n_own = n_blocks
-    if WG_SKIP and not PINGPONG:
-        skip, n_own = _own_blocks(n_blocks, n_lo, r0, ROWS, k_smem.shape[2], seqlen_q, seqlen_k, causal, left)
-        _release_blocks(k_ready, k_empty, v_ready, v_empty, 0, skip)
-    o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, skip, n_own, r0, seqlen_q,
-                          seqlen_k, qk_scale, causal, left, n_lo + skip * k_smem.shape[2], seed, salt, dropout_p,
-                          HAS_DROPOUT, sc_in, sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI, turn, 0, WG)
-    if WG_SKIP and not PINGPONG:
-        _release_blocks(k_ready, k_empty, v_ready, v_empty, skip + n_own, n_blocks)
+    o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, n_blocks, r0, seqlen_q,
+                          seqlen_k, qk_scale, causal, left, n_lo, seed, salt, dropout_p, HAS_DROPOUT, sc_in, sc_out,
+                          slope2, HAS_SOFTCAP, HAS_ALIBI, turn, 0, WG)
     o_tile, o2 = _out_views(q_tile, o_desc)
     if VARLEN:
         # a TMA store of the tile would write into the next sequence: a masked store instead
