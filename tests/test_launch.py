@@ -302,3 +302,37 @@ def test_direct_launch_falls_back(monkeypatch):
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert launch_mod._hooks_idle()
+
+
+def test_preprocess_launch_key_never_merges_what_triton_compiles_apart(stand_in):
+    """The backward's Triton preprocess (launched through launch.launch on a GPU): the generic key
+    over the argument sets attention_backward passes (dense or varlen, with dlse and the Gluon
+    stats or without, strides of 1, multiples of 16 and others)."""
+    from ioattn.kernels import backward, configs
+    kern = backward._attn_bwd_preprocess
+    if configs.interpreting() or not hasattr(kern, "device_caches"):
+        pytest.skip("the interpreter launches the preprocess directly")
+    kern.device_caches.clear()
+    seen = {}
+    for (b, n, h, d), varlen, dlse, stats in itertools.product(
+            [(1, 1, 1, 64), (2, 17, 3, 64), (2, 64, 16, 128), (1, 300, 2, 256)], (False, True), (False, True),
+            (False, True)):
+        out = torch.empty(b, n, h, d, dtype=torch.bfloat16)
+        o = out.view(b * n, h, d) if varlen else out
+        lse = torch.empty(h, b * n) if varlen else torch.empty(b, h, n)
+        delta = torch.empty_like(lse)
+        st = torch.empty(b, h, 2, n) if stats else None
+        strides = (0, o.stride(0), o.stride(1)) if varlen else (o.stride(0), o.stride(1), o.stride(2))
+        lstr = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+        sstr = (0, 0, 0) if st is None else st.stride()[:3]
+        cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)[:b + 1] if varlen else None
+        args = (o, o, delta, delta if dlse else None, lse, st if st is not None else delta, *strides, *strides, *lstr,
+                *sstr, cu, n, h)
+        kw = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, IS_VARLEN=varlen, HAS_DLSE=dlse, HAS_STATS=stats)
+        _, _, _, _, binder = kern.device_caches[0]
+        _, specialization, options = binder(*args, **kw)
+        triton_key = jit.compute_cache_key(kern.device_caches[0][1], specialization, options)
+        mine = launch_mod.generic_key(kern, args, kw)[0]
+        assert seen.setdefault(mine, triton_key) == triton_key, (mine, triton_key)
+    kern.device_caches.clear()
+    assert len(set(seen.values())) > 8

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .launch import launch
 from .forward import _dense_or_varlen_strides, dot_precision, softcap_mode, upcast_dot
 from .masks import mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
 
@@ -31,6 +32,13 @@ if not configs.interpreting():
         from . import backward_sm90_dq as _sm90_dq
     except ImportError:  # an older triton without Gluon
         _sm90 = None
+
+
+def _launch_pre(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``; on a GPU through kernels/launch.py's cached launch."""
+    if _sm90 is None:
+        return kernel[grid](*args, **kwargs)
+    return launch(kernel, grid, *args, **kwargs)
 
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh", "stride_sb", "stride_sh"])
@@ -460,7 +468,9 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
             batch, nheads, max_seqlen_q, q.device)
     stats_strides = (0, 0, 0) if stats is None else ((0, ) if varlen else stats.stride()[:1]) + stats.stride()[1:3]
     pre_block = 64
-    _attn_bwd_preprocess[(configs.cdiv(max_seqlen_q, pre_block), batch * nheads)](
+    # (on a GPU through launch's cached path: JITFunction.run's binding costs more host time than this
+    # kernel takes at short lengths; under the interpreter, where _sm90 is None, the plain call)
+    _launch_pre(_attn_bwd_preprocess, (configs.cdiv(max_seqlen_q, pre_block), batch * nheads),
         out, dout, delta, dlse, lse, stats if stats is not None else delta,
         *_dense_or_varlen_strides(out, varlen), *strides_do,
         stride_lb, stride_lh, *stats_strides,
