@@ -186,6 +186,12 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s22b)  # session 22: host time per call after the preprocess moved to the cached launch (hdim 128 1k causal
+          # forward+backward), then head dims the Gluon kernels do not take (96, 80, 32: the Triton kernels) against
+          # cuDNN and FA2, 4k, forward and backward (~4 min)
+    timeout 60 python3 benchmarks/host_profile.py --grad --bwd --no-prof 2>&1 | tail -n 2
+    timeout 300 python3 benchmarks/bench_attention.py --providers ioattn,sdpa_cudnn,sdpa_flash --hdim 96,80,32 \
+      --seqlen 4096 --mode fwd,bwd --no-memory --no-plot --out "$OUT/bench_dims.json" 2>&1 | grep -E "^(fwd|bwd)" ;;
   s22a)  # session 22, first call: the direct C launch of the Gluon kernels (kernels/launch.py _Direct, default on):
           # host time per call with it off / on (hdim 128 1k causal forward, forward+backward), the 1k rows of the
           # benchmark (ioattn, cuDNN, FA2; each output checked vs fp32 first) with it off / on, the hdim-256 1k
