@@ -15,5 +15,5 @@ else
     tests/test_kvcache.py tests/test_merge.py tests/test_gpu_configs.py tests/test_transformers.py \
     tests/test_lse_grad.py tests/test_paged_varlen.py tests/test_distributed.py tests/test_launch.py \
     tests/test_dropout_sm90.py tests/test_gluon_bwd256.py tests/test_grid_groups.py tests/test_errors.py tests/test_flop_counter.py tests/test_padding.py tests/test_sdpa.py \
-    tests/test_value_headdim.py tests/test_gluon_dq.py -q "$@"
+    tests/test_value_headdim.py tests/test_gluon_dq.py tests/test_pad_dims.py -q "$@"
 fi

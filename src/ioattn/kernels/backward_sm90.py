@@ -506,7 +506,7 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
     if MODE not in ("auto", "split", "atomic"):
         return None
     causal = window_right == 0
-    if MODE == "auto" and q.shape[-1] == 64 and causal and (max_seqlen_k if varlen else k.shape[1]) <= 2048:
+    if MODE == "auto" and forward_sm90._kernel_dim(q.shape[-1]) == 64 and causal and (max_seqlen_k if varlen else k.shape[1]) <= 2048:
         # the Triton backward: at 1k keys 251 vs 219 TFLOP/s (h200-session7b, before lse and
         # delta came by the TMA); at 4k the one pass is ahead (401 vs 329, h200-session7c)
         return None
@@ -528,7 +528,9 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         if dropout_p > 0 or ((varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
                              and not D256_OPTIONS):
             return None
-    elif d not in HEAD_DIMS:
+    elif d not in HEAD_DIMS and (forward_sm90._kernel_dim(d) not in HEAD_DIMS or varlen):
+        # (a padded head dim, forward_sm90.PAD_DIMS: the tiles of the next head dim, dense batches only,
+        # as the packed-varlen dK/dV store writes all of the tile's columns)
         return None
     if q.dtype not in (torch.bfloat16, torch.float16):
         return None
@@ -617,6 +619,7 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
         batch = q.shape[0]
         seqlen_k_grid = k.shape[1]
     _, seqlen_q, nheads, head_dim = q.shape
+    head_dim = forward_sm90._kernel_dim(head_dim)  # (a padded one: the TMA zero-fills and clips the columns past it)
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(head_dim, softcap > 0, alibi_slopes is not None, dropout_p > 0)
     blk = _blocks(head_dim, cfg["BLOCK_M"])

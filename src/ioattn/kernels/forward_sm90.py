@@ -915,9 +915,28 @@ def _smem_bytes(head_dim, head_dim_v, block_n, stages):
     return 2 * (2 * HALF_M * head_dim + stages * block_n * (head_dim + head_dim_v))
 
 
+# head dims between the kernel's (multiples of 8 from 32 to 256: 32, 80, 96, 160, ...) run on the tiles of
+# the next one of HEAD_DIMS, as 192 does: the TMA fills Q's, K's and V's columns past the tensor's with
+# zeros (adding nothing to Q K^T and giving zero output columns) and the output's TMA store drops them.
+# Dense batches only (the packed-varlen epilogue stores through pointers, all of the tile's columns).
+# The products grow by kernel dim / head dim (96: 4/3). IOATTN_GLUON_PAD_DIMS=0 sends them to the Triton
+# forward (its tiles are padded to powers of two as well)
+PAD_DIMS = os.environ.get("IOATTN_GLUON_PAD_DIMS", "1") == "1"
+
+
+def padded_dim(head_dim):
+    """The one of HEAD_DIMS a padded head dim runs as (PAD_DIMS), else None."""
+    if head_dim in HEAD_DIMS or head_dim % 8 or not 32 <= head_dim <= 256:
+        return None
+    return next(d for d in HEAD_DIMS if d >= head_dim)
+
+
 def _kernel_dim(head_dim):
-    """The Q/K head dim the kernel's tiles take: head_dim, or 256 for 192 (VALUE_QK_DIMS)."""
-    return 256 if head_dim == 192 else head_dim
+    """The head dim the kernel's tiles take: head_dim, 256 for 192 (VALUE_QK_DIMS), or a padded
+    head dim's (padded_dim)."""
+    if head_dim == 192:
+        return 256
+    return (PAD_DIMS and padded_dim(head_dim)) or head_dim
 
 
 def config(head_dim, head_dim_v=None):
@@ -926,16 +945,17 @@ def config(head_dim, head_dim_v=None):
     takes 128 registers a thread, or where 128 would not fit the shared memory); key blocks of
     256 at head dim 64 spill. Shared memory on sm_90a (bf16): 82 KB (hdim 64), 164 KB (128),
     197 KB (256) with 2 stages."""
-    dv = head_dim if head_dim_v is None else head_dim_v
-    stages = STAGES_64 if head_dim == 64 else 2
-    block_n = 64 if dv > 128 or _smem_bytes(_kernel_dim(head_dim), dv, 128, stages) > _SMEM_BUDGET else 128
+    kd = _kernel_dim(head_dim)
+    dv = kd if head_dim_v in (None, head_dim) else _kernel_dim(head_dim_v)
+    stages = STAGES_64 if kd == 64 else 2
+    block_n = 64 if dv > 128 or _smem_bytes(kd, dv, 128, stages) > _SMEM_BUDGET else 128
     return dict(BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4)
 
 
 def head_dims_ok(head_dim, head_dim_v):
     """Whether the kernel takes these Q/K and V head dims (VALUE_DIMS for unequal ones)."""
     if head_dim_v == head_dim:
-        return head_dim in HEAD_DIMS
+        return head_dim in HEAD_DIMS or bool(PAD_DIMS and padded_dim(head_dim))
     return VALUE_DIMS and head_dim in VALUE_QK_DIMS and head_dim_v in HEAD_DIMS and head_dim_v < head_dim
 
 
@@ -952,6 +972,8 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
         return False  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if q.dtype not in (torch.bfloat16, torch.float16) or not head_dims_ok(q.shape[-1], v.shape[-1]):
         return False
+    if varlen and _kernel_dim(v.shape[-1]) != v.shape[-1]:
+        return False  # (a padded output: _epilogue_masked would store the tile's zero columns past it)
     if capability[0] != 9:
         return False
     # at head dim 64 the causal Triton kernel is faster than the per-tile Gluon grid at 1k keys (H200,
@@ -959,7 +981,7 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
     # up to 2k keys it keeps the calls that the persistent kernel does not take (windows, options,
     # varlen); the persistent one with the per-row mask bounds measured 291 there (1.09x Triton)
     keys = max_seqlen_k if varlen else k.shape[1]
-    if q.shape[-1] == 64 and window_right == 0 and keys <= 2048 and (
+    if _kernel_dim(q.shape[-1]) == 64 and window_right == 0 and keys <= 2048 and (
             varlen or not MASK_BOUNDS.value or not use_persistent(64, keys, True, window_left, dropout_p > 0, softcap > 0,
                                                             alibi_slopes is not None)):
         return False
@@ -1018,7 +1040,8 @@ def _descriptors(q, k, v, out, block_n):
     """TMA descriptors of (batch, seqlen, heads, dim) q, k, v, out: HALF_M-row tiles of Q and the
     output, block_n-row tiles of K and V, V and out with their own head dim."""
     d = _kernel_dim(q.shape[-1])  # (a tile wider than the tensor: the TMA fills the rest with zeros)
-    blocks = ([1, HALF_M, 1, d], [1, block_n, 1, d], [1, block_n, 1, v.shape[-1]], [1, HALF_M, 1, out.shape[-1]])
+    dv = _kernel_dim(v.shape[-1])  # (and the output's TMA store drops the columns past it)
+    blocks = ([1, HALF_M, 1, d], [1, block_n, 1, d], [1, block_n, 1, dv], [1, HALF_M, 1, dv])
     return [_descriptor(t, blk, q.dtype) for t, blk in zip((q, k, v, out), blocks)]
 
 
@@ -1110,9 +1133,9 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     dv = head_dim if head_dim_v is None else head_dim_v
     cfg = config(head_dim, dv)
     fn = _attn_fwd_sm90_persistent if persistent else _attn_fwd_sm90
-    kd = _kernel_dim(head_dim)
-    q_block, o_block = [1, HALF_M, 1, kd], [1, HALF_M, 1, dv]
-    kv_block, v_block = [1, cfg["BLOCK_N"], 1, kd], [1, cfg["BLOCK_N"], 1, dv]
+    kd, kdv = _kernel_dim(head_dim), _kernel_dim(dv)
+    q_block, o_block = [1, HALF_M, 1, kd], [1, HALF_M, 1, kdv]
+    kv_block, v_block = [1, cfg["BLOCK_N"], 1, kd], [1, cfg["BLOCK_N"], 1, kdv]
 
     def desc(block):
         return f"tensordesc<{dtype}[{','.join(map(str, block))}],{_layout(block, tdtype)!r}>"

@@ -1,0 +1,104 @@
+"""Head dims between the Gluon kernels' (forward_sm90.PAD_DIMS, default on: multiples of 8 from 32 to
+256 such as 40, 80, 96, 160, 192): the forward runs them on the tiles of the next head dim of 64, 128
+and 256, the backward on those of 64 and 128, dense batches only; the TMA zero-fills the columns past
+the tensors' and its stores drop them. Checked here on the CPU: the dispatch rules and the
+descriptors and constexprs the launchers pass (stand-in driver, no GPU). The numbers are checked on a
+GPU: benchmarks/gpu_check.py's grid has head dims 32, 40, 80, 96, 136, 160, 192 and 200."""
+
+import pytest
+import torch
+
+from ioattn.kernels import configs
+
+pytestmark = pytest.mark.skipif(configs.interpreting(), reason="the Gluon launchers do not run under the "
+                                "interpreter (scripts/test.sh runs this file without it)")
+
+
+def _mods():
+    f = pytest.importorskip("ioattn.kernels.forward_sm90")
+    b = pytest.importorskip("ioattn.kernels.backward_sm90")
+    return f, b
+
+
+def _qkv(d, n=4096, varlen=False):
+    shape = (2 * n, 4, d) if varlen else (2, n, 4, d)
+    return [torch.empty(shape, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def _fwd_ok(f, d, varlen=False, **kw):
+    q, k, v = _qkv(d, varlen=varlen)
+    opts = dict(window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, block_table=None)
+    opts.update(kw)
+    return f.supported(q, k, v, varlen=varlen, capability=(9, 0), max_seqlen_k=4096 if varlen else None, **opts)
+
+
+def _bwd_mode(b, d, varlen=False, deterministic=False):
+    q, k, v = _qkv(d, varlen=varlen)
+    return b.supported(q, k, v, q, varlen=varlen, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                       dropout_p=0.0, deterministic=deterministic, capability=(9, 0),
+                       max_seqlen_k=4096 if varlen else None)
+
+
+def test_padded_dims_and_their_kernel_dims():
+    f, _ = _mods()
+    assert {d: f.padded_dim(d) for d in (32, 40, 56, 72, 80, 96, 112, 136, 160, 192, 200, 248)} == {
+        32: 64, 40: 64, 56: 64, 72: 128, 80: 128, 96: 128, 112: 128, 136: 256, 160: 256, 192: 256, 200: 256,
+        248: 256}
+    for d in (64, 128, 256, 16, 24, 20, 100, 130, 264):  # the kernels' own, too small, not a multiple of 8, too big
+        assert f.padded_dim(d) is None, d
+    assert f.config(96) == f.config(128) and f.config(40) == f.config(64) and f.config(160) == f.config(256)
+
+
+def test_dispatch_of_padded_dims(monkeypatch):
+    f, b = _mods()
+    for d in (40, 80, 96, 112, 160, 192, 200):
+        assert _fwd_ok(f, d), d
+        assert not _fwd_ok(f, d, varlen=True), d  # (the varlen epilogue would store the zero columns)
+    for d in (40, 80, 96, 112):
+        assert _bwd_mode(b, d) == "atomic" and _bwd_mode(b, d, deterministic=True) == "split", d
+        assert _bwd_mode(b, d, varlen=True) is None, d
+    for d in (136, 160, 200):  # (the hdim-256 backward kernel does not take them: the Triton backward)
+        assert _bwd_mode(b, d) is None, d
+    for d in (20, 100, 264):
+        assert not _fwd_ok(f, d) and _bwd_mode(b, d) is None, d
+    assert not _fwd_ok(f, 96, dropout_p=0.1)  # (dropout: the Gluon kernels at 64 and 128 only)
+    monkeypatch.setattr(f, "PAD_DIMS", False)
+    assert not _fwd_ok(f, 96) and _bwd_mode(b, 96) is None and not _fwd_ok(f, 160)
+    assert _fwd_ok(f, 128) and _bwd_mode(b, 128) == "atomic"
+
+
+@pytest.mark.parametrize("d", [40, 96, 160])
+def test_padded_forward_launch(monkeypatch, d):
+    """The forward's descriptors: tiles of the kernel dim over the tensors' own shapes and strides."""
+    f, _ = _mods()
+    calls = []
+    monkeypatch.setattr(f, "launch", lambda kern, grid, *a, **kw: calls.append((kern, a, kw)))
+    monkeypatch.setattr(f, "_num_sms", lambda device: 132)
+    q, k, v = _qkv(d, n=300)
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 300)
+    for causal in (False, True):
+        f.attention_forward_sm90(q, k, v, out, lse, softmax_scale=d ** -0.5, causal=causal)
+    kd = f.padded_dim(d)
+    for kern, a, kw in calls:
+        assert kw["HEAD_DIM"] == kd
+        for desc, t in zip(a[:4], (q, k, v, out)):
+            assert desc.base is t and desc.block_shape[-1] == kd and list(desc.shape) == list(t.shape)
+            assert list(desc.strides) == list(t.stride())
+
+
+def test_padded_backward_launch(monkeypatch):
+    """The hdim-96 backward: the hdim-128 kernel's tiles over the hdim-96 tensors, dQ into an fp32
+    accumulator of the tensors' own shape (the TMA's reductions drop the columns past 96)."""
+    _, b = _mods()
+    calls = []
+    monkeypatch.setattr(b, "launch", lambda kern, grid, *a, **kw: calls.append((kern, a, kw)))
+    q, k, v = _qkv(96, n=300)
+    stats = b.new_stats(2, 4, 300, "cpu")
+    dq = torch.zeros(q.shape)
+    b.attention_backward_sm90(q, q, k, v, stats, dq, torch.empty_like(k), torch.empty_like(v), softmax_scale=0.1,
+                              causal=True)
+    (kern, a, kw), = calls
+    assert kw["HEAD_DIM"] == 128
+    blocks = [tuple(x.block_shape) for x in a[:8]]
+    assert blocks == [(1, 64, 1, 128)] * 4 + [(1, 128, 1, 64)] + [(1, 64, 1, 128)] * 2 + [(1, 64, 1, 64)], blocks
+    assert a[7].base is dq and all(list(x.shape) == list(x.base.shape) for x in a[:8])
