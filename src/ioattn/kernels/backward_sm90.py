@@ -266,8 +266,9 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
     kw.store((dk * sm_scale).to(dtype))
     vw.store(dv.to(dtype))
     if IS_VARLEN:  # a TMA store would write into the next sequence's rows: a masked store
-        _store_rows(kw, DK, k0, seqlen_k, hk, stride_ks, stride_kh)
-        _store_rows(vw, DV, k0, seqlen_k, hk, stride_ks, stride_kh)
+        # (dk_desc.shape[3]: the tensors' own head dim, less than the tile's when padded, forward_sm90.PAD_DIMS)
+        _store_rows(kw, DK, k0, seqlen_k, hk, stride_ks, stride_kh, dk_desc.shape[3])
+        _store_rows(vw, DV, k0, seqlen_k, hk, stride_ks, stride_kh, dk_desc.shape[3])
         tma.store_wait(0)  # the last dQ reduction reads its shared-memory tile until done
     else:
         fence_async_shared()
@@ -280,7 +281,9 @@ def _bwd_consumer(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, kc
 def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h, n_cols=None):
     """Store a (rows, dim) shared-memory tile (this warpgroup wrote it) at rows r0.. of head h
     of PTR, which points at the sequence's first row; rows from n_rows on are dropped, and with
-    n_cols the columns from it on (backward_sm90_d256: dK of Q/K head dim 192 in 128-wide halves)."""
+    n_cols (a multiple of 8) the columns from it on (backward_sm90_d256: dK of Q/K head dim 192 in
+    128-wide halves; a padded head dim, forward_sm90.PAD_DIMS). The column test is on groups of 8
+    columns, which keeps the stores 16 bytes wide (a test per column makes them 2 bytes wide)."""
     ROWS: gl.constexpr = tile.shape[0]
     HEAD_DIM: gl.constexpr = tile.shape[1]
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
@@ -290,7 +293,7 @@ def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h, n_cols=None):
     ptrs = PTR + gl.expand_dims(rows.to(gl.int64) * stride_s, 1) + h * stride_h + gl.expand_dims(cols, 0)
     mask = gl.expand_dims(rows < n_rows, 1)
     if n_cols is not None:
-        mask = mask & gl.expand_dims(cols < n_cols, 0)
+        mask = mask & gl.expand_dims(cols // 8 < n_cols // 8, 0)
     gl.store(ptrs, x, mask=mask)
 
 
@@ -528,9 +531,8 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         if dropout_p > 0 or ((varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
                              and not D256_OPTIONS):
             return None
-    elif d not in HEAD_DIMS and (forward_sm90._kernel_dim(d) not in HEAD_DIMS or varlen):
-        # (a padded head dim, forward_sm90.PAD_DIMS: the tiles of the next head dim, dense batches only,
-        # as the packed-varlen dK/dV store writes all of the tile's columns)
+    elif d not in HEAD_DIMS and forward_sm90._kernel_dim(d) not in HEAD_DIMS:
+        # (a padded head dim, forward_sm90.PAD_DIMS, runs on the tiles of the next head dim)
         return None
     if q.dtype not in (torch.bfloat16, torch.float16):
         return None

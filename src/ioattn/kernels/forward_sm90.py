@@ -556,18 +556,22 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty, v_ready,
     if VARLEN:
         # a TMA store of the tile would write into the next sequence: a masked store instead
         # (a run-time branch between the two epilogues crashes the compiler's LLVM lowering)
+        # (o_desc.shape[3]: the output's own head dim, less than the tile's when padded, PAD_DIMS)
         _epilogue_masked(o, m_i, l_i, o2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale,
-                         o_scale)
+                         o_scale, o_desc.shape[3])
     else:
         _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale)
         tma.store_wait(0)
 
 
 @gluon.jit
-def _epilogue_masked(o, m_i, l_i, o2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale, o_scale):
+def _epilogue_masked(o, m_i, l_i, o2, O, LSE, h, r0, seqlen_q, stride_os, stride_oh, stride_lh, qk_scale, o_scale,
+                     n_cols):
     """The varlen epilogue (O and LSE point at the sequence's first row): the normalized tile
     goes through the Q tile's buffer (o2, _out_views) into a row-major layout, then to memory by
-    a store that drops the rows past the sequence (a TMA store would write into the next one)."""
+    a store that drops the rows past the sequence (a TMA store would write into the next one)
+    and the columns from n_cols on (a padded head dim's, a multiple of 8: tested per group of 8
+    columns, which keeps the stores 16 bytes wide)."""
     ROWS: gl.constexpr = o2.shape[0]
     HEAD_DIM: gl.constexpr = o2.shape[1]
     o_layout: gl.constexpr = o.type.layout
@@ -584,7 +588,7 @@ def _epilogue_masked(o, m_i, l_i, o2, O, LSE, h, r0, seqlen_q, stride_os, stride
     rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
     ptrs = O + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + h * stride_oh + gl.expand_dims(cols, 0)
-    gl.store(ptrs, ot, mask=gl.expand_dims(rows < seqlen_q, 1))
+    gl.store(ptrs, ot, mask=gl.expand_dims(rows < seqlen_q, 1) & gl.expand_dims(cols // 8 < n_cols // 8, 0))
 
 
 # one wrapper per (warpgroup, varlen): constexprs do not pass through gl.warp_specialize
@@ -918,7 +922,7 @@ def _smem_bytes(head_dim, head_dim_v, block_n, stages):
 # head dims between the kernel's (multiples of 8 from 32 to 256: 32, 80, 96, 160, ...) run on the tiles of
 # the next one of HEAD_DIMS, as 192 does: the TMA fills Q's, K's and V's columns past the tensor's with
 # zeros (adding nothing to Q K^T and giving zero output columns) and the output's TMA store drops them.
-# Dense batches only (the packed-varlen epilogue stores through pointers, all of the tile's columns).
+# (The packed-varlen epilogue, a store through pointers, drops those columns by a mask.)
 # The products grow by kernel dim / head dim (96: 4/3). IOATTN_GLUON_PAD_DIMS=0 sends them to the Triton
 # forward (its tiles are padded to powers of two as well)
 PAD_DIMS = os.environ.get("IOATTN_GLUON_PAD_DIMS", "1") == "1"
@@ -972,8 +976,6 @@ def supported(q, k, v, *, varlen, window_left, window_right, softcap, alibi_slop
         return False  # (sliding windows (left, 0) and (left, -1) run here; a right window does not)
     if q.dtype not in (torch.bfloat16, torch.float16) or not head_dims_ok(q.shape[-1], v.shape[-1]):
         return False
-    if varlen and _kernel_dim(v.shape[-1]) != v.shape[-1]:
-        return False  # (a padded output: _epilogue_masked would store the tile's zero columns past it)
     if capability[0] != 9:
         return False
     # at head dim 64 the causal Triton kernel is faster than the per-tile Gluon grid at 1k keys (H200,
