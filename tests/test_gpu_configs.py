@@ -256,7 +256,7 @@ def test_gluon_dispatch_rules():
     assert fwd.ENABLED
     assert f(128) and f(64) and f(256) and f(128, window_right=0)
     assert not f(128, cap=(8, 0)) and not f(128, cap=(10, 0))
-    assert not f(96) and not f(128, dtype=torch.float32)
+    assert f(96) and not f(100) and not f(128, dtype=torch.float32)  # (96: PAD_DIMS, tests/test_pad_dims.py)
     # hdim 64 causal up to 2k keys: the persistent Gluon kernel with the per-row mask bounds (H100,
     # session 20), the Triton kernel for what the persistent one does not take (a window, an option)
     assert f(64, n=2048, window_right=0) == (fwd.MASK_BOUNDS.value and fwd.PERSISTENT != "0")
@@ -353,6 +353,8 @@ def test_gluon_forward_value_dims_dispatch():
         forward_sm90.VALUE_DIMS = True
         assert forward_sm90.head_dims_ok(192, 128) and forward_sm90.head_dims_ok(128, 64)
         assert not forward_sm90.head_dims_ok(64, 128)  # (the output tile reuses Q's buffer: dv < d)
-        assert not forward_sm90.head_dims_ok(192, 192) and not forward_sm90.head_dims_ok(160, 128)
+        assert not forward_sm90.head_dims_ok(160, 128)
+        # equal padded dims (PAD_DIMS) run on the next head dim's tiles; without it, not here
+        assert forward_sm90.head_dims_ok(192, 192) == forward_sm90.PAD_DIMS
     finally:
         forward_sm90.VALUE_DIMS = prev
