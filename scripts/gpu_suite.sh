@@ -186,11 +186,12 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s22c)  # session 22: padded head dims on the Gluon kernels (forward_sm90.PAD_DIMS, default on): gpu_check's cases of
+  s22c)  # session 22: padded head dims on the Gluon kernels (forward_sm90.PAD_DIMS, opt-in, set here): gpu_check's cases of
           # head dims 96, 40, 80, 160, 32, 192, 200, 136 (forward and backward vs fp64, bf16 and fp16, causal or not),
           # benchmarks/pad_dims_check.py (packed varlen and dense batches at 96, 40, 80, 160 vs fp64),
           # host time per forward+backward after the preprocess moved to the cached launch, then 96/80/160/32 at 1k and
           # 4k against cuDNN and FA2, and ioattn with IOATTN_GLUON_PAD_DIMS=0 (the Triton kernels) (~7 min)
+    export IOATTN_GLUON_PAD_DIMS=1
     timeout 200 python3 benchmarks/gpu_check.py --cases 12,13,14,15,16,17,18,19,20,21,22,23,28,29,30,31,32,33,34,35,48,49,50,51,52,53,54,55,56,57,58,59 \
       --warm-workers 8 --out "$OUT/check_pad.json" > "$OUT/check_pad.log" 2>&1; grep -E "FAIL|grid" "$OUT/check_pad.log" | tail -n 12
     timeout 120 python3 benchmarks/pad_dims_check.py --out "$OUT/pad_varlen.json" 2>&1 | grep -v "^\[.*PASS" | tail -n 8
