@@ -20,25 +20,25 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .launch import launch
 from .forward import _dense_or_varlen_strides, dot_precision, softcap_mode, upcast_dot
 from .masks import mma, dropout_keep, key_range, query_range, scores_log2, sequence_bounds, visible
 
 # The Gluon Hopper backward (backward_sm90.py): the dense calls it supports on sm_90
-_sm90 = None
+_sm90 = _launch = None
 if not configs.interpreting():
     try:
         from . import backward_sm90 as _sm90
         from . import backward_sm90_dq as _sm90_dq
+        from .launch import launch as _launch
     except ImportError:  # an older triton without Gluon
-        _sm90 = None
+        _sm90 = _launch = None
 
 
 def _launch_pre(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``; on a GPU through kernels/launch.py's cached launch."""
-    if _sm90 is None or configs.interpreting():  # (tests stand in for _sm90 under the interpreter)
+    if _launch is None:  # (the interpreter, or a triton without Gluon)
         return kernel[grid](*args, **kwargs)
-    return launch(kernel, grid, *args, **kwargs)
+    return _launch(kernel, grid, *args, **kwargs)
 
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "stride_lb", "stride_lh", "stride_sb", "stride_sh"])
@@ -469,7 +469,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens
     stats_strides = (0, 0, 0) if stats is None else ((0, ) if varlen else stats.stride()[:1]) + stats.stride()[1:3]
     pre_block = 64
     # (on a GPU through launch's cached path: JITFunction.run's binding costs more host time than this
-    # kernel takes at short lengths; under the interpreter, where _sm90 is None, the plain call)
+    # kernel takes at short lengths)
     _launch_pre(_attn_bwd_preprocess, (configs.cdiv(max_seqlen_q, pre_block), batch * nheads),
         out, dout, delta, dlse, lse, stats if stats is not None else delta,
         *_dense_or_varlen_strides(out, varlen), *strides_do,

@@ -283,7 +283,7 @@ def _store_rows(tile, PTR, r0, n_rows, h, stride_s, stride_h, n_cols=None):
     of PTR, which points at the sequence's first row; rows from n_rows on are dropped, and with
     n_cols (a multiple of 8) the columns from it on (backward_sm90_d256: dK of Q/K head dim 192 in
     128-wide halves; a padded head dim, forward_sm90.PAD_DIMS). The column test is on groups of 8
-    columns, which keeps the stores 16 bytes wide (a test per column makes them 2 bytes wide)."""
+    columns, so that the mask is constant over each thread's 8 contiguous columns."""
     ROWS: gl.constexpr = tile.shape[0]
     HEAD_DIM: gl.constexpr = tile.shape[1]
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])

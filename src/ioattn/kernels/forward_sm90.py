@@ -571,7 +571,7 @@ def _epilogue_masked(o, m_i, l_i, o2, O, LSE, h, r0, seqlen_q, stride_os, stride
     goes through the Q tile's buffer (o2, _out_views) into a row-major layout, then to memory by
     a store that drops the rows past the sequence (a TMA store would write into the next one)
     and the columns from n_cols on (a padded head dim's, a multiple of 8: tested per group of 8
-    columns, which keeps the stores 16 bytes wide)."""
+    columns, so that the mask is constant over each thread's 8 contiguous columns)."""
     ROWS: gl.constexpr = o2.shape[0]
     HEAD_DIM: gl.constexpr = o2.shape[1]
     o_layout: gl.constexpr = o.type.layout

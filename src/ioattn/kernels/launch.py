@@ -83,14 +83,16 @@ except ImportError:
 _names = {}
 
 
-def generic_key(kernel, args, kwargs):
+def generic_key(kernel, args, kwargs, device=None):
     """(cache key, every argument in the kernel's parameter order) of a launch. The positional
     arguments are the kernel's leading run-time parameters, the keyword ones its constexprs
     (their values go into the key as they are) and options such as num_warps."""
     names = _names.get(id(kernel))
     if names is None:
         names = _names[id(kernel)] = kernel.arg_names
-    k = (id(kernel), driver.active.get_current_device(), tuple([_spec(a) for a in args]), tuple(kwargs.items()))
+    if device is None:
+        device = driver.active.get_current_device()
+    k = (id(kernel), device, tuple([_spec(a) for a in args]), tuple(kwargs.items()))
     return k, [*args, *[kwargs[n] for n in names[len(args):]]]
 
 
@@ -187,7 +189,7 @@ def launch(kernel, grid, *args, key=None, **kwargs):
         return kernel[grid](*args, **kwargs)
     device = driver.active.get_current_device()
     if key is None:
-        k, full = generic_key(kernel, args, kwargs)
+        k, full = generic_key(kernel, args, kwargs, device)
     else:
         k = (id(kernel), device, key)
         names = _names.get(id(kernel))
