@@ -1,5 +1,5 @@
-"""Head dims between the Gluon kernels' (forward_sm90.PAD_DIMS, opt-in until checked on a GPU: multiples of 8 from 32 to
-256 such as 40, 80, 96, 160, 192): the forward runs them on the tiles of the next head dim of 64, 128
+"""Head dims between the Gluon kernels' (forward_sm90.PAD_DIMS, on by default, IOATTN_GLUON_PAD_DIMS=0 off: multiples of 8 from 40 to
+248 such as 40, 80, 96, 160, 192; not 32, a power of two the Triton kernels run unpadded): the forward runs them on the tiles of the next head dim of 64, 128
 and 256, the backward on those of 64 and 128; the TMA zero-fills the columns past the tensors' and its
 stores drop them (the packed-varlen stores through pointers by a column mask). Checked here on the CPU: the dispatch rules and the
 descriptors and constexprs the launchers pass (stand-in driver, no GPU). The numbers are checked on a
@@ -22,7 +22,7 @@ def _mods():
 
 @pytest.fixture(autouse=True)
 def _pad_dims_on(monkeypatch):
-    """PAD_DIMS is opt-in (IOATTN_GLUON_PAD_DIMS=1) until checked on a GPU: on for these tests."""
+    """PAD_DIMS on for these tests, whatever IOATTN_GLUON_PAD_DIMS says."""
     if not configs.interpreting():
         monkeypatch.setattr(_mods()[0], "PAD_DIMS", True)
 
@@ -48,10 +48,10 @@ def _bwd_mode(b, d, varlen=False, deterministic=False):
 
 def test_padded_dims_and_their_kernel_dims():
     f, _ = _mods()
-    assert {d: f.padded_dim(d) for d in (32, 40, 56, 72, 80, 96, 112, 136, 160, 192, 200, 248)} == {
-        32: 64, 40: 64, 56: 64, 72: 128, 80: 128, 96: 128, 112: 128, 136: 256, 160: 256, 192: 256, 200: 256,
+    assert {d: f.padded_dim(d) for d in (40, 56, 72, 80, 96, 112, 136, 160, 192, 200, 248)} == {
+        40: 64, 56: 64, 72: 128, 80: 128, 96: 128, 112: 128, 136: 256, 160: 256, 192: 256, 200: 256,
         248: 256}
-    for d in (64, 128, 256, 16, 24, 20, 100, 130, 264):  # the kernels' own, too small, not a multiple of 8, too big
+    for d in (64, 128, 256, 32, 16, 24, 20, 100, 130, 264):  # the kernels' own, a power of two, too small, not a multiple of 8, too big
         assert f.padded_dim(d) is None, d
     assert f.config(96) == f.config(128) and f.config(40) == f.config(64) and f.config(160) == f.config(256)
 

@@ -919,18 +919,23 @@ def _smem_bytes(head_dim, head_dim_v, block_n, stages):
     return 2 * (2 * HALF_M * head_dim + stages * block_n * (head_dim + head_dim_v))
 
 
-# head dims between the kernel's (multiples of 8 from 32 to 256: 32, 80, 96, 160, ...) run on the tiles of
+# head dims between the kernel's (multiples of 8 from 40 to 248: 40, 80, 96, 160, ...) run on the tiles of
 # the next one of HEAD_DIMS, as 192 does: the TMA fills Q's, K's and V's columns past the tensor's with
 # zeros (adding nothing to Q K^T and giving zero output columns) and the output's TMA store drops them.
 # (The packed-varlen epilogue, a store through pointers, drops those columns by a mask.)
-# The products grow by kernel dim / head dim (96: 4/3). Opt-in (IOATTN_GLUON_PAD_DIMS=1) until a GPU run
-# checks it (gpu_suite s22c; compiled and dispatch-tested only); by default they take the Triton kernels
-PAD_DIMS = os.environ.get("IOATTN_GLUON_PAD_DIMS", "0") == "1"
+# The products grow by kernel dim / head dim (96: 4/3). The Triton kernels pad too (their blocks are
+# powers of two), and this won at each dim timed (80, 96, 160 forward; 80, 96 backward). Checked against
+# fp64 and timed on the H100 in gpu_suite s22c (benchmarks/results/h100-session24a): hdim 96 forward
+# 1.26-1.72x, backward 1.30-1.33x the Triton kernels. Not 32, which the Triton kernels run unpadded:
+# padded to 64 it ran at 0.77-0.83x of them forward, 0.81-1.0x backward.
+# IOATTN_GLUON_PAD_DIMS=0 sends all of them to the Triton kernels
+PAD_DIMS = os.environ.get("IOATTN_GLUON_PAD_DIMS", "1") == "1"
 
 
 def padded_dim(head_dim):
-    """The one of HEAD_DIMS a padded head dim runs as (PAD_DIMS), else None."""
-    if head_dim in HEAD_DIMS or head_dim % 8 or not 32 <= head_dim <= 256:
+    """The one of HEAD_DIMS a padded head dim runs as (PAD_DIMS), else None: multiples of 8 from 40 to
+    248 that are not powers of two."""
+    if head_dim in HEAD_DIMS or head_dim % 8 or not 32 < head_dim <= 256 or head_dim & (head_dim - 1) == 0:
         return None
     return next(d for d in HEAD_DIMS if d >= head_dim)
 
