@@ -5,7 +5,7 @@ each sequence: the error at most 2x plain PyTorch's in the same dtype plus a flo
 Also records which kernels ran (configs.last_compiled), so that a pass on the Triton path is not
 taken for one of the Gluon kernels.
 
-    python benchmarks/pad_dims_check.py [--out results.json]
+    python benchmarks/pad_dims_check.py [--dims 96,40,80,160] [--out results.json]
 """
 import argparse
 import json
@@ -67,10 +67,11 @@ def check(d, lens, hq, hk, causal, dtype, varlen):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dims", default="96,40,80,160", help="head dims, comma-separated")
     args = ap.parse_args()
     torch.manual_seed(0)
     cases = []
-    for d in (96, 40, 80, 160):
+    for d in (int(x) for x in args.dims.split(",")):
         for causal in (False, True):
             cases.append((d, [300, 0, 1000, 17, 513], 4, 2, causal, torch.bfloat16, True))
         cases.append((d, [700, 700], 4, 1, True, torch.float16, True))

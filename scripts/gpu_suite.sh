@@ -186,6 +186,24 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s24a)  # session 24: padded head dims 136-248 on the hdim-256 Gluon backward (backward_sm90_d256, 128-wide
+          # halves of 256; then the Gluon dQ kernel as 256 / 256; its varlen stores mask the columns): gpu_check's
+          # 32 padded-dim cases vs fp64, pad_dims_check at 160/136/200/192 (varlen and dense vs fp64, the kernels
+          # that ran), the hdim-256 options check (varlen's stores changed), then the backward of 160/200/256 at
+          # 1k/4k against cuDNN and FA2, and ioattn with IOATTN_GLUON_PAD_BWD256=0 at 200 (~6 min). Exports the
+          # opt-in IOATTN_GLUON_PAD_BWD256=1
+    export IOATTN_GLUON_PAD_BWD256=1
+    timeout 200 python3 benchmarks/gpu_check.py --cases 12,13,14,15,16,17,18,19,20,21,22,23,28,29,30,31,32,33,34,35,48,49,50,51,52,53,54,55,56,57,58,59 \
+      --warm-workers 8 --out "$OUT/check_pad.json" > "$OUT/check_pad.log" 2>&1; grep -E "FAIL|grid" "$OUT/check_pad.log" | tail -n 12
+    timeout 150 python3 benchmarks/pad_dims_check.py --dims 160,136,200,192 --out "$OUT/pad_varlen.json" 2>&1 \
+      | grep -E "FAIL|passed|^\[1/" | cut -c1-400 | tail -n 8
+    timeout 150 python3 benchmarks/gluon_bwd256_check.py --options --skip-bench --out "$OUT/bwd256_options.json" 2>&1 \
+      | grep -v "^PASS" | tail -n 6
+    timeout 150 python3 benchmarks/bench_attention.py --providers ioattn,sdpa_cudnn,sdpa_flash --hdim 160,200,256 \
+      --seqlen 1024,4096 --mode bwd --no-memory --no-plot --out "$OUT/bench_pad1.json" 2>&1 | grep -E "^(fwd|bwd)"
+    echo "IOATTN_GLUON_PAD_BWD256=0"
+    IOATTN_GLUON_PAD_BWD256=0 timeout 90 python3 benchmarks/bench_attention.py --providers ioattn --hdim 200 \
+      --seqlen 1024,4096 --mode bwd --no-memory --no-plot --out "$OUT/bench_pad0.json" 2>&1 | grep -E "^(fwd|bwd)" ;;
   s22c)  # session 22: padded head dims on the Gluon kernels (forward_sm90.PAD_DIMS, opt-in, set here): gpu_check's cases of
           # head dims 96, 40, 80, 160, 32, 192, 200, 136 (forward and backward vs fp64, bf16 and fp16, causal or not),
           # benchmarks/pad_dims_check.py (packed varlen and dense batches at 96, 40, 80, 160 vs fp64),

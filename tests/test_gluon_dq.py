@@ -64,7 +64,9 @@ def test_gluon_dq_dispatch(monkeypatch):
 
     assert m.ENABLED  # on by default since the H100 check (results/h100-session21b)
     assert sup(128, 128) and sup(192, 128) and sup(256, 128) and sup(256, 256) and sup(128, 128, window_right=0)
-    assert not sup(64, 64) and not sup(128, 64) and not sup(192, 192)
+    assert not sup(64, 64) and not sup(128, 64) and not sup(192, 160)
+    # equal padded head dims of 136-248 (backward_sm90.PAD_BWD256, opt-in) run as 256 / 256
+    assert sup(192, 192) == sup(160, 160) == m.pads_to_256(160) and not sup(96, 96)
     assert not sup(128, 128, varlen=True) and not sup(192, 128, dropout_p=0.1) and not sup(128, 128, window_right=3)
     monkeypatch.setattr(m, "ENABLED", False)
     assert not sup(192, 128)

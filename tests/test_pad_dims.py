@@ -22,9 +22,14 @@ def _mods():
 
 @pytest.fixture(autouse=True)
 def _pad_dims_on(monkeypatch):
-    """PAD_DIMS on for these tests, whatever IOATTN_GLUON_PAD_DIMS says."""
+    """PAD_DIMS and backward_sm90.PAD_BWD256 (opt-in) on for these tests, whatever the environment says."""
     if not configs.interpreting():
         monkeypatch.setattr(_mods()[0], "PAD_DIMS", True)
+        monkeypatch.setattr(_mods()[1], "PAD_BWD256", True)
+
+
+def _dq():
+    return pytest.importorskip("ioattn.kernels.backward_sm90_dq")
 
 
 def _qkv(d, n=4096, varlen=False):
@@ -63,13 +68,24 @@ def test_dispatch_of_padded_dims(monkeypatch):
     for d in (40, 80, 96, 112):
         assert _bwd_mode(b, d) == "atomic" and _bwd_mode(b, d, deterministic=True) == "split", d
         assert _bwd_mode(b, d, varlen=True) == "atomic", d
-    for d in (136, 160, 200):  # (the hdim-256 backward kernel does not take them: the Triton backward)
-        assert _bwd_mode(b, d) is None, d
+    for d in (136, 160, 192, 200, 248):  # (backward_sm90_d256 on its 256-wide tiles, then the Gluon dQ kernel)
+        assert _bwd_mode(b, d) == _bwd_mode(b, d, deterministic=True) == _bwd_mode(b, d, varlen=True) == "split", d
+        q, k, v = _qkv(d)
+        assert _dq().supported(q, k, v, q, varlen=False, window_right=-1, dropout_p=0.0), d
+        assert not _dq().supported(q, k, v, q, varlen=True, window_right=-1, dropout_p=0.0), d
     for d in (20, 100, 264):
         assert not _fwd_ok(f, d) and _bwd_mode(b, d) is None, d
     assert not _fwd_ok(f, 96, dropout_p=0.1)  # (dropout: the Gluon kernels at 64 and 128 only)
+    monkeypatch.setattr(b, "PAD_BWD256", False)  # (136-248: the Triton backward, the forward still padded)
+    q, k, v = _qkv(160)
+    assert _bwd_mode(b, 160) is None and _bwd_mode(b, 200, varlen=True) is None and _fwd_ok(f, 160)
+    assert not _dq().supported(q, k, v, q, varlen=False, window_right=-1, dropout_p=0.0)
+    assert _bwd_mode(b, 256) == "split" and _bwd_mode(b, 96) == "atomic"
+    monkeypatch.setattr(b, "PAD_BWD256", True)
     monkeypatch.setattr(f, "PAD_DIMS", False)
-    assert not _fwd_ok(f, 96) and _bwd_mode(b, 96) is None and not _fwd_ok(f, 160)
+    assert not _fwd_ok(f, 96) and _bwd_mode(b, 96) is None and not _fwd_ok(f, 160) and _bwd_mode(b, 160) is None
+    q, k, v = _qkv(160)
+    assert not _dq().supported(q, k, v, q, varlen=False, window_right=-1, dropout_p=0.0)
     assert _fwd_ok(f, 128) and _bwd_mode(b, 128) == "atomic"
 
 
@@ -108,6 +124,35 @@ def test_padded_backward_launch(monkeypatch):
     blocks = [tuple(x.block_shape) for x in a[:8]]
     assert blocks == [(1, 64, 1, 128)] * 4 + [(1, 128, 1, 64)] + [(1, 64, 1, 128)] * 2 + [(1, 64, 1, 64)], blocks
     assert a[7].base is dq and all(list(x.shape) == list(x.base.shape) for x in a[:8])
+
+
+@pytest.mark.parametrize("d", [136, 160, 200])
+def test_padded_backward_d256_launch(monkeypatch, d):
+    """Head dims 136-248: backward_sm90_d256's 128-wide column halves of 256 over the tensors' own shapes
+    (the second half's columns past the tensor zero-filled, dropped from the stores), then the dQ kernel
+    as 256 / 256."""
+    _, b = _mods()
+    from ioattn.kernels import backward_sm90_d256 as d256
+    dqm = _dq()
+    calls = []
+    for m in (d256, dqm):
+        monkeypatch.setattr(m, "launch", lambda kern, grid, *a, **kw: calls.append((kern, a, kw)))
+    q, k, v = _qkv(d, n=300)
+    stats = b.new_stats(2, 4, 300, "cpu")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    b.attention_backward_sm90(q, q, k, v, stats, None, dk, dv, softmax_scale=0.1, causal=True)
+    dq = torch.empty_like(q)
+    dqm.attention_backward_dq(q, q, k, v, stats, dq, softmax_scale=0.1, causal=True)
+    (k1, a1, kw1), (k2, a2, kw2) = calls
+    assert k1 is d256._attn_bwd_d256 and k2 is dqm._attn_bwd_dq_sm90
+    assert [tuple(x.block_shape) for x in a1[:6]] == [(1, 64, 1, 128)] * 2 + [(1, 64, 1, 128)] * 4
+    assert [x.base for x in a1[:6]] == [q, q, k, v, dk, dv]
+    assert all(list(x.shape) == list(x.base.shape) for x in a1[:6]) and not kw1["WITH_DQ"]
+    blocks = [tuple(x.block_shape) for x in a2[:8]]
+    n = dqm.config(256, 256)["BLOCK_N"]
+    assert blocks == [(1, 64, 1, 128)] * 2 + [(1, 64, 1, 256), (1, n, 1, 128), (1, n, 1, 128), (1, n, 1, 256)] + [
+        (1, 64, 1, 128)] * 2, blocks
+    assert a2[6].base is dq and all(list(x.shape) == list(x.base.shape) for x in a2[:8]) and kw2["HAS_HI"]
 
 
 @pytest.mark.parametrize("which", ["forward", "backward"])

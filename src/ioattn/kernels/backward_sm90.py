@@ -497,6 +497,17 @@ D256_OPTIONS = os.environ.get("IOATTN_GLUON_BWD256_OPTIONS", "1") == "1"
 # forward+backward TFLOP/s 4k 303 -> 340, causal 272 -> 305, 16k 298 -> 361, causal 305 -> 346 (cuDNN
 # 325, 406, 339, 491). IOATTN_GLUON_BWD_VALUE_DIMS=0 keeps the Triton backward for such calls
 VALUE_DIMS = os.environ.get("IOATTN_GLUON_BWD_VALUE_DIMS", "1") == "1"
+# padded head dims of 136-248 (V's the same; forward_sm90.PAD_DIMS) on backward_sm90_d256's 256-wide tiles
+# (128-wide halves, the TMA zero-filling the columns past the tensors' and clipping its stores; varlen:
+# a column mask), then the Gluon dQ kernel as 256 / 256. Opt-in (IOATTN_GLUON_PAD_BWD256=1) until a GPU
+# run checks it (gpu_suite s24a; compiled and dispatch-tested only): by default they keep the Triton
+# backward (H100 s22c, hdim 160: 0.68-0.76x cuDNN)
+PAD_BWD256 = os.environ.get("IOATTN_GLUON_PAD_BWD256", "0") == "1"
+
+
+def pads_to_256(head_dim):
+    """Whether a padded head dim runs on backward_sm90_d256's tiles (PAD_BWD256, forward_sm90.PAD_DIMS)."""
+    return bool(PAD_BWD256 and forward_sm90.PAD_DIMS and forward_sm90.padded_dim(head_dim) == 256)
 # (Q/K, V) head dims that backward_sm90_d256 takes with V's own head dim
 VALUE_PAIRS = ((256, 128), (192, 128))
 
@@ -526,8 +537,9 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         if not (VALUE_DIMS and D256 and (d, dv) in VALUE_PAIRS) or dropout_p > 0 or (
                 (varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None) and not D256_OPTIONS):
             return None
-    elif d == 256 and D256:
-        # backward_sm90_d256: no dropout; windows, softcap, ALiBi and varlen with D256_OPTIONS only
+    elif (d == 256 or pads_to_256(d)) and D256:
+        # backward_sm90_d256 (padded head dims 136-248 on its 256-wide tiles, PAD_BWD256): no
+        # dropout; windows, softcap, ALiBi and varlen with D256_OPTIONS only
         if dropout_p > 0 or ((varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
                              and not D256_OPTIONS):
             return None
@@ -540,7 +552,7 @@ def supported(q, k, v, dout, *, varlen, window_left, window_right, softcap, alib
         return None
     if dv != d:
         return "split"
-    if d == 256:
+    if forward_sm90._kernel_dim(d) == 256:
         return "atomic" if MODE == "atomic" and not deterministic else "split"
     return "split" if deterministic or MODE == "split" else "atomic"
 
@@ -602,7 +614,8 @@ def attention_backward_sm90(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
     new_stats_varlen (each sequence's rows from stats_offset); one CTA per 128 keys of the
     longest sequence (the others return at once). dropout_p, rng_state, softcap, alibi_slopes:
     as the forward's (the same masks, scores and slopes)."""
-    if q.shape[-1] in (192, 256):  # the kernel that splits the head dim (supported(): no dropout; 192 with V 128)
+    if forward_sm90._kernel_dim(q.shape[-1]) == 256:
+        # the kernel that splits the head dim (supported(): no dropout; 192 with V 128, padded dims 136-248)
         from . import backward_sm90_d256
         assert dropout_p == 0
         return backward_sm90_d256.attention_backward_d256(

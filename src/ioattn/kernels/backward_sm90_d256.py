@@ -59,7 +59,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import forward_sm90
 from .backward_sm90 import (VALUE_PAIRS, _STATS_LAYOUT, _bwd_mask, _stats_descriptor, _store_rows, _tma_reduce_add,
-                            sequence_bounds)
+                            pads_to_256, sequence_bounds)
 from .configs import cdiv
 from .forward_sm90 import _wgmma_layout
 from .launch import align, launch
@@ -249,8 +249,10 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_sm
     v_own.store(dv.to(dtype))
     if IS_VARLEN:  # a TMA store would write into the next sequence's keys: a masked store
         if COMBINED:
-            _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh)
-            _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks, stride_kh)
+            # (dk_desc.shape[3]: the tensors' own head dim, less than 256 when padded, forward_sm90.PAD_DIMS:
+            # this half's columns from it on are dropped)
+            _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh, dk_desc.shape[3] - WG * HALF)
+            _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks, stride_kh, dk_desc.shape[3] - WG * HALF)
         else:
             # V's own head dim: dK and dV contiguous (the launcher checks), so K's head dim is
             # stride_kh (192 or 256: dK's columns from it on are dropped) and dV's strides follow
@@ -416,8 +418,8 @@ def _blocks(cfg, head_dim_v=HEAD_DIM):
 
 def head_dims_ok(head_dim, head_dim_v, with_dq=False):
     """Whether this kernel takes these head dims in that mode."""
-    if head_dim == head_dim_v:
-        return head_dim == HEAD_DIM
+    if head_dim == head_dim_v:  # (a padded one on the 256-wide tiles, 136-248: backward_sm90.PAD_BWD256)
+        return head_dim == HEAD_DIM or pads_to_256(head_dim)
     return (head_dim, head_dim_v) in VALUE_PAIRS and not with_dq
 
 
@@ -449,7 +451,8 @@ def attention_backward_d256(dout, q, k, v, stats, dq_accum, dk, dv, *, softmax_s
         not varlen or (dk.is_contiguous() and dv.is_contiguous()))
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = cfg or config(with_dq, varlen or window_left >= 0 or softcap > 0 or alibi_slopes is not None)
-    blk = _blocks(cfg, head_dim_v)
+    # (a padded head dim: tiles of 256 over the tensors' own shapes; the TMA zero-fills and clips the columns past them)
+    blk = _blocks(cfg, HEAD_DIM if head_dim_v == head_dim else head_dim_v)
     d = forward_sm90._descriptor
     descs = [d(q, blk["q"], q.dtype), d(dout, blk["do"], q.dtype), d(k, blk["kv"], q.dtype), d(v, blk["v"], q.dtype),
              d(dk4, blk["kv"], q.dtype), d(dv4, blk["v"], q.dtype)]

@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from . import forward_sm90
-from .backward_sm90 import _bwd_mask
+from .backward_sm90 import _bwd_mask, pads_to_256
 from .configs import cdiv
 from .forward_sm90 import _wgmma_layout
 from .launch import align, launch
@@ -296,7 +296,16 @@ def supported(q, k, v, dout, *, varlen, window_right, dropout_p):
     contiguous tensor of q's shape)."""
     if not ENABLED or varlen or dropout_p > 0 or window_right > 0:
         return False
-    return (q.shape[-1], v.shape[-1]) in PAIRS
+    return _kernel_dims(q.shape[-1], v.shape[-1]) in PAIRS
+
+
+def _kernel_dims(head_dim, head_dim_v):
+    """The (Q/K, V) head dims of the kernel's tiles: the tensors', or 256 / 256 for a padded head dim of
+    136-248 with V's the same (backward_sm90.PAD_BWD256: the TMA zero-fills the columns past the tensors'
+    and the dQ store drops them)."""
+    if head_dim == head_dim_v and pads_to_256(head_dim):
+        return 256, 256
+    return head_dim, head_dim_v
 
 
 def attention_backward_dq(dout, q, k, v, stats, dq, *, softmax_scale, causal, window_left=-1, softcap=0.0,
@@ -307,7 +316,7 @@ def attention_backward_dq(dout, q, k, v, stats, dq, *, softmax_scale, causal, wi
     the forward's."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    head_dim_v = v.shape[-1]
+    head_dim, head_dim_v = _kernel_dims(head_dim, v.shape[-1])
     assert (head_dim, head_dim_v) in COMPILED_PAIRS, (head_dim, head_dim_v)
     cfg = cfg or config(head_dim, head_dim_v)
     blk = _blocks(head_dim, head_dim_v, cfg["BLOCK_N"])
