@@ -3,7 +3,7 @@
 next to the Triton kernels on the same rng_state (torch.manual_seed before each call; outputs
 NaN-prefilled). The masks are the same bits in both paths (dropout_sm90 mirrors
 masks.dropout_keep), so a case passes when each Gluon error is finite and at most 2x the
-Triton path's + 1e-3. Then the cost of dropout 0.1 per path (hdim 128 and 64, 4k, causal, bf16).
+Triton path's + 1e-3 (each row lists the kernels that ran: configs.last_compiled). Then the cost of dropout 0.1 per path (hdim 128 and 64, 4k, causal, bf16).
 The Gluon forward runs once per way of applying the mask (--modes, forward_sm90.DROPOUT_APPLY:
 select, packed, early; the same kept entries, so the same errors).
 
@@ -98,14 +98,19 @@ def check(rows, modes):
             keep = keep_mask(q, k, p, causal, left, seed)
             ref = reference(q, k, v, dout, p, keep, causal, left)
             et = [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, None), ref)]
-            eg = {m: [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, m), ref)] for m in modes}
+            eg, kernels = {}, {}
+            for m in modes:
+                configs.last_compiled.clear()
+                eg[m] = [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, m), ref)]
+                kernels[m] = sorted(f"{n}:{getattr(c, 'name', type(c).__name__)}" for n, c in configs.last_compiled.items())
             good = all(math.isfinite(a) and a <= 2 * t + 1e-3 for e in eg.values() for a, t in zip(e, et))
         except Exception as exc:  # noqa: BLE001
-            good, eg, et = False, {}, []
+            good, eg, et, kernels = False, {}, [], {}
             print("ERROR", repr(exc)[:300], flush=True)
         n_fail += not good
         row = dict(kind="check", hdim=d, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=h, nheads_k=hk, causal=causal,
-                   left=left, dropout_p=p, paths=paths, err_out_dq_dk_dv_gluon=eg, err_triton=et, ok=good)
+                   left=left, dropout_p=p, paths=paths, err_out_dq_dk_dv_gluon=eg, err_triton=et, kernels=kernels,
+                   ok=good)
         rows.append(row)
         print("PASS" if good else "FAIL", row, flush=True)
     configs.poison_outputs = False

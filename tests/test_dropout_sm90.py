@@ -19,7 +19,7 @@ pytest.importorskip("triton.experimental.gluon")
 
 from ioattn.kernels import configs  # noqa: E402
 from ioattn.kernels import dropout_sm90  # noqa: E402
-from ioattn.kernels.aot import ptxas_report  # noqa: E402
+from ioattn.kernels.aot import SMEM_LIMIT, ptxas_report  # noqa: E402
 from ioattn.kernels.masks import DROPOUT_ROUNDS  # noqa: E402
 
 # (name, rows, cols, transposed, Philox calls per thread)
@@ -238,6 +238,53 @@ def test_packed_forward_instructions_per_score():
     assert 2.0 < per_score <= 4.25, (plain, early)
     kernel = forward_sm90.compile_for(64, "bf16", False, dropout="packed")
     assert ptxas_report(kernel)["spill_bytes"] == 0
+
+
+@_compiles
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (128, False), (64, True)])
+def test_persistent_forward_with_dropout(head_dim, causal):
+    """The persistent forward with the packed mask (forward_sm90.PERSISTENT_DROPOUT, opt-in): its key
+    loops grow by what the per-tile kernel's do (the same _attend; within 0.5 instructions a score),
+    the Philox by mul.wide, and few spills (hdim 128: 28 B causal, 12 B without a mask, values held
+    across the tile loop; the per-tile kernel 0)."""
+    from ioattn.kernels import forward_sm90
+    f = forward_sm90.compile_for
+    kernel = f(head_dim, "bf16", causal, persistent=True, dropout="packed")
+    assert ptxas_report(kernel)["spill_bytes"] <= 32
+    assert "mul.wide.u32" in kernel.asm["ptx"] and kernel.metadata.shared <= SMEM_LIMIT[(9, 0)]
+    grow = {}
+    for persistent in (False, True):
+        plain = _inner_loop_sizes(f(head_dim, "bf16", causal, persistent=persistent))
+        drop = _inner_loop_sizes(f(head_dim, "bf16", causal, persistent=persistent, dropout="packed"))
+        assert len(plain) == len(drop) == 2, (persistent, plain, drop)
+        grow[persistent] = (sum(drop) - sum(plain)) / 2 / 64  # (64 x 128 tiles: 64 scores a thread)
+    assert abs(grow[True] - grow[False]) <= 0.5 and grow[True] > 2.0, grow
+
+
+@_compiles
+def test_persistent_dropout_dispatch_and_arguments(monkeypatch):
+    """PERSISTENT_DROPOUT off (default): dropout calls take the per-tile kernel; on: the persistent
+    kernel where a call without dropout would, with the (seed, offset) tensor, p, 1 / (1 - p) and
+    DROPOUT_APPLY's mode."""
+    from ioattn.kernels import forward_sm90 as f
+    up = f.use_persistent
+    assert not f.PERSISTENT_DROPOUT and not up(128, 4096, True, -1, 2, False, False) and up(128, 4096, True, -1, 0,
+                                                                                              False, False)
+    monkeypatch.setattr(f, "PERSISTENT_DROPOUT", True)
+    assert up(128, 4096, True, -1, 2, False, False) and up(64, 1024, False, -1, 2, False, False)
+    assert not up(256, 1024, True, -1, 2, False, False) and not up(128, 4096, True, -1, 2, True, False)
+    calls = []
+    monkeypatch.setattr(f, "launch", lambda kern, grid, *a, **kw: calls.append((kern, a, kw)))
+    monkeypatch.setattr(f, "_num_sms", lambda device: 132)
+    q, k, v = (torch.empty(2, 300, 4, 128, dtype=torch.bfloat16) for _ in range(3))
+    out, lse, rng = torch.empty_like(q), torch.empty(2, 4, 300), torch.zeros(2, dtype=torch.int64)
+    f.attention_forward_sm90(q, k, v, out, lse, softmax_scale=0.1, causal=True, dropout_p=0.2, rng_state=rng)
+    f.attention_forward_sm90(q, k, v, out, lse, softmax_scale=0.1, causal=True)
+    (k1, a1, kw1), (k2, a2, kw2) = calls
+    assert k1 is k2 is f._attn_fwd_sm90_persistent
+    assert a1[-3] is rng and a1[-2] == 0.2 and abs(a1[-1] - 1 / 0.8) < 1e-12
+    assert kw1["HAS_DROPOUT"] == f._DROPOUT_MODES[f.DROPOUT_APPLY] and kw2["HAS_DROPOUT"] == 0
+    assert a2[-3] is lse and a2[-2:] == (0.0, 1.0) and kw1["key"] != kw2["key"]
 
 
 # --------------------------------------------------------------------------- draws_cols_shared

@@ -149,6 +149,12 @@ PERSISTENT_CAUSAL = True
 # pairs). 13f, hdim 128 1k / 2k / 4k causal TFLOP/s, G = 1 / 4 / 16 / all: 386 / 386 / 314 / 322,
 # 466 / 454 / 349 / 403, 542 / 410 / 461 / 467 (per-tile 339, 438, 515)
 HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "1"))
+# dropout on the persistent kernel too (where use_persistent takes the call without dropout): the
+# per-tile kernel's masks (the same seed, salt = batch * nheads + head, absolute rows and keys) and
+# 1 / (1 - p) in the epilogue. Opt-in (IOATTN_GLUON_PERSISTENT_DROPOUT=1) until a GPU run checks it
+# (gpu_suite s24b; compiled only). Reason: at 4k causal hdim 128 the persistent kernel is 1.05x the
+# per-tile one (13f) and dropout (+35% forward, 19c) runs on the per-tile one
+PERSISTENT_DROPOUT = os.environ.get("IOATTN_GLUON_PERSISTENT_DROPOUT", "0") == "1"
 
 
 def dropout_ok(head_dim, backward=False):
@@ -810,10 +816,12 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 @gluon.jit
 def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, turn, WG: gl.constexpr):
+                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, WG: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
+    # HAS_DROPOUT (0 or DROPOUT_APPLY's mode) from the placeholder's shape, as in _consumer
+    HAS_DROPOUT: gl.constexpr = drop_smem.shape[0] - 1
     c = 0
     i = 0
     t = 0  # (PINGPONG: turns taken, n_blocks + 1 a tile with keys)
@@ -829,11 +837,12 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
             # the previous tile's output store has read the other Q buffer: give it back
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(1 - qb))
+        # (dropout: the per-tile kernel's salt, batch * nheads + head, and absolute rows / keys)
         o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
-                              seqlen_k, qk_scale, causal, -1, 0, 0, 0, 0.0, False, 0.0, 0.0, 0.0, False, False,
-                              turn, t, WG)
+                              seqlen_k, qk_scale, causal, -1, 0, seed, b * nheads + h, dropout_p, HAS_DROPOUT, 0.0,
+                              0.0, 0.0, False, False, turn, t, WG)
         o_tile, o2 = _out_views(q_tile, o_desc)
-        _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, 1.0)
+        _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale)
         if PINGPONG:
             t += n_blocks + (n_blocks > 0).to(gl.int32)
         c += n_blocks
@@ -844,27 +853,32 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
 @gluon.jit
 def _consumer_persistent_wg0(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal, head_group, turn):
+                             qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, turn, 0)
+                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, 0)
 
 
 @gluon.jit
 def _consumer_persistent_wg1(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal, head_group, turn):
+                             qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, turn, 1)
+                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, 1)
 
 
 @gluon.jit
 def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                               seqlen_q, seqlen_k, nheads, group, qk_scale, n_tiles, n_mblocks, head_group,
+                              RNG, dropout_p, o_scale,
                               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                              HAS_DROPOUT: gl.constexpr):
     causal = 1 if CAUSAL else 0
+    seed = 0
+    if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it (PERSISTENT_DROPOUT)
+        seed = gl.load(RNG) + gl.load(RNG + 1)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [4] + q_desc.block_type.shape, q_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -874,10 +888,12 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
     turn = _turn_barriers(q_ready)
+    # (unused: its shape tells the consumers HAS_DROPOUT)
+    drop_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_DROPOUT], mbarrier.MBarrierLayout())
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, LSE,
                      n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-                     head_group, turn)
+                     head_group, turn, drop_smem, seed, dropout_p, o_scale)
     gl.warp_specialize([
         (_consumer_persistent_wg0, consumer_args),
         (_consumer_persistent_wg1, consumer_args),
@@ -1056,7 +1072,7 @@ def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_sof
     """Whether a dense forward takes the persistent kernel (PERSISTENT; a ``cfg`` with a
     PERSISTENT entry decides for benchmarks' A/B runs, where the kernel can run: head dims <= 128,
     its four Q buffers and the K/V rings do not fit the shared memory at 256)."""
-    if head_dim > 128 or window_left >= 0 or has_dropout or has_softcap or has_alibi:
+    if head_dim > 128 or window_left >= 0 or (has_dropout and not PERSISTENT_DROPOUT) or has_softcap or has_alibi:
         return False
     if cfg is not None and "PERSISTENT" in cfg:
         return bool(cfg["PERSISTENT"])
@@ -1087,12 +1103,13 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
         grid = (min(n_tiles, _num_sms(q.device)), )
         head_group = min(HEAD_GROUP or batch * nheads, batch * nheads)
         key = ("persistent", q.shape, k.shape, v.shape[-1], lse.stride(), q.dtype, causal, grid, head_group,
-               tuple(cfg.values()), align(lse))
+               has_dropout, tuple(cfg.values()), align(lse, drop[0]))
         return launch(_attn_fwd_sm90_persistent, grid,
             *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, CAUSAL=causal, HEAD_DIM=_kernel_dim(head_dim),
-            BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
-            PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=cfg["num_warps"], key=key)
+            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, *drop, CAUSAL=causal,
+            HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
+            CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_DROPOUT=has_dropout,
+            num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
     key = (q.shape, k.shape, v.shape[-1], lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap,
@@ -1154,9 +1171,9 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
                ALIBI="*fp32", stride_ab="i32", sc_in="fp32", sc_out="fp32")
     constexprs = dict(CAUSAL=causal, HEAD_DIM=kd, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
+    constexprs["HAS_DROPOUT"] = _DROPOUT_MODES[dropout] if isinstance(dropout, str) else int(dropout)
     if not persistent:
         constexprs["IS_VARLEN"] = varlen
-        constexprs["HAS_DROPOUT"] = _DROPOUT_MODES[dropout] if isinstance(dropout, str) else int(dropout)
         constexprs["HAS_SOFTCAP"] = softcap
         constexprs["HAS_ALIBI"] = alibi
     return aot.compile_gluon(fn, sig, constexprs, cfg["num_warps"], capability)
