@@ -2,7 +2,7 @@
 since this passed on an H200, session 9): forward and backward through the public API against the fp64 reference
 (ioattn.reference.attention_ref, gradients by autograd), next to the Triton kernels on the same
 inputs (outputs NaN-prefilled). A case passes when each Gluon error is finite and at most 2x
-the Triton path's + 1e-3. Then the cost per option (hdim 128, 4k causal, bf16) on each path.
+the Triton path's + 1e-3 (each row lists the Gluon run's kernels: configs.last_compiled). Then the cost per option (hdim 128, 4k causal, bf16) on each path.
 
     python benchmarks/gluon_scores_check.py [--out f.json] [--skip-bench | --skip-check]
 """
@@ -68,15 +68,18 @@ def check(rows):
         forward_sm90.SCORES = DEFAULT
         try:
             ref = reference(q, k, v, dout, kw)
+            configs.last_compiled.clear()
             eg = [rel(x, r) for x, r in zip(run(q, k, v, dout, kw, True), ref)]
+            kernels = sorted(f"{n}:{getattr(c, 'name', type(c).__name__)}" for n, c in configs.last_compiled.items())
             et = [rel(x, r) for x, r in zip(run(q, k, v, dout, kw, False), ref)]
             good = all(math.isfinite(a) and a <= 2 * t + 1e-3 for a, t in zip(eg, et))
         except Exception as exc:  # noqa: BLE001
-            good, eg, et = False, [], []
+            good, eg, et, kernels = False, [], [], []
             print("ERROR", repr(exc)[:300], flush=True)
         n_fail += not good
         row = dict(kind="check", hdim=d, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=h, nheads_k=hk, causal=causal,
-                   softcap=softcap, alibi=alibi, paths=paths, err_out_dq_dk_dv_gluon=eg, err_triton=et, ok=good)
+                   softcap=softcap, alibi=alibi, paths=paths, err_out_dq_dk_dv_gluon=eg, err_triton=et,
+                   kernels=kernels, ok=good)
         rows.append(row)
         print("PASS" if good else "FAIL", row, flush=True)
     configs.poison_outputs = False

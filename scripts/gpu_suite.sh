@@ -186,15 +186,19 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
-  s24b)  # session 24: dropout on the persistent forward (IOATTN_GLUON_PERSISTENT_DROPOUT=1, opt-in): the dropout
-          # checks vs fp32 with the replayed mask (packed mode; rows list the kernels that ran), then the dropout
-          # cost at hdim 128 / 64, 4k causal, with the flag off / on (the per-tile / the persistent kernel) (~4 min)
-    IOATTN_GLUON_PERSISTENT_DROPOUT=1 timeout 120 python3 benchmarks/gluon_dropout_attn_check.py --skip-bench \
-      --modes packed --out "$OUT/dropout_persistent.json" 2>&1 | grep -v "^PASS" | tail -n 6
+  s24b)  # session 24: dropout, softcap and ALiBi on the persistent forward (IOATTN_GLUON_PERSISTENT_OPTIONS=1,
+          # opt-in): the dropout checks vs fp32 with the replayed mask (packed mode) and the softcap / ALiBi checks
+          # vs fp64, with it (rows list the kernels that ran), then the option costs at hdim 128, 4k causal, off / on
+          # (the per-tile / the persistent kernel) (~5 min)
+    export IOATTN_GLUON_PERSISTENT_OPTIONS=1
+    timeout 120 python3 benchmarks/gluon_dropout_attn_check.py --skip-bench --modes packed \
+      --out "$OUT/dropout_persistent.json" 2>&1 | grep -v "^PASS" | tail -n 6
+    timeout 150 python3 benchmarks/gluon_scores_check.py --skip-bench --out "$OUT/scores_persistent.json" 2>&1 \
+      | grep -v "^PASS" | tail -n 6
     for f in 0 1; do
-      echo "IOATTN_GLUON_PERSISTENT_DROPOUT=$f"
-      IOATTN_GLUON_PERSISTENT_DROPOUT=$f timeout 90 python3 benchmarks/gluon_dropout_attn_check.py --skip-check \
-        --modes packed --out "$OUT/dropout_bench_$f.json" 2>&1 | grep "^hdim"
+      echo "IOATTN_GLUON_PERSISTENT_OPTIONS=$f"
+      IOATTN_GLUON_PERSISTENT_OPTIONS=$f timeout 120 python3 benchmarks/bench_features.py --hdim 128 --parts options \
+        --options plain,dropout,softcap,alibi --out "$OUT/options_$f.json" 2>&1 | grep -E "causal|overhead" | tail -n 14
     done ;;
   s24a)  # session 24: padded head dims 136-248 on the hdim-256 Gluon backward (backward_sm90_d256, 128-wide
           # halves of 256; then the Gluon dQ kernel as 256 / 256; its varlen stores mask the columns): gpu_check's

@@ -243,7 +243,7 @@ def test_packed_forward_instructions_per_score():
 @_compiles
 @pytest.mark.parametrize("head_dim,causal", [(128, True), (128, False), (64, True)])
 def test_persistent_forward_with_dropout(head_dim, causal):
-    """The persistent forward with the packed mask (forward_sm90.PERSISTENT_DROPOUT, opt-in): its key
+    """The persistent forward with the packed mask (forward_sm90.PERSISTENT_OPTIONS, opt-in): its key
     loops grow by what the per-tile kernel's do (the same _attend; within 0.5 instructions a score),
     the Philox by mul.wide, and few spills (hdim 128: 28 B causal, 12 B without a mask, values held
     across the tile loop; the per-tile kernel 0)."""
@@ -262,17 +262,32 @@ def test_persistent_forward_with_dropout(head_dim, causal):
 
 
 @_compiles
+@pytest.mark.parametrize("options,spills", [(dict(softcap=True), 8), (dict(alibi=True), 64)])
+def test_persistent_forward_with_scores(options, spills):
+    """Softcap / ALiBi on the persistent forward (PERSISTENT_OPTIONS): fits the shared memory; spills
+    at hdim 128 (causal: softcap 0 B, ALiBi 52 B; not: 4 B, 16 B; the per-tile kernel 0) stay out of the
+    shortest key loops."""
+    from ioattn.kernels import forward_sm90
+    for causal in (True, False):
+        kernel = forward_sm90.compile_for(128, "bf16", causal, persistent=True, **options)
+        assert kernel.metadata.shared <= SMEM_LIMIT[(9, 0)]
+        assert ptxas_report(kernel)["spill_bytes"] <= spills, (causal, ptxas_report(kernel))
+        assert ("tanh.approx.f32" in kernel.asm["ptx"]) == bool(options.get("softcap"))
+
+
+@_compiles
 def test_persistent_dropout_dispatch_and_arguments(monkeypatch):
-    """PERSISTENT_DROPOUT off (default): dropout calls take the per-tile kernel; on: the persistent
-    kernel where a call without dropout would, with the (seed, offset) tensor, p, 1 / (1 - p) and
-    DROPOUT_APPLY's mode."""
+    """PERSISTENT_OPTIONS off (default): dropout, softcap and ALiBi calls take the per-tile kernel; on:
+    the persistent kernel where a plain call would, with the (seed, offset) tensor, p, 1 / (1 - p) and
+    DROPOUT_APPLY's mode, or the score arguments of _score_args."""
     from ioattn.kernels import forward_sm90 as f
     up = f.use_persistent
-    assert not f.PERSISTENT_DROPOUT and not up(128, 4096, True, -1, 2, False, False) and up(128, 4096, True, -1, 0,
+    assert not f.PERSISTENT_OPTIONS and not up(128, 4096, True, -1, 2, False, False) and up(128, 4096, True, -1, 0,
                                                                                               False, False)
-    monkeypatch.setattr(f, "PERSISTENT_DROPOUT", True)
+    monkeypatch.setattr(f, "PERSISTENT_OPTIONS", True)
     assert up(128, 4096, True, -1, 2, False, False) and up(64, 1024, False, -1, 2, False, False)
-    assert not up(256, 1024, True, -1, 2, False, False) and not up(128, 4096, True, -1, 2, True, False)
+    assert up(128, 4096, True, -1, 0, True, False) and up(128, 4096, False, -1, 2, True, True)
+    assert not up(256, 1024, True, -1, 2, False, False) and not up(128, 4096, True, 100, 2, False, False)
     calls = []
     monkeypatch.setattr(f, "launch", lambda kern, grid, *a, **kw: calls.append((kern, a, kw)))
     monkeypatch.setattr(f, "_num_sms", lambda device: 132)
@@ -282,9 +297,17 @@ def test_persistent_dropout_dispatch_and_arguments(monkeypatch):
     f.attention_forward_sm90(q, k, v, out, lse, softmax_scale=0.1, causal=True)
     (k1, a1, kw1), (k2, a2, kw2) = calls
     assert k1 is k2 is f._attn_fwd_sm90_persistent
-    assert a1[-3] is rng and a1[-2] == 0.2 and abs(a1[-1] - 1 / 0.8) < 1e-12
+    # (the arguments end with RNG, dropout_p, o_scale, then ALIBI, stride_ab, sc_in, sc_out)
+    assert a1[-7] is rng and a1[-6] == 0.2 and abs(a1[-5] - 1 / 0.8) < 1e-12
     assert kw1["HAS_DROPOUT"] == f._DROPOUT_MODES[f.DROPOUT_APPLY] and kw2["HAS_DROPOUT"] == 0
-    assert a2[-3] is lse and a2[-2:] == (0.0, 1.0) and kw1["key"] != kw2["key"]
+    assert a2[-7] is lse and a2[-6:-4] == (0.0, 1.0) and kw1["key"] != kw2["key"]
+    assert not (kw1["HAS_SOFTCAP"] or kw1["HAS_ALIBI"]) and a1[-4] is lse and a1[-2] == 0.0  # (sc_in unused)
+    slopes = torch.rand(2, 4)
+    f.attention_forward_sm90(q, k, v, out, lse, softmax_scale=0.1, causal=True, softcap=30.0, alibi_slopes=slopes)
+    kern, a3, kw3 = calls[-1]
+    assert kern is f._attn_fwd_sm90_persistent and kw3["HAS_SOFTCAP"] and kw3["HAS_ALIBI"] and not kw3["HAS_DROPOUT"]
+    qk_scale, score_args, _, _ = f._score_args(0.1, 30.0, slopes, lse)
+    assert a3[-4] is slopes and a3[-3:] == score_args[1:] and qk_scale == 1.0 and a3[11] == qk_scale  # (after 4 descriptors and 7 ints)
 
 
 # --------------------------------------------------------------------------- draws_cols_shared

@@ -149,12 +149,13 @@ PERSISTENT_CAUSAL = True
 # pairs). 13f, hdim 128 1k / 2k / 4k causal TFLOP/s, G = 1 / 4 / 16 / all: 386 / 386 / 314 / 322,
 # 466 / 454 / 349 / 403, 542 / 410 / 461 / 467 (per-tile 339, 438, 515)
 HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "1"))
-# dropout on the persistent kernel too (where use_persistent takes the call without dropout): the
-# per-tile kernel's masks (the same seed, salt = batch * nheads + head, absolute rows and keys) and
-# 1 / (1 - p) in the epilogue. Opt-in (IOATTN_GLUON_PERSISTENT_DROPOUT=1) until a GPU run checks it
-# (gpu_suite s24b; compiled only). Reason: at 4k causal hdim 128 the persistent kernel is 1.05x the
-# per-tile one (13f) and dropout (+35% forward, 19c) runs on the per-tile one
-PERSISTENT_DROPOUT = os.environ.get("IOATTN_GLUON_PERSISTENT_DROPOUT", "0") == "1"
+# dropout, softcap and ALiBi on the persistent kernel too (where use_persistent takes the call without
+# them): the per-tile kernel's _attend with the same arguments (dropout: the seed, salt = batch * nheads
+# + head, absolute rows and keys, so the same masks; 1 / (1 - p) in the epilogue; ALiBi: the tile's
+# slope). Opt-in (IOATTN_GLUON_PERSISTENT_OPTIONS=1) until a GPU run checks it (gpu_suite s24b;
+# compiled only). Reason: at 4k causal hdim 128 the persistent kernel is 1.05x the per-tile one (13f),
+# and the options (dropout +35% forward, softcap +34%, ALiBi +54%; 19c) ran on the per-tile one
+PERSISTENT_OPTIONS = os.environ.get("IOATTN_GLUON_PERSISTENT_OPTIONS", "0") == "1"
 
 
 def dropout_ok(head_dim, backward=False):
@@ -816,12 +817,15 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
 @gluon.jit
 def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, WG: gl.constexpr):
+                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, ALIBI, stride_ab,
+                         sc_in, sc_out, WG: gl.constexpr):
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
-    # HAS_DROPOUT (0 or DROPOUT_APPLY's mode) from the placeholder's shape, as in _consumer
-    HAS_DROPOUT: gl.constexpr = drop_smem.shape[0] - 1
+    # the options from the placeholder's shape, as in _consumer (1 + HAS_DROPOUT + 4 HAS_SOFTCAP + 8 HAS_ALIBI)
+    HAS_DROPOUT: gl.constexpr = (drop_smem.shape[0] - 1) % 4
+    HAS_SOFTCAP: gl.constexpr = (drop_smem.shape[0] - 1) // 4 % 2 == 1
+    HAS_ALIBI: gl.constexpr = (drop_smem.shape[0] - 1) // 8 == 1
     c = 0
     i = 0
     t = 0  # (PINGPONG: turns taken, n_blocks + 1 a tile with keys)
@@ -837,10 +841,13 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
             # the previous tile's output store has read the other Q buffer: give it back
             tma.store_wait(0)
             mbarrier.arrive(q_empty.index(1 - qb))
+        slope2 = 0.0
+        if HAS_ALIBI:  # this tile's (batch, head) slope, as the per-tile kernel loads it
+            slope2 = gl.load(ALIBI + b * stride_ab + h).to(gl.float32) * 1.4426950408889634
         # (dropout: the per-tile kernel's salt, batch * nheads + head, and absolute rows / keys)
         o, m_i, l_i = _attend(q2, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, r0, seqlen_q,
-                              seqlen_k, qk_scale, causal, -1, 0, seed, b * nheads + h, dropout_p, HAS_DROPOUT, 0.0,
-                              0.0, 0.0, False, False, turn, t, WG)
+                              seqlen_k, qk_scale, causal, -1, 0, seed, b * nheads + h, dropout_p, HAS_DROPOUT, sc_in,
+                              sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI, turn, t, WG)
         o_tile, o2 = _out_views(q_tile, o_desc)
         _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale)
         if PINGPONG:
@@ -853,31 +860,35 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
 @gluon.jit
 def _consumer_persistent_wg0(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale):
+                             qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, ALIBI,
+                             stride_ab, sc_in, sc_out):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, 0)
+                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, ALIBI, stride_ab,
+                         sc_in, sc_out, 0)
 
 
 @gluon.jit
 def _consumer_persistent_wg1(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                              LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                             qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale):
+                             qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, ALIBI,
+                             stride_ab, sc_in, sc_out):
     _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          LSE, n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, 1)
+                         qk_scale, causal, head_group, turn, drop_smem, seed, dropout_p, o_scale, ALIBI, stride_ab,
+                         sc_in, sc_out, 1)
 
 
 @gluon.jit
 def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                               seqlen_q, seqlen_k, nheads, group, qk_scale, n_tiles, n_mblocks, head_group,
-                              RNG, dropout_p, o_scale,
+                              RNG, dropout_p, o_scale, ALIBI, stride_ab, sc_in, sc_out,
                               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                              HAS_DROPOUT: gl.constexpr):
+                              HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
     causal = 1 if CAUSAL else 0
     seed = 0
-    if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it (PERSISTENT_DROPOUT)
+    if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it (PERSISTENT_OPTIONS)
         seed = gl.load(RNG) + gl.load(RNG + 1)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [4] + q_desc.block_type.shape, q_desc.layout)
@@ -888,12 +899,13 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
     turn = _turn_barriers(q_ready)
-    # (unused: its shape tells the consumers HAS_DROPOUT)
-    drop_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_DROPOUT], mbarrier.MBarrierLayout())
+    # (unused: its shape tells the consumers HAS_DROPOUT, HAS_SOFTCAP and HAS_ALIBI)
+    drop_smem = gl.allocate_shared_memory(gl.int64, [1 + HAS_DROPOUT + 4 * HAS_SOFTCAP + 8 * HAS_ALIBI],
+                                          mbarrier.MBarrierLayout())
 
     consumer_args = (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, LSE,
                      n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale, causal,
-                     head_group, turn, drop_smem, seed, dropout_p, o_scale)
+                     head_group, turn, drop_smem, seed, dropout_p, o_scale, ALIBI, stride_ab, sc_in, sc_out)
     gl.warp_specialize([
         (_consumer_persistent_wg0, consumer_args),
         (_consumer_persistent_wg1, consumer_args),
@@ -1072,7 +1084,7 @@ def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_sof
     """Whether a dense forward takes the persistent kernel (PERSISTENT; a ``cfg`` with a
     PERSISTENT entry decides for benchmarks' A/B runs, where the kernel can run: head dims <= 128,
     its four Q buffers and the K/V rings do not fit the shared memory at 256)."""
-    if head_dim > 128 or window_left >= 0 or (has_dropout and not PERSISTENT_DROPOUT) or has_softcap or has_alibi:
+    if head_dim > 128 or window_left >= 0 or ((has_dropout or has_softcap or has_alibi) and not PERSISTENT_OPTIONS):
         return False
     if cfg is not None and "PERSISTENT" in cfg:
         return bool(cfg["PERSISTENT"])
@@ -1102,14 +1114,16 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
         head_group = min(HEAD_GROUP or batch * nheads, batch * nheads)
+        qk_scale, score_args, has_softcap, has_alibi = scores
         key = ("persistent", q.shape, k.shape, v.shape[-1], lse.stride(), q.dtype, causal, grid, head_group,
-               has_dropout, tuple(cfg.values()), align(lse, drop[0]))
+               has_dropout, has_softcap, has_alibi, score_args[1], tuple(cfg.values()),
+               align(lse, drop[0], score_args[0]))
         return launch(_attn_fwd_sm90_persistent, grid,
             *descs, lse, lse.stride(0), lse.stride(1), seqlen_q, seqlen_k, nheads, nheads // nheads_k,
-            softmax_scale * LOG2E, n_tiles, n_mblocks, head_group, *drop, CAUSAL=causal,
+            qk_scale, n_tiles, n_mblocks, head_group, *drop, *score_args, CAUSAL=causal,
             HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
             CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_DROPOUT=has_dropout,
-            num_warps=cfg["num_warps"], key=key)
+            HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
     key = (q.shape, k.shape, v.shape[-1], lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap,
@@ -1172,8 +1186,8 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     constexprs = dict(CAUSAL=causal, HEAD_DIM=kd, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
                       CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"])
     constexprs["HAS_DROPOUT"] = _DROPOUT_MODES[dropout] if isinstance(dropout, str) else int(dropout)
+    constexprs["HAS_SOFTCAP"] = softcap
+    constexprs["HAS_ALIBI"] = alibi
     if not persistent:
         constexprs["IS_VARLEN"] = varlen
-        constexprs["HAS_SOFTCAP"] = softcap
-        constexprs["HAS_ALIBI"] = alibi
     return aot.compile_gluon(fn, sig, constexprs, cfg["num_warps"], capability)
