@@ -205,10 +205,10 @@ case "$mode" in
           # 32 padded-dim cases vs fp64, pad_dims_check at 160/136/200/192 (varlen and dense vs fp64, the kernels
           # that ran), the hdim-256 options check (varlen's stores changed), then the backward of 160/200/256 at
           # 1k/4k against cuDNN and FA2, and ioattn with IOATTN_GLUON_PAD_BWD256=0 at 200 (~6 min). Exports the
-          # opt-in IOATTN_GLUON_PAD_BWD256=1
+          # opt-in IOATTN_GLUON_PAD_BWD256=1. 8 files in $OUT (the device returns 8 at most: the check's log stays in /tmp)
     export IOATTN_GLUON_PAD_BWD256=1
     timeout 200 python3 benchmarks/gpu_check.py --cases 12,13,14,15,16,17,18,19,20,21,22,23,28,29,30,31,32,33,34,35,48,49,50,51,52,53,54,55,56,57,58,59 \
-      --warm-workers 8 --out "$OUT/check_pad.json" > "$OUT/check_pad.log" 2>&1; grep -E "FAIL|grid" "$OUT/check_pad.log" | tail -n 12
+      --warm-workers 8 --out "$OUT/check_pad.json" > /tmp/check_pad.log 2>&1; grep -E "FAIL|grid" /tmp/check_pad.log | tail -n 12
     timeout 150 python3 benchmarks/pad_dims_check.py --dims 160,136,200,192 --out "$OUT/pad_varlen.json" 2>&1 \
       | grep -E "FAIL|passed|^\[1/" | cut -c1-400 | tail -n 8
     timeout 150 python3 benchmarks/gluon_bwd256_check.py --options --skip-bench --out "$OUT/bwd256_options.json" 2>&1 \
