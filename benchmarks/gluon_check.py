@@ -45,10 +45,11 @@ def run_gluon(q, k, v, causal, scale, cfg=None):
 
 def variants(d):
     """The Gluon configurations checked and timed at head dim d: the default and, at d <= 128
-    (where its double-buffered Q fits in shared memory), the persistent kernel."""
+    (where its double-buffered Q fits in shared memory) or with forward_sm90.PERSISTENT_256 at 256 (one
+    Q buffer), the persistent kernel."""
     cfg = forward_sm90.config(d)
     v = {"gluon": None}
-    if d <= 128:
+    if d <= 128 or (d == 256 and forward_sm90.PERSISTENT_256):
         v["gluon_persistent"] = dict(cfg, PERSISTENT=True)
     return v
 

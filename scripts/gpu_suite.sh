@@ -186,6 +186,14 @@ case "$mode" in
     timeout 60 python3 benchmarks/gluon_bwd_check.py --cases 2 --modes atomic,0 --skip-bench --out "$OUT/gluon_bwd.json" 2>&1 | grep -v "^PASS" | tail -n 2
     timeout 100 python3 benchmarks/bench_features.py --out "$OUT/features.json" > "$OUT/features.log" 2>&1
     tail -n 13 "$OUT/features.log" ;;
+  s24c)  # session 24: the persistent forward at head dim 256 with one Q buffer (IOATTN_GLUON_PERSISTENT_256=1,
+          # opt-in): the Gluon forward's check vs fp32 (per-tile and persistent), then per-tile vs persistent vs
+          # cuDNN at 1k/2k/4k, causal or not, CUDA graphs, 3 interleaved rounds, outputs compared (~4 min)
+    export IOATTN_GLUON_PERSISTENT_256=1
+    timeout 150 python3 benchmarks/gluon_check.py --skip-bench --hdims 256 --shapes 4 --out "$OUT/gluon_fwd256.json" \
+      2>&1 | grep -v "^PASS" | tail -n 6
+    timeout 200 python3 benchmarks/fwd_tiles_ab.py --hdims 256 --seqlens 1024,2048,4096 --out "$OUT/persistent256.json" \
+      2>&1 | grep -v Warning | tail -n 12 ;;
   s24b)  # session 24: dropout, softcap and ALiBi on the persistent forward (IOATTN_GLUON_PERSISTENT_OPTIONS=1,
           # opt-in): the dropout checks vs fp32 with the replayed mask (packed mode) and the softcap / ALiBi checks
           # vs fp64, with it (rows list the kernels that ran), then the option costs at hdim 128, 4k causal, off / on

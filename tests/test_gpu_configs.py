@@ -5,6 +5,7 @@ configuration that would fail at launch with OutOfResources fails here in CI.
 """
 
 import pytest
+import torch
 
 from ioattn.kernels import configs
 from ioattn.kernels.aot import SMEM_LIMIT, compile_kernel, default_launches, ptxas_report
@@ -79,6 +80,43 @@ def test_gluon_persistent_forward_compiles_for_sm90a(head_dim, causal):
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
     assert ptxas_report(kernel)["spill_bytes"] <= 32
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_persistent_forward_256_compiles_for_sm90a(causal):
+    """The persistent forward at head dim 256 (forward_sm90.PERSISTENT_256, opt-in) with one Q buffer
+    (SINGLE_Q): the per-tile kernel's shared memory (Q 64 KB, K/V rings 128 KB), a few bytes of spills
+    (12 B causal, 4 B without a mask; none in the key loops)."""
+    forward_sm90 = pytest.importorskip("ioattn.kernels.forward_sm90")
+    kernel = forward_sm90.compile_for(256, "bf16", causal, persistent=True)
+    assert 192 * 1024 <= kernel.metadata.shared <= SMEM_LIMIT[(9, 0)], kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
+    assert ptxas_report(kernel)["spill_bytes"] <= 16
+
+
+def test_persistent_256_dispatch_and_launch(monkeypatch):
+    """PERSISTENT_256 off (default): head dim 256 keeps the per-tile kernel; on: the persistent one with
+    SINGLE_Q for equal head dims on the 256-wide tiles (256, padded 160 with PAD_DIMS), not for V's own
+    head dim (192/128) nor above PERSISTENT_MAX_KEYS keys; head dim 128 keeps its two Q buffers."""
+    f = pytest.importorskip("ioattn.kernels.forward_sm90")
+    up = f.use_persistent
+    assert not f.PERSISTENT_256 and not up(256, 1024, True, -1, 0, False, False)
+    assert up(128, 1024, True, -1, 0, False, False)
+    monkeypatch.setattr(f, "PERSISTENT_256", True)
+    monkeypatch.setattr(f, "PAD_DIMS", True)
+    assert up(256, 1024, True, -1, 0, False, False) and up(256, 4096, False, -1, 0, False, False, None, 256)
+    assert up(160, 2048, True, -1, 0, False, False, None, 160) and not up(192, 1024, True, -1, 0, False, False, None, 128)
+    assert not up(256, 8192, True, -1, 0, False, False) and not up(256, 1024, True, 100, 0, False, False)
+    calls = []
+    monkeypatch.setattr(f, "launch", lambda kern, grid, *a, **kw: calls.append((kern, grid, kw)))
+    monkeypatch.setattr(f, "_num_sms", lambda device: 132)
+    for d in (256, 128):
+        q, k, v = (torch.empty(2, 1000, 4, d, dtype=torch.bfloat16) for _ in range(3))
+        f.attention_forward_sm90(q, k, v, torch.empty_like(q), torch.empty(2, 4, 1000), softmax_scale=0.1, causal=True)
+    (k1, g1, kw1), (k2, g2, kw2) = calls
+    assert k1 is k2 is f._attn_fwd_sm90_persistent and kw1["SINGLE_Q"] and not kw2["SINGLE_Q"]
+    assert kw1["HEAD_DIM"] == 256 and g1 == (min(132, 8 * 2 * 4), ) and kw1["key"] != kw2["key"]
 
 
 @pytest.mark.parametrize("head_dim,causal,with_dq", [(64, True, True), (128, False, True), (128, True, False),

@@ -156,6 +156,13 @@ HEAD_GROUP = int(os.environ.get("IOATTN_GLUON_FWD_HEAD_GROUP", "1"))
 # compiled only). Reason: at 4k causal hdim 128 the persistent kernel is 1.05x the per-tile one (13f),
 # and the options (dropout +35% forward, softcap +34%, ALiBi +54%; 19c) ran on the per-tile one
 PERSISTENT_OPTIONS = os.environ.get("IOATTN_GLUON_PERSISTENT_OPTIONS", "0") == "1"
+# the persistent kernel at head dim 256 (and the padded dims on its tiles, V's the same; up to
+# PERSISTENT_MAX_KEYS keys as below), with one Q buffer (SINGLE_Q: two do not fit beside the K/V rings):
+# each warpgroup's half takes the next tile's Q once its output store is done, and the producer loads
+# the next tile's first K/V blocks before that. Opt-in (IOATTN_GLUON_PERSISTENT_256=1) until a GPU run
+# checks it (gpu_suite s24c; compiled only). Reason: hdim 256 1k causal forward 0.88x cuDNN under CUDA
+# graphs (22a), where a CTA's Q load and output store (64 KB each) sit beside ~14 us of products
+PERSISTENT_256 = os.environ.get("IOATTN_GLUON_PERSISTENT_256", "0") == "1"
 
 
 def dropout_ok(head_dim, backward=False):
@@ -793,24 +800,45 @@ def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready
                          head_group):
     BLOCK_N: gl.constexpr = k_smem.shape[2]
     ROWS: gl.constexpr = q_smem.shape[2]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    SINGLE_Q: gl.constexpr = q_smem.shape[0] == 2  # (one Q buffer: the kernel's SINGLE_Q)
     c = 0  # K/V blocks loaded by this CTA so far (position in the rings)
     i = 0  # tiles so far (Q buffer i % 2)
     for kt in range(_cta_tiles(n_tiles, causal)):
         b, h, hk, m0, n_blocks = _tile(_cta_tile(kt, causal), n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k,
                                        2 * ROWS, BLOCK_N, causal, head_group)
-        qb = i % 2
-        mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
-        for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready.index(qb),
-                                            q_smem.index(2 * qb + w))
-        if PINGPONG == 2:
-            _load_kv_ahead(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, b, 0, hk)
+        if SINGLE_Q:
+            # one Q buffer (head dim 256): each warpgroup's half of it is free once that warpgroup's output
+            # store has read it (q_empty of that warpgroup). The tile's first K/V blocks go first: their ring
+            # slots free up as the consumers finish the previous tile, before its output stores
+            n_first = gl.minimum(n_blocks, STAGES)
+            for j in range(n_first):
+                _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c + j, b, j * BLOCK_N,
+                         hk)
+            for w in gl.static_range(2):
+                mbarrier.wait(q_empty.index(w), (i & 1) ^ 1)
+                mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready.index(w), q_smem.index(w))
+            for j in range(n_first, n_blocks):
+                _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c + j, b, j * BLOCK_N,
+                         hk)
             c += n_blocks
         else:
-            for j in range(n_blocks):
-                _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, b, j * BLOCK_N, hk)
-                c += 1
+            qb = i % 2
+            mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
+            for w in gl.static_range(2):
+                tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready.index(qb),
+                                                q_smem.index(2 * qb + w))
+            if PINGPONG == 2:
+                _load_kv_ahead(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, n_blocks, b, 0,
+                               hk)
+                c += n_blocks
+            else:
+                for j in range(n_blocks):
+                    _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, c, b, j * BLOCK_N,
+                             hk)
+                    c += 1
         i += 1
 
 
@@ -826,6 +854,7 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
     HAS_DROPOUT: gl.constexpr = (drop_smem.shape[0] - 1) % 4
     HAS_SOFTCAP: gl.constexpr = (drop_smem.shape[0] - 1) // 4 % 2 == 1
     HAS_ALIBI: gl.constexpr = (drop_smem.shape[0] - 1) // 8 == 1
+    SINGLE_Q: gl.constexpr = q_smem.shape[0] == 2  # (one Q buffer: the kernel's SINGLE_Q)
     c = 0
     i = 0
     t = 0  # (PINGPONG: turns taken, n_blocks + 1 a tile with keys)
@@ -833,14 +862,18 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
         b, h, hk, m0, n_blocks = _tile(_cta_tile(kt, causal), n_tiles, n_mblocks, nheads, group, seqlen_q, seqlen_k,
                                        2 * ROWS, BLOCK_N, causal, head_group)
         r0 = m0 + WG * ROWS
-        qb = i % 2
-        q_tile = q_smem.index(2 * qb + WG)
+        if SINGLE_Q:  # (one Q buffer, this warpgroup's half: its own barriers)
+            q_tile = q_smem.index(WG)
+            mbarrier.wait(q_ready.index(WG), i & 1)
+        else:
+            qb = i % 2
+            q_tile = q_smem.index(2 * qb + WG)
+            mbarrier.wait(q_ready.index(qb), (i // 2) & 1)
+            if i > 0:
+                # the previous tile's output store has read the other Q buffer: give it back
+                tma.store_wait(0)
+                mbarrier.arrive(q_empty.index(1 - qb))
         q2 = q_tile._reinterpret(o_desc.dtype, [ROWS, HEAD_DIM], _TILE2)
-        mbarrier.wait(q_ready.index(qb), (i // 2) & 1)
-        if i > 0:
-            # the previous tile's output store has read the other Q buffer: give it back
-            tma.store_wait(0)
-            mbarrier.arrive(q_empty.index(1 - qb))
         slope2 = 0.0
         if HAS_ALIBI:  # this tile's (batch, head) slope, as the per-tile kernel loads it
             slope2 = gl.load(ALIBI + b * stride_ab + h).to(gl.float32) * 1.4426950408889634
@@ -850,6 +883,9 @@ def _consumer_persistent(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_rea
                               sc_out, slope2, HAS_SOFTCAP, HAS_ALIBI, turn, t, WG)
         o_tile, o2 = _out_views(q_tile, o_desc)
         _epilogue(o, m_i, l_i, o2, o_tile, o_desc, LSE, b, h, r0, seqlen_q, stride_lb, stride_lh, qk_scale, o_scale)
+        if SINGLE_Q:  # the next tile's Q comes into this buffer once the store has read it
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(WG))
         if PINGPONG:
             t += n_blocks + (n_blocks > 0).to(gl.int32)
         c += n_blocks
@@ -885,18 +921,22 @@ def _attn_fwd_sm90_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, st
                               RNG, dropout_p, o_scale, ALIBI, stride_ab, sc_in, sc_out,
                               CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                              HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+                              HAS_DROPOUT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                              SINGLE_Q: gl.constexpr):
     causal = 1 if CAUSAL else 0
     seed = 0
     if HAS_DROPOUT:  # rng_state = (seed, offset), as the Triton kernels read it (PERSISTENT_OPTIONS)
         seed = gl.load(RNG) + gl.load(RNG + 1)
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [4] + q_desc.block_type.shape, q_desc.layout)
+    # Q buffers: two (a tile's two warpgroup halves each, the next tile's loaded under the current one),
+    # or with SINGLE_Q one (head dim 256, where two do not fit beside the K/V rings: PERSISTENT_256), each
+    # half with barriers of its own (ready: the TMA's bytes; empty: its warpgroup's output store is done)
+    q_smem = gl.allocate_shared_memory(dtype, [2 if SINGLE_Q else 4] + q_desc.block_type.shape, q_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(q_empty.index(i), count=1 if SINGLE_Q else 2)  # (two: one arrival per consumer warpgroup)
     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty = _kv_rings(k_desc, v_desc, STAGES)
     turn = _turn_barriers(q_ready)
     # (unused: its shape tells the consumers HAS_DROPOUT, HAS_SOFTCAP and HAS_ALIBI)
@@ -1080,11 +1120,16 @@ def _descriptors(q, k, v, out, block_n):
     return [_descriptor(t, blk, q.dtype) for t, blk in zip((q, k, v, out), blocks)]
 
 
-def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_softcap, has_alibi, cfg=None):
+def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_softcap, has_alibi, cfg=None,
+                   head_dim_v=None):
     """Whether a dense forward takes the persistent kernel (PERSISTENT; a ``cfg`` with a
     PERSISTENT entry decides for benchmarks' A/B runs, where the kernel can run: head dims <= 128,
-    its four Q buffers and the K/V rings do not fit the shared memory at 256)."""
-    if head_dim > 128 or window_left >= 0 or ((has_dropout or has_softcap or has_alibi) and not PERSISTENT_OPTIONS):
+    where its four Q tiles fit beside the K/V rings, and with PERSISTENT_256 the equal head dims on the
+    256-wide tiles with one Q buffer)."""
+    wide = _kernel_dim(head_dim) > 128
+    if wide and not (PERSISTENT_256 and _kernel_dim(head_dim) == 256 and head_dim_v in (None, head_dim)):
+        return False
+    if window_left >= 0 or ((has_dropout or has_softcap or has_alibi) and not PERSISTENT_OPTIONS):
         return False
     if cfg is not None and "PERSISTENT" in cfg:
         return bool(cfg["PERSISTENT"])
@@ -1110,7 +1155,7 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
     cfg = cfg or config(head_dim, v.shape[-1])
     descs = _descriptors(q, k, v, out, cfg["BLOCK_N"])
     n_mblocks = cdiv(seqlen_q, 2 * HALF_M)
-    if use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, scores[2], scores[3], cfg):
+    if use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, scores[2], scores[3], cfg, v.shape[-1]):
         n_tiles = n_mblocks * batch * nheads
         grid = (min(n_tiles, _num_sms(q.device)), )
         head_group = min(HEAD_GROUP or batch * nheads, batch * nheads)
@@ -1123,7 +1168,8 @@ def attention_forward_sm90(q, k, v, out, lse, *, softmax_scale, causal, cfg=None
             qk_scale, n_tiles, n_mblocks, head_group, *drop, *score_args, CAUSAL=causal,
             HEAD_DIM=_kernel_dim(head_dim), BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
             CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"], HAS_DROPOUT=has_dropout,
-            HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, num_warps=cfg["num_warps"], key=key)
+            HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, SINGLE_Q=_kernel_dim(head_dim) > 128,
+            num_warps=cfg["num_warps"], key=key)
     grid = (n_mblocks, batch * nheads)
     qk_scale, score_args, has_softcap, has_alibi = scores
     key = (q.shape, k.shape, v.shape[-1], lse.stride(), window_left, q.dtype, causal, has_dropout, has_softcap,
@@ -1188,6 +1234,8 @@ def compile_for(head_dim, dtype="bf16", causal=True, capability=(9, 0), persiste
     constexprs["HAS_DROPOUT"] = _DROPOUT_MODES[dropout] if isinstance(dropout, str) else int(dropout)
     constexprs["HAS_SOFTCAP"] = softcap
     constexprs["HAS_ALIBI"] = alibi
-    if not persistent:
+    if persistent:
+        constexprs["SINGLE_Q"] = kd > 128
+    else:
         constexprs["IS_VARLEN"] = varlen
     return aot.compile_gluon(fn, sig, constexprs, cfg["num_warps"], capability)
