@@ -3,7 +3,8 @@
 next to the Triton kernels on the same rng_state (torch.manual_seed before each call; outputs
 NaN-prefilled). The masks are the same bits in both paths (dropout_sm90 mirrors
 masks.dropout_keep), so a case passes when each Gluon error is finite and at most 2x the
-Triton path's + 1e-3 (each row lists the kernels that ran: configs.last_compiled). Then the cost of dropout 0.1 per path (hdim 128 and 64, 4k, causal, bf16).
+Triton path's + 1e-3 (each row lists the kernels that ran: configs.kernels_ran). Then the cost of
+dropout 0.1 per path (hdim 128 and 64, 4k, causal, bf16).
 The Gluon forward runs once per way of applying the mask (--modes, forward_sm90.DROPOUT_APPLY:
 select, packed, early; the same kept entries, so the same errors).
 
@@ -102,7 +103,7 @@ def check(rows, modes):
             for m in modes:
                 configs.last_compiled.clear()
                 eg[m] = [rel(x, r) for x, r in zip(run(q, k, v, dout, p, causal, left, seed, m), ref)]
-                kernels[m] = sorted(f"{n}:{getattr(c, 'name', type(c).__name__)}" for n, c in configs.last_compiled.items())
+                kernels[m] = configs.kernels_ran()
             good = all(math.isfinite(a) and a <= 2 * t + 1e-3 for e in eg.values() for a, t in zip(e, et))
         except Exception as exc:  # noqa: BLE001
             good, eg, et, kernels = False, {}, [], {}

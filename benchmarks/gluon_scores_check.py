@@ -2,7 +2,8 @@
 since this passed on an H200, session 9): forward and backward through the public API against the fp64 reference
 (ioattn.reference.attention_ref, gradients by autograd), next to the Triton kernels on the same
 inputs (outputs NaN-prefilled). A case passes when each Gluon error is finite and at most 2x
-the Triton path's + 1e-3 (each row lists the Gluon run's kernels: configs.last_compiled). Then the cost per option (hdim 128, 4k causal, bf16) on each path.
+the Triton path's + 1e-3 (each row lists the Gluon run's kernels: configs.kernels_ran). Then the
+cost per option (hdim 128, 4k causal, bf16) on each path.
 
     python benchmarks/gluon_scores_check.py [--out f.json] [--skip-bench | --skip-check]
 """
@@ -70,7 +71,7 @@ def check(rows):
             ref = reference(q, k, v, dout, kw)
             configs.last_compiled.clear()
             eg = [rel(x, r) for x, r in zip(run(q, k, v, dout, kw, True), ref)]
-            kernels = sorted(f"{n}:{getattr(c, 'name', type(c).__name__)}" for n, c in configs.last_compiled.items())
+            kernels = configs.kernels_ran()
             et = [rel(x, r) for x, r in zip(run(q, k, v, dout, kw, False), ref)]
             good = all(math.isfinite(a) and a <= 2 * t + 1e-3 for a, t in zip(eg, et))
         except Exception as exc:  # noqa: BLE001

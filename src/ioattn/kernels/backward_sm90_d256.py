@@ -251,8 +251,9 @@ def _consumer(dk_desc, dv_desc, dq_desc, qd_smem, do_smem, k_smem, v_smem, pt_sm
         if COMBINED:
             # (dk_desc.shape[3]: the tensors' own head dim, less than 256 when padded, forward_sm90.PAD_DIMS:
             # this half's columns from it on are dropped)
-            _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh, dk_desc.shape[3] - WG * HALF)
-            _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks, stride_kh, dk_desc.shape[3] - WG * HALF)
+            n_cols = dk_desc.shape[3] - WG * HALF
+            _store_rows(k_own, DK + WG * HALF, n0, seqlen_k, hk, stride_ks, stride_kh, n_cols)
+            _store_rows(v_own, DV + WG * VHALF, n0, seqlen_k, hk, stride_ks, stride_kh, n_cols)
         else:
             # V's own head dim: dK and dV contiguous (the launcher checks), so K's head dim is
             # stride_kh (192 or 256: dK's columns from it on are dropped) and dV's strides follow

@@ -26,6 +26,11 @@ NO_SPECIALIZE = ["seqlen_q_dense", "seqlen_k_dense", "stride_lb", "stride_lh"]
 last_compiled = {}
 
 
+def kernels_ran():
+    """last_compiled as sorted "launcher:kernel" names (GPU checks record which kernels a case ran)."""
+    return sorted(f"{n}:{getattr(c, 'name', type(c).__name__)}" for n, c in last_compiled.items())
+
+
 # tests set this to fill every kernel output with NaN before launch, so an element
 # the kernel forgets to write cannot pass
 poison_outputs = False

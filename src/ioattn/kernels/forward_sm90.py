@@ -1126,8 +1126,8 @@ def use_persistent(head_dim, seqlen_k, causal, window_left, has_dropout, has_sof
     PERSISTENT entry decides for benchmarks' A/B runs, where the kernel can run: head dims <= 128,
     where its four Q tiles fit beside the K/V rings, and with PERSISTENT_256 the equal head dims on the
     256-wide tiles with one Q buffer)."""
-    wide = _kernel_dim(head_dim) > 128
-    if wide and not (PERSISTENT_256 and _kernel_dim(head_dim) == 256 and head_dim_v in (None, head_dim)):
+    kd = _kernel_dim(head_dim)
+    if kd > 128 and not (PERSISTENT_256 and kd == 256 and head_dim_v in (None, head_dim)):
         return False
     if window_left >= 0 or ((has_dropout or has_softcap or has_alibi) and not PERSISTENT_OPTIONS):
         return False
